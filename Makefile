@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine: `make test` and `make demo`. Both build the virtual
+# environment from requirements-dev.txt first (CPU torch, exact pins).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo setup clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-dev.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, alone and pinned: anything that pulls a looser "torch" afterwards finds it
+	# satisfied and does not reach for a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

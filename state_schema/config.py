@@ -1,0 +1,181 @@
+"""The run's config (run.yaml) and the spec stored with the run.
+
+The config is what a person writes; the spec is the config less what may change between
+sessions (store, micro-batch size, session limits, checkpoint interval) plus what pins the run
+(data fingerprint, model revision). Validation lives here so a bad config is refused before any
+heavy work starts.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .versioning import Stored
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
+
+
+def parse_duration(value: Union[str, int, float, None]) -> Optional[float]:
+    """'90s', '30m', '12h' or a number of seconds -> seconds. None stays None."""
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else float(value)
+    match = DURATION.match(value)
+    if not match:
+        raise ValueError(f"duration {value!r} should be a number with s, m or h, e.g. '30m'")
+    number, unit = float(match.group(1)), match.group(2) or "s"
+    return number * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def check_run_name(name: str) -> str:
+    if not RUN_NAME.match(name) or ".." in name:
+        raise ValueError(
+            f"run name {name!r} may hold only letters, digits, '-', '_' and '.', "
+            "start with a letter or digit, and contain no '..'"
+        )
+    return name
+
+
+class Strict(BaseModel):
+    """Config sections: an unknown or misspelled key is an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    name: str
+    revision: str = "main"
+    load_in_4bit: bool = True
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+
+
+class DataConfig(Strict):
+    train: str
+    format: Literal["text", "pairs", "chat", "auto"] = "auto"
+    eval: Union[float, str, None] = 0.05
+    max_seq_len: int = Field(2048, ge=8)
+    packing: bool = False
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_fraction(cls, v):
+        if isinstance(v, float) and not 0 <= v < 1:
+            raise ValueError("data.eval as a fraction must be in [0, 1), e.g. 0.05")
+        return v
+
+
+class TrainConfig(Strict):
+    epochs: Optional[float] = Field(None, gt=0)
+    max_steps: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    micro_batch_size: int = Field(2, ge=1)
+    lr: float = Field(2.0e-4, gt=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup: float = Field(0.03, ge=0)
+    optimizer: Literal["adamw_8bit", "adamw"] = "adamw_8bit"
+    max_grad_norm: Optional[float] = Field(0.3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 3407
+
+    @model_validator(mode="after")
+    def _length(self):
+        if self.epochs is None and self.max_steps is None:
+            self.epochs = 3
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
+        return self
+
+
+class CheckpointConfig(Strict):
+    every: Union[str, float] = "30m"
+    keep: int = Field(3, ge=2)
+    optimizer: bool = False
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, v):
+        parse_duration(v)
+        return v
+
+
+class SessionConfig(Strict):
+    limit: Union[str, float, None] = None
+    start: Optional[str] = None
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v):
+        parse_duration(v)
+        return v
+
+
+class RunConfig(Strict):
+    """run.yaml, after command-line overrides."""
+
+    run: str
+    store: str
+    model: ModelConfig
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    session: SessionConfig = SessionConfig()
+
+    @field_validator("run")
+    @classmethod
+    def _run(cls, v):
+        return check_run_name(v)
+
+
+class DataSpec(Strict):
+    """The data as pinned in the spec: where it lives in the store and its fingerprint."""
+
+    source: str  # the path the person gave, for messages only
+    key: str  # <run>/data/<sha256>.<ext> in the store
+    sha256: str
+    format: Literal["text", "pairs", "chat"]
+    eval: Union[float, str, None]
+    eval_key: Optional[str] = None
+    eval_sha256: Optional[str] = None
+    max_seq_len: int
+    packing: bool
+
+
+class TrainSpec(Strict):
+    epochs: Optional[float] = None
+    max_steps: Optional[int] = None
+    batch_size: int
+    lr: float
+    schedule: Literal["linear", "cosine", "constant"]
+    warmup: float
+    optimizer: Literal["adamw_8bit", "adamw"]
+    max_grad_norm: Optional[float]
+    weight_decay: float
+    seed: int
+
+
+class RunSpec(Stored):
+    """Written once when the run is created; every later session must match it."""
+
+    model_config = ConfigDict(extra="ignore")
+    run: str
+    model: ModelConfig
+    lora: LoraConfig
+    data: DataSpec
+    train: TrainSpec
+    keep: int = 3
+    optimizer_state: bool = False
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

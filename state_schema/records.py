@@ -1,0 +1,109 @@
+"""Documents that change as the run goes: cursor, HEAD, lease, manifest, session record."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, Field
+
+from .versioning import Stored
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Cursor(Stored):
+    """Everything needed to continue a run exactly where it stopped.
+
+    The data order of epoch e is a permutation drawn from (seed, e), so `epoch` and
+    `epoch_position` (samples of that epoch already consumed) locate the next sample in O(1).
+    """
+
+    step: int = 0  # optimizer steps done
+    total_steps: int
+    epoch: int = 0
+    epoch_position: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    rng: dict[str, str] = Field(default_factory=dict)  # name -> base64 of the RNG state
+    scaler: Optional[dict[str, Any]] = None  # torch GradScaler.state_dict() under fp16
+    scheduler_step: int = 0
+    training_seconds: float = 0.0
+    loss: Optional[float] = None  # last logged training loss
+    eval_loss: Optional[float] = None
+    losses: list[tuple[int, float]] = Field(default_factory=list)  # (step, loss), whole run
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+
+class Head(Stored):
+    """HEAD.json: the committed checkpoint and the generation of the lease that wrote it."""
+
+    checkpoint: Optional[str] = None  # e.g. "00000120-g3"; None before the first commit
+    previous: Optional[str] = None  # the checkpoint before, kept for fallback on corruption
+    step: int = 0
+    generation: int = 0
+    finished: bool = False
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Lease(Stored):
+    holder: str  # a random id per agent process
+    host: str
+    gpu: str = "cpu"
+    generation: int
+    acquired_at: datetime = Field(default_factory=utcnow)
+    renewed_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+    released: bool = False
+
+    def live(self, now: Optional[datetime] = None) -> bool:
+        return not self.released and (now or utcnow()) < self.expires_at
+
+
+class FileEntry(BaseModel):
+    sha256: str
+    size: int
+
+
+class Manifest(Stored):
+    """Written last into a checkpoint folder: its presence means every file is uploaded."""
+
+    checkpoint: str
+    step: int
+    generation: int
+    files: dict[str, FileEntry]
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class SessionRecord(Stored):
+    session_id: str
+    host: str
+    gpu: str = "cpu"
+    gpu_count: int = 0
+    kernels: Literal["triton", "reference", "none"] = "none"
+    precision: str = "fp32"
+    started: datetime = Field(default_factory=utcnow)
+    ended: Optional[datetime] = None
+    start_step: int = 0
+    end_step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    slowest_step_s: float = 0.0
+    save_seconds: list[float] = Field(default_factory=list)
+    upload_seconds: list[float] = Field(default_factory=list)
+    exit_code: Optional[int] = None
+    losses: list[tuple[int, float]] = Field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = Field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return self.end_step - self.start_step
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
