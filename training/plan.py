@@ -1,0 +1,330 @@
+"""`agent.py plan`: what a run will cost, from its config and the model's config.json alone.
+
+The model is built on the meta device (shapes, no storage) and PEFT attaches LoRA there, so
+the trainable-parameter count is PEFT's own, for any architecture transformers knows, and no
+weights are downloaded. Memory and time are estimates: the formulas are stated beside the
+code and the per-GPU throughput is a guess from peak FLOPs, not a measurement.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from state_schema import RunConfig, parse_duration
+
+GIB = 1024**3
+# NF4 (bitsandbytes, double quantization): 4 bits a weight, one 8-bit absmax per block of 64,
+# and one fp32 absmax-of-absmax per 256 blocks.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+HALF = 2  # bf16/fp16 bytes: non-quantized base weights (embeddings, norms, lm_head)
+ADAM_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2}  # two moments: fp32 each, or 8-bit each
+# A chunked cross-entropy materializes logits for at most this many tokens at a time.
+LOGITS_CHUNK_TOKENS = 2048
+CUDA_OVERHEAD_BYTES = int(0.75 * GIB)  # CUDA context, cuBLAS workspace, allocator slack
+FRAGMENTATION = 1.10
+DEFAULT_SESSION_LIMIT_S = 12 * 3600  # Kaggle's limit and Colab's best case
+SESSION_SETUP_S = 10 * 60  # install, model download and load, first compile: a guess
+CHARS_PER_TOKEN = 4.0  # a guess for English text and code without loading the tokenizer
+
+# GPU classes a free-tier user meets: memory, and dense fp16/bf16 tensor peak FLOP/s.
+# `mfu` is a guessed fraction of peak a QLoRA step reaches (dequantization, small matmuls).
+GPU_CLASSES: dict[str, dict[str, float]] = {
+    "P100-16GB": {"memory": 16 * GIB, "peak_flops": 18.7e12, "mfu": 0.30},
+    "T4-16GB": {"memory": 15 * GIB, "peak_flops": 65e12, "mfu": 0.25},
+    "L4-24GB": {"memory": 22.5 * GIB, "peak_flops": 121e12, "mfu": 0.30},
+    "A100-40GB": {"memory": 40 * GIB, "peak_flops": 312e12, "mfu": 0.35},
+    "A100-80GB": {"memory": 80 * GIB, "peak_flops": 312e12, "mfu": 0.35},
+    "H100-80GB": {"memory": 80 * GIB, "peak_flops": 989e12, "mfu": 0.30},
+}
+
+
+class PlanError(ValueError):
+    """The plan cannot be made: the model's config cannot be read or built."""
+
+
+def load_model_config(name: str, revision: str = "main"):
+    """AutoConfig from a local folder or the Hub (config.json only, never weights)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, revision=None if Path(name).is_dir() else revision)
+    except (OSError, ValueError) as exc:
+        raise PlanError(
+            f"cannot read the config of model {name!r} (revision {revision!r}): {exc}. "
+            "Check model.name in run.yaml (a Hub id or a folder holding config.json); for a "
+            "gated model set HF_TOKEN."
+        ) from exc
+
+
+def meta_lora_model(model_config, lora: Any):
+    """The model with LoRA attached, built on the meta device: shapes only, no memory."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+        peft_config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora.target_modules, task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, peft_config)
+
+
+def count_params(peft_model) -> dict[str, int]:
+    """Trainable (LoRA), base total, and the base weights bitsandbytes would quantize."""
+    import torch
+
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    base = peft_model.get_base_model()
+    # transformers keeps the output embedding in 16-bit when loading in 4 bit.
+    output = base.get_output_embeddings()
+    quantized = sum(
+        m.weight.numel() for name, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and m is not output and "lora_" not in name
+    )
+    return {"trainable": trainable, "base": total - trainable, "quantized": quantized}
+
+
+def adapter_bytes(peft_model) -> int:
+    """Size of adapter_model.safetensors: fp32 tensors plus the JSON header (approximate)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model)
+    header = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, tensor in state.items():
+        size = tensor.numel() * 4
+        header[key] = {"dtype": "F32", "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    header_len = len(json.dumps(header, separators=(",", ":")))
+    return 8 + header_len + (-header_len % 8) + offset
+
+
+def estimate_vram(cfg, params: dict[str, int], config: RunConfig) -> dict[str, int]:
+    """Peak GPU memory of one training micro-step, in bytes, by part.
+
+    weights     = Q * NF4_BYTES_PER_PARAM + (P - Q) * 2       (Q: quantized linear weights)
+                  or P * 2 without 4-bit loading
+    lora        = T * (4 weight + 4 grad + Adam: 8 fp32 or 2 for 8-bit)
+    activations = L * m*S*H*2            hidden state kept per layer (gradient checkpointing)
+                + m*S*(10*H + 4*I)*2 * 2 one layer recomputed, its activations and their grads
+    logits      = min(m*S, 2048) * V * 4 * 2   one fp32 chunk of logits and its grad
+    total       = (weights + lora + activations + logits) * 1.10 + 0.75 GiB CUDA context
+    with m micro_batch_size, S max_seq_len, H hidden, I intermediate, L layers, V vocab.
+    """
+    P, Q, T = params["base"], params["quantized"], params["trainable"]
+    m, S = config.train.micro_batch_size, config.data.max_seq_len
+    H, L, V = _hidden(cfg), cfg.num_hidden_layers, cfg.vocab_size
+    inter = getattr(cfg, "intermediate_size", None) or 4 * H
+    if config.model.load_in_4bit:
+        weights = Q * NF4_BYTES_PER_PARAM + (P - Q) * HALF
+    else:
+        weights = P * HALF
+    parts = {
+        "weights": weights,
+        "lora_and_optimizer": T * (4 + 4 + ADAM_STATE_BYTES[config.train.optimizer]),
+        "activations": L * m * S * H * HALF + m * S * (10 * H + 4 * inter) * HALF * 2,
+        "logits": min(m * S, LOGITS_CHUNK_TOKENS) * V * 4 * 2,
+    }
+    parts = {k: int(v) for k, v in parts.items()}
+    parts["total"] = int(sum(parts.values()) * FRAGMENTATION) + CUDA_OVERHEAD_BYTES
+    return parts
+
+
+def _hidden(cfg) -> int:
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        if getattr(cfg, attr, None):
+            return int(getattr(cfg, attr))
+    raise PlanError(f"the model config ({type(cfg).__name__}) names no hidden size")
+
+
+def checkpoint_bytes(adapter: int, trainable: int, optimizer: str) -> dict[str, int]:
+    """One checkpoint in the store: adapter, cursor and manifest; optimizer state if kept."""
+    small_files = 64 * 1024  # cursor.json (RNG states, loss history), manifest, adapter_config
+    state = trainable * ADAM_STATE_BYTES[optimizer] + 4096
+    return {"without_optimizer": adapter + small_files,
+            "with_optimizer": adapter + small_files + state}
+
+
+def count_samples(path: Path) -> tuple[Optional[int], Optional[float]]:
+    """(samples, mean characters a sample) of a JSONL, CSV or Parquet file; (None, None) when
+    the file is absent or of a kind this cannot count without extra packages."""
+    if not path.is_file():
+        return None, None
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as fh:
+            lengths = [len(line) for line in fh if line.strip()]
+    elif suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8", newline="") as fh:
+            rows = csv.reader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+            next(rows, None)  # header
+            lengths = [sum(len(c) for c in row) for row in rows]
+    elif suffix == ".parquet":
+        return _count_parquet(path)
+    else:
+        return None, None
+    return len(lengths), (sum(lengths) / len(lengths) if lengths else 0.0)
+
+
+def _count_parquet(path: Path) -> tuple[Optional[int], Optional[float]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        return None, None
+    return pq.ParquetFile(path).metadata.num_rows, None
+
+
+def steps_total(config: RunConfig, samples: Optional[int]) -> Optional[int]:
+    """Optimizer steps of the run: max_steps, else epochs over the training split.
+
+    The eval fraction is held out first (rounded down, at least one sample when the fraction
+    is nonzero); a partial last batch counts as a step."""
+    train = config.train
+    if train.max_steps is not None:
+        return train.max_steps
+    if samples is None:
+        return None
+    held_out = config.data.eval if isinstance(config.data.eval, float) else 0.0
+    n_eval = max(1, int(samples * held_out)) if held_out > 0 else 0
+    per_epoch = math.ceil(max(samples - n_eval, 0) / train.batch_size)
+    return math.ceil(per_epoch * train.epochs)
+
+
+def tokens_per_step(config: RunConfig, mean_chars: Optional[float]) -> int:
+    """Tokens an optimizer step trains on: full sequences when packing, else the mean sample
+    length in characters over CHARS_PER_TOKEN, capped at max_seq_len (a guess)."""
+    S = config.data.max_seq_len
+    if config.data.packing or not mean_chars:
+        per_sample = S
+    else:
+        per_sample = min(S, max(1, int(mean_chars / CHARS_PER_TOKEN)))
+    return per_sample * config.train.batch_size
+
+
+def gpu_table(params: dict[str, int], vram: int, total_tokens: Optional[int],
+              session_limit_s: float) -> dict[str, dict[str, Any]]:
+    """Per GPU class: does it fit, a guessed tokens/s, and the sessions the run would take.
+
+    tokens/s guess = mfu * peak_flops / (6 * base params): forward, the forward recomputed by
+    gradient checkpointing, and the backward to the activations, each about 2 FLOPs a weight."""
+    table = {}
+    usable_s = max(session_limit_s - SESSION_SETUP_S, 60.0)
+    for name, gpu in GPU_CLASSES.items():
+        tps = gpu["mfu"] * gpu["peak_flops"] / (6 * max(params["base"], 1))
+        row: dict[str, Any] = {
+            "memory_bytes": int(gpu["memory"]),
+            "fits": vram <= gpu["memory"],
+            "tokens_per_s_guess": round(tps, 1),
+        }
+        if total_tokens is not None:
+            hours = total_tokens / tps / 3600
+            row["train_hours_guess"] = round(hours, 2)
+            row["sessions_guess"] = math.ceil(hours * 3600 / usable_s)
+        table[name] = row
+    return table
+
+
+def plan(config: RunConfig) -> dict[str, Any]:
+    """The whole plan as the `plan --json` object."""
+    cfg = load_model_config(config.model.name, config.model.revision)
+    peft_model = meta_lora_model(cfg, config.lora)
+    params = count_params(peft_model)
+    adapter = adapter_bytes(peft_model)
+    vram = estimate_vram(cfg, params, config)
+    samples, mean_chars = count_samples(Path(config.data.train))
+    steps = steps_total(config, samples)
+    step_tokens = tokens_per_step(config, mean_chars)
+    total_tokens = steps * step_tokens if steps is not None else None
+    limit = parse_duration(config.session.limit) or DEFAULT_SESSION_LIMIT_S
+    notes = _notes(config, samples, steps)
+    return {
+        "run": config.run, "model": config.model.name,
+        "architecture": type(cfg).__name__.removesuffix("Config"),
+        "trainable_params": params["trainable"], "base_params": params["base"],
+        "quantized_params": params["quantized"] if config.model.load_in_4bit else 0,
+        "adapter_bytes": adapter,
+        "checkpoint_bytes": checkpoint_bytes(adapter, params["trainable"], config.train.optimizer),
+        "estimated_vram_bytes": vram["total"], "vram_breakdown_bytes": vram,
+        "samples": samples, "steps_total": steps,
+        "tokens_per_step_guess": step_tokens, "tokens_total_guess": total_tokens,
+        "session_limit_s": limit,
+        "gpus": gpu_table(params, vram["total"], total_tokens, limit),
+        "notes": notes,
+    }
+
+
+def _notes(config: RunConfig, samples: Optional[int], steps: Optional[int]) -> list[str]:
+    notes = ["tokens/s, hours and sessions are guesses from peak FLOPs; "
+             "`agent.py status` shows measured throughput once a session has run"]
+    if samples is None:
+        notes.append(f"could not count samples in {config.data.train!r} (absent, or Parquet "
+                     "without pyarrow): steps_total is unknown unless train.max_steps is set")
+    if steps == 0:
+        notes.append("the training split is empty: add data or lower data.eval")
+    return notes
+
+
+def _gib(n: Optional[int]) -> str:
+    return "?" if n is None else f"{n / GIB:.2f} GiB"
+
+
+def render(result: dict[str, Any], console=None) -> None:
+    """The plan as rich tables for a person."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    head = Table(title=f"Plan for run {result['run']} ({result['model']})", show_header=False)
+    for label, value in [
+        ("trainable (LoRA) params", f"{result['trainable_params']:,}"),
+        ("base params", f"{result['base_params']:,}"),
+        ("adapter file", _gib(result["adapter_bytes"])),
+        ("checkpoint (no / with optimizer)", " / ".join(
+            _gib(v) for v in result["checkpoint_bytes"].values())),
+        ("estimated peak VRAM", _gib(result["estimated_vram_bytes"])),
+        ("samples", "?" if result["samples"] is None else f"{result['samples']:,}"),
+        ("optimizer steps", "?" if result["steps_total"] is None else f"{result['steps_total']:,}"),
+        ("tokens (guess)", "?" if result["tokens_total_guess"] is None
+         else f"{result['tokens_total_guess']:,}"),
+    ]:
+        head.add_row(label, value)
+    console.print(head)
+    console.print(_gpu_rich_table(result))
+    for note in result["notes"]:
+        console.print(f"[dim]note: {note}[/dim]")
+
+
+def _gpu_rich_table(result: dict[str, Any]):
+    from rich.table import Table
+
+    gpus = Table(title=f"Per GPU class (sessions of {result['session_limit_s'] / 3600:g} h)")
+    for col in ("GPU", "fits", "tokens/s (guess)", "hours (guess)", "sessions (guess)"):
+        gpus.add_column(col)
+    for name, row in result["gpus"].items():
+        gpus.add_row(name, "yes" if row["fits"] else "[red]no[/red]",
+                     f"{row['tokens_per_s_guess']:,.0f}",
+                     str(row.get("train_hours_guess", "?")), str(row.get("sessions_guess", "?")))
+    return gpus
+
+
+def plan_main(config: RunConfig, *, as_json: bool) -> int:
+    """Entry point of `agent.py plan`: 0 on success, 2 when the model config cannot be read."""
+    try:
+        result = plan(config)
+    except PlanError as exc:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        return 2
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        render(result)
+    return 0
