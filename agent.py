@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Baton's command line: `run` a session of a fine-tune, show its `status`, `plan` it.
+
+    python agent.py run    --config run.yaml [--store URI] [--run NAME] [--session-limit 12h]
+                           [--session-start ISO|now] [--takeover] [--micro-batch-size N]
+    python agent.py status --store URI --run NAME [--json] [--plot loss.png]
+    python agent.py plan   --config run.yaml [--json]
+
+The config is read and validated before anything heavy is imported, so a typo costs a second,
+not a minute of loading torch. Exit codes of `run`: 0 finished, 75 paused (run again), 73 the
+lease is held by another agent, 2 invalid input, 1 an unexpected error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_HELD, EXIT_PAUSED = 0, 1, 2, 73, 75
+
+# Environment variables whose values must never reach a log line, a message or a file.
+SECRET_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID",
+               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# A Hub token, or 40 base64 characters mixing cases and digits (an AWS secret key; a git
+# commit id is hex, lowercase, and stays readable).
+SECRET_SHAPES = re.compile(
+    r"hf_[A-Za-z0-9]{20,}"
+    r"|(?<![A-Za-z0-9/+])(?=[A-Za-z0-9/+]{0,39}[A-Z])(?=[A-Za-z0-9/+]{0,39}[a-z])"
+    r"(?=[A-Za-z0-9/+]{0,39}[0-9])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
+
+
+class ConfigError(ValueError):
+    """The config or the flags are wrong; the message says which key and how to fix it."""
+
+
+# -- secrets -----------------------------------------------------------------------------
+
+def scrub(text: str) -> str:
+    """Replace every known secret, and anything shaped like a token or an AWS secret key."""
+    for name in SECRET_VARS:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, f"<{name}>")
+    return SECRET_SHAPES.sub("<redacted>", text)
+
+
+class ScrubFilter(logging.Filter):
+    """Scrubs log records of every library (boto3, huggingface_hub) before they are written."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = scrub(record.getMessage())
+        record.args = ()
+        return True
+
+
+def install_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ScrubFilter())
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler],
+                        force=True)
+    logging.getLogger("baton").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def fail(message: str) -> None:
+    print(scrub(f"baton: {message}"), file=sys.stderr, flush=True)
+
+
+# -- config ------------------------------------------------------------------------------
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass --config with the path of run.yaml")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or exc
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}; fix the syntax") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} should hold a mapping of keys (run:, store:, model:, ...), "
+                          f"found {type(doc).__name__}")
+    return doc
+
+
+def apply_overrides(doc: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Command-line flags win over the file (DESIGN.md: 'command-line flags override')."""
+    flat = {("store",): args.store, ("run",): args.run,
+            ("session", "limit"): args.session_limit, ("session", "start"): args.session_start,
+            ("train", "micro_batch_size"): args.micro_batch_size}
+    for path, value in flat.items():
+        if value is None:
+            continue
+        node = doc
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        if isinstance(node, dict):  # else validation names the malformed section
+            node[path[-1]] = value
+    return doc
+
+
+def describe_errors(exc, path: Path) -> str:
+    """pydantic's ValidationError as one line a key, each with what to do."""
+    lines = [f"{path} has {exc.error_count()} problem(s):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key; remove it or fix its spelling "
+                         "(DESIGN.md lists every key)")
+        elif err["type"] == "missing":
+            lines.append(f"  {key}: required; add it to the config")
+        else:
+            given = err.get("input")
+            shown = "" if isinstance(given, dict) else f" (got {given!r})"
+            lines.append(f"  {key or 'config'}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def resolve_paths(doc: dict[str, Any], base: Path) -> None:
+    """Relative data paths are relative to the config file, as in most tools' configs; the
+    working directory is tried second so `--config sub/run.yaml` with cwd paths still works."""
+    data = doc.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in ("train", "eval"):
+        value = data.get(key)
+        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            beside = base / value
+            if beside.exists() or not Path(value).exists():
+                data[key] = str(beside)
+
+
+def load_config(args: argparse.Namespace):
+    """run.yaml plus flags -> a validated RunConfig; ConfigError says what to fix."""
+    from pydantic import ValidationError
+
+    from state_schema import RunConfig
+
+    path = Path(args.config).expanduser()
+    doc = apply_overrides(read_yaml(path), args)
+    resolve_paths(doc, path.resolve().parent)
+    try:
+        config = RunConfig.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, path)) from None
+    check_session_flags(config)
+    return config
+
+
+def check_session_flags(config) -> None:
+    from training.clock import ClockError, parse_start
+
+    try:
+        parse_start(config.session.start)
+    except ClockError as exc:
+        raise ConfigError(f"session.start / --session-start: {exc}") from None
+
+
+# -- commands ----------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    from training.session import SessionOptions, run_session  # heavy: only after validation
+
+    options = SessionOptions(takeover=args.takeover, workdir=args.workdir,
+                             log_every=args.log_every, lease_ttl=args.lease_ttl)
+    return run_session(config, options)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from handoff.status import status_main
+
+    return status_main(args.store, args.run, as_json=args.json, plot=args.plot)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    from training.plan import plan_main
+
+    return plan_main(config, as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agent.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train this session, then commit and pause or finish")
+    run.add_argument("--config", required=True, type=Path, help="run.yaml")
+    run.add_argument("--store", help="store URI: a folder, s3://bucket/prefix, hf://owner/repo")
+    run.add_argument("--run", help="run name (letters, digits, - _ .)")
+    run.add_argument("--session-limit", help="e.g. 12h, 90m, 60s; default: the platform's")
+    run.add_argument("--session-start", help="ISO 8601 time or 'now'; default: the platform's")
+    run.add_argument("--takeover", action="store_true",
+                     help="take a lease that has not expired (the old session must be dead)")
+    run.add_argument("--micro-batch-size", type=int, help="per-GPU batch; may change per session")
+    run.add_argument("--workdir", type=Path, help="local cache (default ~/.cache/baton/<run>)")
+    run.add_argument("--log-every", type=float, default=None,
+                     help="seconds between progress lines when not on a terminal (default 30)")
+    run.add_argument("--lease-ttl", type=float, default=None, help=argparse.SUPPRESS)
+    run.set_defaults(handler=cmd_run)
+
+    status = sub.add_parser("status", help="show a run's progress, lease and sessions")
+    status.add_argument("--store", required=True)
+    status.add_argument("--run", required=True)
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--plot", type=Path, help="write the loss curve to this PNG")
+    status.set_defaults(handler=cmd_status)
+
+    plan = sub.add_parser("plan", help="parameters, adapter size, VRAM and steps, without weights")
+    plan.add_argument("--config", required=True, type=Path)
+    plan.add_argument("--json", action="store_true")
+    for flag in ("store", "run", "session_limit", "session_start", "micro_batch_size"):
+        plan.set_defaults(**{flag: None})
+    plan.set_defaults(handler=cmd_plan)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    install_logging(args.verbose)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        fail(str(exc))
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        fail("interrupted before training started; nothing was committed")
+        return EXIT_PAUSED
+    except Exception:  # noqa: BLE001 - the last resort: a scrubbed traceback, never a secret
+        fail("unexpected error; the last committed checkpoint is intact\n"
+             + traceback.format_exc())
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
