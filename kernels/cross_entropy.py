@@ -1,0 +1,191 @@
+"""Chunked fused linear cross-entropy: loss of softmax(hidden @ weight.T) without full logits.
+
+The hidden states are multiplied by the lm_head weight one chunk of rows at a time; each
+chunk's fp32 logits live only while its loss and its gradient are taken, and the gradients
+for the hidden states and (when it trains) the weight are accumulated in the forward pass,
+as Liger-Kernel does. The backward only scales the stored gradients by the incoming scalar.
+So a 128k-vocabulary model never holds [tokens, vocab] fp32 logits: the peak is one chunk.
+
+The Triton part is the per-row softmax / cross-entropy-gradient kernel over a chunk's logits,
+written in place. `backend="reference"` does the same chunking with plain torch ops, which
+saves the same memory on devices without Triton (P100, CPU).
+
+Semantics match `torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index)`
+with logits computed in the weight's dtype, as HF's `ForCausalLMLoss` does, except one case:
+a "mean" over zero non-ignored tokens is 0 (torch gives nan), so that a fully masked
+micro-batch cannot poison an optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.dispatch import check_launchable, next_power_of_2
+
+IGNORE_INDEX = -100
+REDUCTIONS = ("mean", "sum")
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Plain PyTorch, unchunked: full logits, as HF builds them."""
+    logits = F.linear(hidden.to(weight.dtype), weight, bias).float()
+    if reduction == "mean" and not bool((labels != ignore_index).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+
+
+@triton.jit
+def _ce_grad_kernel(
+    LOGITS, LABELS, LOSS, stride_row, n_cols, scale, ignore_index, BLOCK: tl.constexpr,
+):
+    # One program a row. Pass 1: online max and sum of exponentials (logsumexp).
+    # Pass 2: overwrite the logits with d loss / d logits = (softmax - onehot) * scale.
+    row = tl.program_id(0).to(tl.int64)
+    ptr = LOGITS + row * stride_row
+    label = tl.load(LABELS + row)
+    cols = tl.arange(0, BLOCK)
+    if label == ignore_index:
+        for start in range(0, n_cols, BLOCK):
+            tl.store(ptr + start + cols, tl.zeros((BLOCK,), tl.float32), mask=start + cols < n_cols)
+        tl.store(LOSS + row, 0.0)
+        return
+    run_max = tl.full((), float("-inf"), tl.float32)
+    run_sum = tl.zeros((), tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        x = tl.load(ptr + start + cols, mask=start + cols < n_cols, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(run_max, tl.max(x, axis=0))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        run_max = new_max
+    lse = run_max + tl.log(run_sum)
+    target = tl.load(ptr + label).to(tl.float32)
+    tl.store(LOSS + row, lse - target)
+    for start in range(0, n_cols, BLOCK):
+        mask = start + cols < n_cols
+        x = tl.load(ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+        grad = tl.exp(x - lse) - tl.where(start + cols == label, 1.0, 0.0)
+        tl.store(ptr + start + cols, grad * scale, mask=mask)
+
+
+def ce_grad_triton(logits: torch.Tensor, labels: torch.Tensor, scale: float,
+                   ignore_index: int = IGNORE_INDEX, block: int | None = None) -> torch.Tensor:
+    """Launcher: per-row CE loss [rows]; overwrites fp32 `logits` [rows, vocab] with its gradient."""
+    check_launchable(logits)
+    if logits.dtype != torch.float32 or logits.stride(-1) != 1:
+        raise ValueError("ce_grad_triton needs contiguous-row fp32 logits.")
+    n_rows, n_cols = logits.shape
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    block = block or min(next_power_of_2(n_cols), 4096)
+    _ce_grad_kernel[(n_rows,)](
+        logits, labels.contiguous(), loss, logits.stride(0), n_cols, scale, ignore_index, BLOCK=block
+    )
+    return loss
+
+
+def ce_grad_reference(logits: torch.Tensor, labels: torch.Tensor, scale: float,
+                      ignore_index: int = IGNORE_INDEX, block: int | None = None) -> torch.Tensor:
+    """Same contract as `ce_grad_triton`, in plain torch (for P100, CPU and tests)."""
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = (lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid
+    logits.sub_(lse[:, None]).exp_()
+    logits.scatter_add_(1, safe[:, None], -torch.ones_like(logits[:, :1]))
+    logits.mul_((valid.to(logits.dtype) * scale)[:, None])
+    return loss
+
+
+def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int) -> int:
+    # Liger's rule: a chunk's logits about as large as the hidden states themselves.
+    ratio = -(-vocab_size // hidden_size)
+    return max(1, min(next_power_of_2(-(-n_rows // ratio)), n_rows))
+
+
+class _Grads:
+    """Per-call buffers for the gradients accumulated chunk by chunk."""
+
+    def __init__(self, hidden, weight, bias, want_x, want_w, want_b):
+        self.x = torch.empty_like(hidden) if want_x else None
+        self.w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        self.b = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
+
+    def add(self, rows: slice, grad_logits: torch.Tensor, x_chunk: torch.Tensor, weight: torch.Tensor):
+        g = grad_logits.to(weight.dtype)
+        if self.x is not None:
+            self.x[rows] = (g @ weight).to(self.x.dtype)
+        if self.w is not None:
+            self.w.add_((g.t() @ x_chunk).float())
+        if self.b is not None:
+            self.b.add_(grad_logits.sum(0))
+
+
+def _chunked_loss(hidden, weight, bias, labels, scale, ignore_index, grads, chunk_size, ce_grad):
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        x_chunk = hidden[rows].to(weight.dtype)
+        logits = F.linear(x_chunk, weight, bias).float()
+        loss_rows = ce_grad(logits, labels[rows], scale, ignore_index)
+        total += loss_rows.sum()
+        if grads is not None:
+            grads.add(rows, logits, x_chunk, weight)
+        del logits
+    return total * scale
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, bias, ignore_index, reduction, chunk_size, backend):
+        n_valid = int((labels != ignore_index).sum())
+        scale = 1.0 / n_valid if (reduction == "mean" and n_valid) else 1.0
+        need = ctx.needs_input_grad
+        grads = _Grads(hidden, weight, bias, need[0], need[1], bias is not None and need[3])
+        chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
+        ce_grad = ce_grad_triton if backend == "triton" else ce_grad_reference
+        loss = _chunked_loss(hidden, weight, bias, labels, scale, ignore_index,
+                             grads if any(need) else None, chunk, ce_grad)
+        ctx.grads = grads
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads, (w_dtype, b_dtype) = ctx.grads, ctx.dtypes
+        ctx.grads = None  # free the stored buffers as soon as they are handed out
+        dx = None if grads.x is None else grads.x * grad_out.to(grads.x.dtype)
+        dw = None if grads.w is None else (grads.w * grad_out).to(w_dtype)
+        db = None if grads.b is None else (grads.b * grad_out).to(b_dtype)
+        return dx, dw, None, db, None, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    backend: str = "triton",
+) -> torch.Tensor:
+    """Cross-entropy of `hidden [N, H] @ weight[V, H].T (+ bias)` against `labels [N]`.
+
+    reduction "mean" divides by the non-ignored tokens of this call; "sum" lets the caller
+    divide by the tokens of a whole optimizer step. backend "triton" or "reference".
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
+        raise ValueError(f"need hidden [N, H] and labels [N], got {tuple(hidden.shape)} and {tuple(labels.shape)}.")
+    return FusedLinearCrossEntropyFunction.apply(
+        hidden, weight, labels.to(hidden.device), bias, ignore_index, reduction, chunk_size, backend
+    )

@@ -1,0 +1,106 @@
+"""Choose between the Triton kernels and the plain-PyTorch references for one device.
+
+The choice is made once, when a session starts (`select_backend`), and recorded by the caller
+(the session record's `kernels` field). `BATON_KERNELS=reference|triton` overrides it: tests
+force "triton" on the CPU together with `TRITON_INTERPRET=1`, and a user who hits a kernel bug
+can force "reference" without a code change.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Literal
+
+import torch
+
+Backend = Literal["triton", "reference"]
+BACKENDS: tuple[str, ...] = ("triton", "reference")
+ENV_VAR = "BATON_KERNELS"
+
+# Triton's own floor: its NVIDIA backend targets sm_75 and newer, so P100 (6.0) and
+# V100 (7.0) run the references.
+MIN_CAPABILITY = (7, 5)
+
+
+class KernelBackendError(RuntimeError):
+    """The requested kernel backend cannot run here."""
+
+
+def triton_available() -> bool:
+    """True when the `triton` package can be imported (without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run in its CPU interpreter (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _as_device(device: torch.device | str) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def _forced_backend() -> Backend | None:
+    raw = os.environ.get(ENV_VAR, "").strip().lower()
+    if not raw or raw == "auto":
+        return None
+    if raw not in BACKENDS:
+        raise KernelBackendError(
+            f"{ENV_VAR}={raw!r} is not a kernel backend; set it to 'triton', 'reference' or unset it."
+        )
+    return raw  # type: ignore[return-value]
+
+
+def _check_forced_triton(device: torch.device) -> None:
+    if not triton_available():
+        raise KernelBackendError(
+            f"{ENV_VAR}=triton but the triton package is not installed; "
+            "pip install triton, or set BATON_KERNELS=reference."
+        )
+    if device.type == "cpu" and not interpreter_enabled():
+        raise KernelBackendError(
+            f"{ENV_VAR}=triton on the CPU needs Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before Python starts, or set BATON_KERNELS=reference."
+        )
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability of a CUDA device, or None for any other device."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def select_backend(device: torch.device | str) -> Backend:
+    """Return "triton" or "reference" for `device`.
+
+    Triton on CUDA devices of capability >= 7.5 when triton imports; the reference
+    everywhere else (CPU, P100, V100, MPS). `BATON_KERNELS` forces either.
+    """
+    dev = _as_device(device)
+    forced = _forced_backend()
+    if forced == "triton":
+        _check_forced_triton(dev)
+        return "triton"
+    if forced == "reference":
+        return "reference"
+    capability = cuda_capability(dev)
+    if capability is not None and capability >= MIN_CAPABILITY and triton_available():
+        return "triton"
+    return "reference"
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (Triton block sizes must be powers of two)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def check_launchable(*tensors: torch.Tensor) -> None:
+    """Fail with a clear message before Triton tries to launch on a CPU tensor."""
+    for t in tensors:
+        if t.device.type == "cpu" and not interpreter_enabled():
+            raise KernelBackendError(
+                "a Triton kernel was called on a CPU tensor without TRITON_INTERPRET=1; "
+                "use the reference op on the CPU, or set TRITON_INTERPRET=1 before Python starts."
+            )

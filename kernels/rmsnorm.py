@@ -1,0 +1,142 @@
+"""RMSNorm with HF Llama's cast semantics: statistics in fp32, weight multiply in the input dtype.
+
+    y = weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)
+
+The output dtype follows PyTorch promotion of (weight, x), as HF does: a fp32 weight on bf16
+activations (PEFT's `prepare_model_for_kbit_training`) gives fp32 output.
+The backward treats the cast to the input dtype as identity (as autograd does).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import check_launchable, next_power_of_2
+
+_MAX_FUSED = 65536  # widest row one program holds in registers
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Plain PyTorch, the exact HF LlamaRMSNorm forward."""
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(input_dtype)
+
+
+@triton.jit
+def _rmsnorm_fwd_kernel(
+    Y, X, W, RSTD, stride_y, stride_x, n_cols, eps, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x_raw = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    x = x_raw.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    tl.store(RSTD + row, rstd)
+    # Round the normalised row to the input dtype before the weight multiply, as HF does.
+    normed = (x * rstd).to(x_raw.dtype).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (w * normed).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rmsnorm_bwd_kernel(
+    DX, DW_PARTIAL, DY, X, W, RSTD, stride_dx, stride_dy, stride_x,
+    n_rows, n_cols, rows_per_program, BLOCK: tl.constexpr,
+):
+    # Each program walks a contiguous band of rows and keeps its own fp32 dW partial sum;
+    # the launcher adds the partials, which avoids atomics and keeps the result deterministic.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    for i in range(0, rows_per_program):
+        row = (row_start + i).to(tl.int64)
+        if row < n_rows:
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
+            normed = x * rstd
+            dw_acc += dy * normed
+            dyw = dy * w
+            dx = rstd * (dyw - normed * (tl.sum(dyw * normed, axis=0) / n_cols))
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _block(n_cols: int) -> int:
+    block = next_power_of_2(n_cols)
+    if block > _MAX_FUSED:
+        raise ValueError(f"RMSNorm over {n_cols} features is wider than {_MAX_FUSED}; use the reference.")
+    return block
+
+
+def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher: returns (y with x's shape, rstd [rows] fp32)."""
+    check_launchable(x)
+    x2 = _rows(x)
+    n_rows, n_cols = x2.shape
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    _rmsnorm_fwd_kernel[(n_rows,)](
+        y, x2, weight, rstd, y.stride(0), x2.stride(0), n_cols, eps, BLOCK=_block(n_cols)
+    )
+    return y.view(*x.shape[:-1], n_cols), rstd
+
+
+def _num_programs(device: torch.device, n_rows: int) -> int:
+    if device.type == "cuda":
+        target = torch.cuda.get_device_properties(device).multi_processor_count * 4
+    else:
+        target = 4  # interpreter: few programs, each looping over rows
+    return max(1, min(n_rows, target))
+
+
+def rmsnorm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher: returns (dx in x's dtype and shape, dweight in weight's dtype)."""
+    check_launchable(x)
+    x2, dy2 = _rows(x), _rows(dy)
+    n_rows, n_cols = x2.shape
+    programs = _num_programs(x.device, n_rows)
+    rows_per_program = -(-n_rows // programs)
+    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    _rmsnorm_bwd_kernel[(programs,)](
+        dx, dw_partial, dy2, x2, weight, rstd, dx.stride(0), dy2.stride(0), x2.stride(0),
+        n_rows, n_cols, rows_per_program, BLOCK=_block(n_cols),
+    )
+    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        y, rstd = rmsnorm_fwd(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = rmsnorm_bwd(dy, x, weight, rstd)
+        return dx, (dw if ctx.needs_input_grad[1] else None), None
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Triton RMSNorm with autograd; same result as `rmsnorm_reference`."""
+    return RMSNormFunction.apply(x, weight, eps)

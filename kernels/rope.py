@@ -1,0 +1,123 @@
+"""Rotary position embedding applied to Q and K, as HF's `apply_rotary_pos_emb`.
+
+    q_embed = q * cos + rotate_half(q) * sin        (and the same for k)
+
+with q [batch, heads, seq, head_dim] (any strides; HF passes a transposed view), cos and sin
+[batch or 1, seq, head_dim]. The kernel does not assume the two halves of cos/sin are equal,
+so scaled RoPE variants that HF builds into cos/sin work unchanged. The backward is the
+transposed rotation, computed by the same kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import check_launchable, next_power_of_2
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_reference(q, k, cos, sin, unsqueeze_dim: int = 1):
+    """Plain PyTorch, the exact HF `apply_rotary_pos_emb`."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+@triton.jit
+def _rope_kernel(
+    OUT, X, COS, SIN,
+    so_b, so_h, so_s, sx_b, sx_h, sx_s, sc_b, sc_s,
+    seq_len, n_heads, HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    # One program per (batch, position): every head of that token shares one cos/sin row.
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // seq_len
+    s = pid % seq_len
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    dmask = dims < HALF
+    mask = (heads < n_heads) & dmask
+    c_ptr = COS + b * sc_b + s * sc_s + dims
+    s_ptr = SIN + b * sc_b + s * sc_s + dims
+    c1 = tl.load(c_ptr, mask=dmask, other=0.0).to(tl.float32)
+    c2 = tl.load(c_ptr + HALF, mask=dmask, other=0.0).to(tl.float32)
+    s1 = tl.load(s_ptr, mask=dmask, other=0.0).to(tl.float32)
+    s2 = tl.load(s_ptr + HALF, mask=dmask, other=0.0).to(tl.float32)
+    x_ptr = X + b * sx_b + s * sx_s + heads * sx_h + dims
+    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        # Transpose of [[c1, -s1], [s2, c2]] applied to the incoming gradient.
+        o1 = x1 * c1 + x2 * s2
+        o2 = x2 * c2 - x1 * s1
+    else:
+        o1 = x1 * c1 - x2 * s1
+        o2 = x2 * c2 + x1 * s2
+    o_ptr = OUT + b * so_b + s * so_s + heads * so_h + dims
+    tl.store(o_ptr, o1.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + HALF, o2.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _expand_cs(t: torch.Tensor, batch: int) -> torch.Tensor:
+    # contiguous() is free for HF's cos/sin; expand gives stride 0 over a broadcast batch.
+    return t.contiguous().expand(batch, -1, -1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    bsz, n_heads, seq_len, head_dim = x.shape
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}.")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if cos.shape != sin.shape or cos.shape[-2:] != (seq_len, head_dim):
+        raise ValueError(f"cos/sin of shapes {tuple(cos.shape)}, {tuple(sin.shape)} do not fit x {tuple(x.shape)}.")
+    cos, sin = _expand_cs(cos, bsz), _expand_cs(sin, bsz)
+    _rope_kernel[(bsz * seq_len,)](
+        out, x, cos, sin,
+        out.stride(0), out.stride(1), out.stride(2), x.stride(0), x.stride(1), x.stride(2),
+        cos.stride(0), cos.stride(1), seq_len, n_heads, HALF=head_dim // 2,
+        BLOCK_H=next_power_of_2(n_heads), BLOCK_D=next_power_of_2(head_dim // 2), BACKWARD=backward,
+    )
+    return out
+
+
+def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Launcher: rotate x [b, h, s, d] by cos/sin [b or 1, s, d]; returns a new tensor."""
+    check_launchable(x)
+    return _rotate(x, cos, sin, backward=False)
+
+
+def rope_bwd(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Launcher: gradient of `rope_fwd` with respect to x."""
+    check_launchable(dy)
+    return _rotate(dy, cos, sin, backward=True)
+
+
+class RoPEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rope_fwd(q, cos, sin), rope_fwd(k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        return rope_bwd(dq, cos, sin), rope_bwd(dk, cos, sin), None, None
+
+
+def apply_rope(q, k, cos, sin, unsqueeze_dim: int = 1):
+    """Drop-in for HF's `apply_rotary_pos_emb` backed by the Triton kernel.
+
+    Only the [b, h, s, d] layout (unsqueeze_dim=1, HF's default) runs the kernel; any other
+    layout falls back to the reference so a caller is never silently wrong.
+    """
+    if unsqueeze_dim != 1 or q.dim() != 4 or cos.dim() != 3:
+        return rope_reference(q, k, cos, sin, unsqueeze_dim)
+    return RoPEFunction.apply(q, k, cos.detach(), sin.detach())
