@@ -1,0 +1,160 @@
+"""The lease on every backend: acquire, refuse a live holder, expiry, takeover, renew, release,
+heartbeat. Expiry uses an injected clock, so nothing waits on wall time."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+
+from handoff.lease import LeaseHeldError, LeaseLostError, LeaseManager
+from handoff.runstore import RunStore
+from state_schema import utcnow
+
+
+class Clock:
+    """A settable clock shared by several agents, for expiry without sleeping."""
+
+    def __init__(self):
+        self.now = utcnow()
+        self.lock = threading.Lock()
+
+    def __call__(self):
+        with self.lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self.lock:
+            self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def runstore(store):
+    return RunStore(store, "lease-run")
+
+
+def agent(runstore, name, clock=None, ttl=60.0):
+    return LeaseManager(runstore, holder=name, host=f"host-{name}", gpu="T4", ttl=ttl,
+                        clock=clock or utcnow)
+
+
+def test_acquire_absent_lease_writes_generation_into_head(runstore):
+    lease = agent(runstore, "a").acquire()
+    assert lease.generation == 1 and lease.holder == "a" and not lease.released
+    stored, _ = runstore.read_lease()
+    assert stored.holder == "a" and stored.host == "host-a" and stored.gpu == "T4"
+    head, _ = runstore.read_head()
+    assert head.generation == 1 and head.checkpoint is None
+
+
+def test_live_lease_is_refused_and_nothing_written(runstore):
+    agent(runstore, "a").acquire()
+    before_lease, before_head = runstore.read_lease(), runstore.read_head()
+    with pytest.raises(LeaseHeldError) as info:
+        agent(runstore, "b").acquire()
+    assert info.value.lease.holder == "a"
+    assert "--takeover" in str(info.value) and "host-a" in str(info.value)
+    assert runstore.read_lease()[1] == before_lease[1]
+    assert runstore.read_head()[1] == before_head[1]
+
+
+def test_expired_lease_is_taken_without_takeover(runstore):
+    clock = Clock()
+    a, b = agent(runstore, "a", clock, ttl=30), agent(runstore, "b", clock, ttl=30)
+    a.acquire()
+    clock.advance(29)
+    with pytest.raises(LeaseHeldError):
+        b.acquire()
+    clock.advance(2)
+    assert b.acquire().generation == 2
+    assert runstore.read_head()[0].generation == 2
+    with pytest.raises(LeaseLostError):
+        a.renew()
+
+
+def test_takeover_of_live_lease_raises_generation(runstore):
+    a, b = agent(runstore, "a"), agent(runstore, "b")
+    a.acquire()
+    lease = b.acquire(takeover=True)
+    assert lease.generation == 2 and runstore.read_lease()[0].holder == "b"
+    assert runstore.read_head()[0].generation == 2
+    with pytest.raises(LeaseLostError, match="held by agent b"):
+        a.renew()
+    a.release()  # lost: a no-op that must not clobber b's lease
+    assert runstore.read_lease()[0].holder == "b" and not runstore.read_lease()[0].released
+
+
+def test_renew_extends_expiry(runstore):
+    clock = Clock()
+    a = agent(runstore, "a", clock, ttl=10)
+    first = a.acquire()
+    for _ in range(5):
+        clock.advance(8)
+        renewed = a.renew()
+    assert renewed.expires_at == first.expires_at + timedelta(seconds=40)
+    assert runstore.read_lease()[0].expires_at == renewed.expires_at
+    with pytest.raises(LeaseHeldError):  # 40 s past the first expiry, still live
+        agent(runstore, "b", clock, ttl=10).acquire()
+
+
+def test_release_makes_lease_acquirable_at_once(runstore):
+    a = agent(runstore, "a")
+    a.acquire()
+    a.release()
+    assert runstore.read_lease()[0].released
+    assert agent(runstore, "b").acquire().generation == 2
+    with pytest.raises(LeaseLostError):
+        a.renew()
+
+
+def test_generation_continues_from_head_when_lease_file_is_gone(runstore):
+    """A deleted lease.json must not reset generations below what HEAD already carries."""
+    a = agent(runstore, "a")
+    a.acquire()
+    a.release()
+    agent(runstore, "b").acquire()
+    runstore.store.delete(runstore.key("lease.json"))
+    assert agent(runstore, "c").acquire().generation == 3
+
+
+def test_heartbeat_survives_many_renewals(runstore):
+    a = agent(runstore, "a", ttl=30)
+    a.acquire()
+    a.start_heartbeat(0.01)
+    wait_for(lambda: a.renewals >= 15 or a.lost is not None)
+    a.stop_heartbeat()
+    assert a.lost is None and a.renewals >= 15
+    a.check()  # no loss recorded: does not raise
+    stored, _ = runstore.read_lease()
+    assert stored.holder == "a" and stored.renewed_at == a.lease.renewed_at
+    a.release()
+    assert agent(runstore, "b").acquire().generation == 2
+
+
+def test_heartbeat_records_loss_after_takeover(runstore):
+    a = agent(runstore, "a", ttl=30)
+    a.acquire()
+    a.start_heartbeat(0.01)
+    agent(runstore, "b").acquire(takeover=True)
+    wait_for(lambda: a.lost is not None)
+    a.stop_heartbeat()
+    assert isinstance(a.lost, LeaseLostError)
+    with pytest.raises(LeaseLostError):
+        a.check()
+    assert runstore.read_lease()[0].holder == "b"
+
+
+def test_heartbeat_interval_must_be_below_ttl(runstore):
+    a = agent(runstore, "a", ttl=5)
+    a.acquire()
+    with pytest.raises(ValueError, match="interval"):
+        a.start_heartbeat(5)
+
+
+def wait_for(condition, limit: float = 60.0) -> None:
+    """Poll a condition; the limit only stops a broken test from hanging, it asserts nothing."""
+    deadline = time.monotonic() + limit
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
