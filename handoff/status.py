@@ -1,0 +1,300 @@
+"""`agent.py status`: where a run stands, read from the store alone.
+
+Status never takes the lease and never writes: it reads spec, HEAD, lease, the session
+records and HEAD's cursor.json, so it works from any machine, even while an agent trains.
+Reads are not one snapshot; an agent committing meanwhile can make HEAD newer than a
+session record, which is harmless for a report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+from state_schema import Cursor, Head, Lease, RunSpec, SchemaError, SessionRecord, utcnow
+
+from .errors import StoreConfigError, StoreError
+from .store import Store, open_store
+
+CHECKPOINT_ID = re.compile(r"^(\d{8})-g(\d+)$")
+DEFAULT_SESSION_S = 12 * 3600.0
+PAUSED_EXIT = 75
+
+
+class RunNotFoundError(StoreError):
+    """The store holds no run of that name."""
+
+
+def _read_doc(store: Store, key: str, model):
+    found = store.read_optional(key)
+    return None if found is None else model.from_json(found.data, source=f"{store.uri}/{key}")
+
+
+def read_sessions(store: Store, run: str) -> list[SessionRecord]:
+    """Every session record of the run, oldest first."""
+    keys = [k for k in store.list(f"{run}/sessions/") if k.endswith(".json")]
+    records = [r for r in (_read_doc(store, k, SessionRecord) for k in keys) if r is not None]
+    return sorted(records, key=lambda r: (r.started, r.start_step))
+
+
+def list_checkpoints(store: Store, run: str) -> list[dict[str, Any]]:
+    """Checkpoint folders in the store, oldest first; `complete` when the manifest is there."""
+    found: dict[str, set[str]] = {}
+    prefix = f"{run}/checkpoints/"
+    for key in store.list(prefix):
+        folder, _, name = key[len(prefix):].partition("/")
+        if CHECKPOINT_ID.match(folder):
+            found.setdefault(folder, set()).add(name)
+    rows = []
+    for folder in sorted(found):
+        step, gen = CHECKPOINT_ID.match(folder).groups()
+        rows.append({"id": folder, "step": int(step), "generation": int(gen),
+                     "complete": "manifest.json" in found[folder]})
+    return rows
+
+
+def read_cursor(store: Store, run: str, head: Optional[Head]) -> Optional[Cursor]:
+    """The cursor of the checkpoint HEAD names: one small file, never the adapter."""
+    if head is None or head.checkpoint is None:
+        return None
+    return _read_doc(store, f"{run}/checkpoints/{head.checkpoint}/cursor.json", Cursor)
+
+
+def _iso(value: Optional[datetime]) -> Optional[str]:
+    return None if value is None else value.isoformat()
+
+
+def run_state(head: Optional[Head], cursor: Optional[Cursor], lease: Optional[Lease],
+              sessions: list[SessionRecord]) -> str:
+    """finished beats running: a finished run's last agent may still be releasing its lease."""
+    if (head is not None and head.finished) or (cursor is not None and cursor.finished):
+        return "finished"
+    if lease is not None and lease.live():
+        return "running"
+    if (head is None or head.checkpoint is None) and not sessions:
+        return "new"
+    return "paused"
+
+
+def session_row(rec: SessionRecord) -> dict[str, Any]:
+    return {
+        "session_id": rec.session_id, "host": rec.host, "gpu": rec.gpu,
+        "gpu_count": rec.gpu_count, "started": _iso(rec.started), "ended": _iso(rec.ended),
+        "start_step": rec.start_step, "end_step": rec.end_step, "steps": rec.steps,
+        "tokens_per_s": round(rec.tokens_per_s, 1), "kernels": rec.kernels,
+        "precision": rec.precision, "exit_code": rec.exit_code,
+    }
+
+
+def lease_row(lease: Optional[Lease]) -> Optional[dict[str, Any]]:
+    if lease is None:
+        return None
+    return {"holder": lease.holder, "host": lease.host, "gpu": lease.gpu,
+            "generation": lease.generation, "expires_at": _iso(lease.expires_at),
+            "released": lease.released, "live": lease.live()}
+
+
+def sessions_left(sessions: list[SessionRecord], step: int, total: Optional[int],
+                  session_limit_s: Optional[float]) -> Optional[int]:
+    """Sessions still needed: remaining steps over the steps one session can do.
+
+    steps a session = measured steps/s (over training seconds) x the share of a session's wall
+    time spent training x the session length. The length is the given limit, else the longest
+    session that ended paused (it ran to its limit), else 12 h."""
+    if total is None:
+        return None
+    if step >= total:
+        return 0
+    ended = [r for r in sessions if r.ended is not None and r.train_seconds > 0]
+    steps, train_s = sum(r.steps for r in ended), sum(r.train_seconds for r in ended)
+    wall = sum((r.ended - r.started).total_seconds() for r in ended)
+    if steps <= 0 or train_s <= 0 or wall <= 0:
+        return None
+    paused = [(r.ended - r.started).total_seconds() for r in ended if r.exit_code == PAUSED_EXIT]
+    length = session_limit_s or (max(paused) if paused else DEFAULT_SESSION_S)
+    per_session = steps / train_s * min(train_s / wall, 1.0) * length
+    return math.ceil((total - step) / per_session) if per_session > 0 else None
+
+
+def _last(points: list[tuple[int, float]]) -> Optional[float]:
+    return points[-1][1] if points else None
+
+
+@dataclass
+class RunView:
+    """Everything status reads from the store, once."""
+
+    run: str
+    store_uri: str
+    spec: Optional[RunSpec]
+    head: Optional[Head]
+    lease: Optional[Lease]
+    sessions: list[SessionRecord]
+    cursor: Optional[Cursor]
+    checkpoints: list[dict[str, Any]]
+
+    def losses(self) -> list[tuple[int, float]]:
+        points = [tuple(p) for r in self.sessions for p in r.losses]
+        return points or [tuple(p) for p in (self.cursor.losses if self.cursor else [])]
+
+    def eval_losses(self) -> list[tuple[int, float]]:
+        return [tuple(p) for r in self.sessions for p in r.eval_losses]
+
+
+def gather(store: Store, run: str) -> RunView:
+    """Read the run's documents; RunNotFoundError when the store has no such run."""
+    spec = _read_doc(store, f"{run}/spec.json", RunSpec)
+    head = _read_doc(store, f"{run}/HEAD.json", Head)
+    if spec is None and head is None:
+        raise RunNotFoundError(
+            f"no run {run!r} in store {store.uri}: check --run and --store "
+            "(the run is created by the first `agent.py run`)")
+    return RunView(
+        run=run, store_uri=store.uri, spec=spec, head=head,
+        lease=_read_doc(store, f"{run}/lease.json", Lease),
+        sessions=read_sessions(store, run), cursor=read_cursor(store, run, head),
+        checkpoints=list_checkpoints(store, run),
+    )
+
+
+def summarize(view: RunView, *, session_limit_s: Optional[float] = None) -> dict[str, Any]:
+    """The `status --json` object of a gathered run."""
+    cursor, head, spec = view.cursor, view.head, view.spec
+    step = cursor.step if cursor else (head.step if head else 0)
+    total = cursor.total_steps if cursor else (spec.train.max_steps if spec else None)
+    return {
+        "run": view.run, "store": view.store_uri,
+        "state": run_state(head, cursor, view.lease, view.sessions),
+        "model": spec.model.name if spec else None,
+        "step": step, "total_steps": total,
+        "epoch": cursor.epoch if cursor else 0,
+        "samples_seen": cursor.samples_seen if cursor else 0,
+        "tokens_seen": cursor.tokens_seen if cursor else 0,
+        "checkpoint": head.checkpoint if head else None,
+        "generation": head.generation if head else 0,
+        "lease": lease_row(view.lease),
+        "sessions": [session_row(r) for r in view.sessions],
+        "loss": (cursor.loss if cursor and cursor.loss is not None else _last(view.losses())),
+        "eval_loss": (cursor.eval_loss if cursor and cursor.eval_loss is not None
+                      else _last(view.eval_losses())),
+        "checkpoints": view.checkpoints,
+        "sessions_left_estimate": sessions_left(view.sessions, step, total, session_limit_s),
+        "checked_at": _iso(utcnow()),
+    }
+
+
+def collect_status(store: Store, run: str, *,
+                   session_limit_s: Optional[float] = None) -> dict[str, Any]:
+    """The `status --json` object of `run`; RunNotFoundError when the store has no such run."""
+    return summarize(gather(store, run), session_limit_s=session_limit_s)
+
+
+def plot_losses(view: RunView, path: Path) -> Path:
+    """Training (and eval) loss over steps, a dashed line where each later session began."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a notebook VM or CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    try:
+        train = view.losses()
+        if train:
+            ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+        evals = view.eval_losses()
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
+        for i, rec in enumerate(view.sessions[1:], start=2):
+            ax.axvline(rec.start_step, color="grey", linestyle="--", linewidth=0.8)
+            ax.annotate(f"session {i}", (rec.start_step, 1), xycoords=("data", "axes fraction"),
+                        rotation=90, va="top", ha="right", fontsize=8, color="grey")
+        ax.set(xlabel="optimizer step", ylabel="loss", title=f"run {view.run}")
+        if train or evals:
+            ax.legend()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _num(value: Optional[float], fmt: str = "{:,}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def render(status: dict[str, Any], console=None) -> None:
+    """The status as rich tables for a person."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    summary = Table(title=f"Run {status['run']} in {status['store']}", show_header=False)
+    total = status["total_steps"]
+    done = f" ({100 * status['step'] / total:.1f}%)" if total else ""
+    lease = status["lease"]
+    for label, value in [
+        ("state", status["state"]), ("model", status["model"] or "-"),
+        ("step", f"{status['step']:,} / {_num(total)}{done}"), ("epoch", str(status["epoch"])),
+        ("samples seen", _num(status["samples_seen"])), ("tokens seen", _num(status["tokens_seen"])),
+        ("loss", _num(status["loss"], "{:.4f}")), ("eval loss", _num(status["eval_loss"], "{:.4f}")),
+        ("checkpoint", status["checkpoint"] or "-"),
+        ("lease", "-" if lease is None else
+         f"{lease['host']} ({lease['gpu']}) until {lease['expires_at']}"
+         f"{' live' if lease['live'] else ' (released or expired)'}"),
+        ("sessions left (estimate)", _num(status["sessions_left_estimate"])),
+    ]:
+        summary.add_row(label, value)
+    console.print(summary)
+    if status["sessions"]:
+        console.print(_sessions_table(status["sessions"]))
+
+
+def _sessions_table(rows: list[dict[str, Any]]):
+    from rich.table import Table
+
+    table = Table(title="Sessions")
+    for col in ("#", "host", "gpu", "started", "ended", "steps", "tokens/s", "kernels", "exit"):
+        table.add_column(col)
+    for i, s in enumerate(rows, start=1):
+        table.add_row(str(i), s["host"], f"{s['gpu']} x{s['gpu_count']}" if s["gpu_count"] > 1
+                      else s["gpu"], (s["started"] or "-")[:19], (s["ended"] or "running")[:19],
+                      f"{s['start_step']}->{s['end_step']}", f"{s['tokens_per_s']:,.0f}",
+                      s["kernels"], _num(s["exit_code"]))
+    return table
+
+
+def status_main(store_uri: str, run: str, *, as_json: bool, plot: Optional[Path]) -> int:
+    """Entry point of `agent.py status`: 0, or 2 when the store or run cannot be found or read,
+    1 when the store stays unreachable."""
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False)
+    store = None
+    try:
+        store = open_store(store_uri)
+        view = gather(store, run)
+        status = summarize(view)
+        if plot is not None:
+            status["plot"] = str(plot_losses(view, plot))
+    except (RunNotFoundError, StoreConfigError, SchemaError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 2
+    except StoreError as exc:
+        err.print(f"[red]error:[/red] cannot read run {run!r} from {store_uri}: {exc}")
+        return 1
+    finally:
+        if store is not None:
+            store.close()
+    if as_json:
+        print(json.dumps(status, indent=2))
+    else:
+        render(status)
+        if plot is not None:
+            Console().print(f"loss plot written to {status['plot']}")
+    return 0
