@@ -1,0 +1,1 @@
+"""The QLoRA training engine: model loading, data order, the train step, exact resume."""

@@ -1,0 +1,74 @@
+"""The run's train and eval samples, checked against the spec's fingerprints and encoded.
+
+Without packing a sample is one record, encoded when first used; with packing the records
+are encoded once and cut into blocks of max_seq_len, and a sample is a block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from state_schema import RunSpec
+
+from .data import DataError, check_fingerprint, check_format, read_records
+from .encode import Encoded, Encoder, pack
+from .order import split_eval
+
+
+class RunData:
+    def __init__(self, spec: RunSpec, data_path: Path, eval_path: Optional[Path] = None):
+        self.spec = spec
+        check_fingerprint(Path(data_path), spec.data.sha256)
+        records = read_records(Path(data_path))
+        check_format(records, spec.data.format, source=Path(data_path))
+        self.train_records, self.eval_records = self._split(records, eval_path)
+        self.encoder: Optional[Encoder] = None
+        self._cache: dict[int, Encoded] = {}
+        self._packed: Optional[list[Encoded]] = None
+        self._eval: Optional[list[Encoded]] = None
+
+    def _split(self, records, eval_path: Optional[Path]):
+        spec = self.spec.data
+        if isinstance(spec.eval, str):
+            if eval_path is None:
+                raise DataError(f"the run evaluates on the file {spec.eval!r}; pass eval_path "
+                                "(the agent downloads it from the store)")
+            if spec.eval_sha256:
+                check_fingerprint(Path(eval_path), spec.eval_sha256, what="eval data")
+            held = read_records(Path(eval_path))
+            check_format(held, spec.format, source=Path(eval_path))
+            return records, held
+        train, held = split_eval(len(records), spec.eval, self.spec.train.seed)
+        return [records[i] for i in train], [records[i] for i in held]
+
+    def attach(self, tokenizer) -> None:
+        """Give the data its tokenizer; packing encodes everything now, so n_train is known."""
+        self.encoder = Encoder(tokenizer, self.spec.data.format, self.spec.data.max_seq_len)
+        if self.spec.data.packing:
+            encoded = [self.encoder(r) for r in self.train_records]
+            self._packed = pack(encoded, self.spec.data.max_seq_len)
+
+    @property
+    def n_train(self) -> int:
+        if self.spec.data.packing:
+            if self._packed is None:
+                raise RuntimeError("RunData.attach(tokenizer) must come before n_train")
+            return len(self._packed)
+        return len(self.train_records)
+
+    def sample(self, index: int) -> Encoded:
+        if self._packed is not None:
+            return self._packed[index]
+        if self.encoder is None:
+            raise RuntimeError("RunData.attach(tokenizer) must come before sample()")
+        if index not in self._cache:
+            self._cache[index] = self.encoder(self.train_records[index])
+        return self._cache[index]
+
+    def eval_samples(self) -> list[Encoded]:
+        if self._eval is None:
+            encoded = [self.encoder(r) for r in self.eval_records]
+            packing = self.spec.data.packing and encoded
+            self._eval = pack(encoded, self.spec.data.max_seq_len) if packing else encoded
+        return self._eval

@@ -1,0 +1,115 @@
+"""Records -> token ids and labels, with the loss masked to what the model should learn.
+
+Labels are -100 (ignored by the loss) on prompts and on non-assistant chat turns. Chat records
+are rendered with the tokenizer's own chat template; the assistant spans are found by rendering
+each prefix of the conversation, so any prefix-stable template works without special markers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .data import DataError
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def label_tokens(self) -> int:
+        """Tokens that carry loss after the causal shift (the first position predicts nothing)."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
+
+
+class Encoder:
+    def __init__(self, tokenizer, fmt: str, max_seq_len: int, *, train_on_prompt: bool = False):
+        self.tok = tokenizer
+        self.fmt = fmt
+        self.max_seq_len = max_seq_len
+        self.train_on_prompt = train_on_prompt
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no eos token; set tokenizer.eos_token in the model")
+
+    def __call__(self, record: dict[str, Any]) -> Encoded:
+        encode = {"text": self._text, "pairs": self._pairs, "chat": self._chat}[self.fmt]
+        enc = encode(record)
+        return Encoded(enc.input_ids[: self.max_seq_len], enc.labels[: self.max_seq_len])
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _bos(self) -> list[int]:
+        bos = self.tok.bos_token_id
+        return [bos] if bos is not None and getattr(self.tok, "add_bos_token", True) else []
+
+    def _text(self, record) -> Encoded:
+        ids = self._bos() + self._ids(str(record["text"])) + [self.tok.eos_token_id]
+        return Encoded(ids, list(ids))
+
+    def _pairs(self, record) -> Encoded:
+        prompt = self._bos() + self._ids(str(record["prompt"]))
+        completion = self._ids(str(record["completion"])) + [self.tok.eos_token_id]
+        masked = list(prompt) if self.train_on_prompt else [IGNORE] * len(prompt)
+        return Encoded(prompt + completion, masked + completion)
+
+    def _chat(self, record) -> Encoded:
+        messages = record["messages"]
+        if not getattr(self.tok, "chat_template", None):
+            raise DataError("chat data needs a tokenizer with a chat_template; this model has "
+                            "none: use pairs data or a model with a template")
+        text = self._render(messages, generation=False)
+        spans = self._assistant_spans(messages, text)
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        labels = [
+            tid if self.train_on_prompt or any(s <= start < e for s, e in spans) else IGNORE
+            for tid, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"])
+        ]
+        return Encoded(list(enc["input_ids"]), labels)
+
+    def _render(self, messages, *, generation: bool) -> str:
+        return self.tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation)
+
+    def _assistant_spans(self, messages, full: str) -> list[tuple[int, int]]:
+        spans = []
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            start = len(self._render(messages[:i], generation=True)) if i else 0
+            end = len(self._render(messages[: i + 1], generation=False))
+            if full[:end] != self._render(messages[: i + 1], generation=False):
+                raise DataError("the chat template is not prefix-stable; render the data as "
+                                "pairs (prompt/completion) instead")
+            spans.append((start, end))
+        if not spans:
+            raise DataError("a chat record has no assistant turn to train on")
+        return spans
+
+
+def pack(samples: list[Encoded], max_seq_len: int) -> list[Encoded]:
+    """Concatenate samples (each ends with eos) and cut the stream into max_seq_len blocks."""
+    ids = [t for s in samples for t in s.input_ids]
+    labels = [t for s in samples for t in s.labels]
+    return [Encoded(ids[i: i + max_seq_len], labels[i: i + max_seq_len])
+            for i in range(0, len(ids), max_seq_len)]
+
+
+def collate(samples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample of the micro-batch."""
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[row, :n] = torch.tensor(s.input_ids)
+        labels[row, :n] = torch.tensor(s.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,253 @@
+"""The trainer: one optimizer step at a time, and an exact resume from adapter + cursor.
+
+An optimizer step consumes `batch_size` samples, always the same ones for the same step:
+their order comes from (seed, epoch) and the cursor's position, whatever the micro-batch size
+or number of ranks. The loss of a micro-batch is its summed token loss divided by the number
+of loss tokens in the whole optimizer step (all micro-batches, all ranks), so the gradient does
+not depend on how the step is split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from state_schema import Cursor, RunSpec
+
+from . import dist, rng
+from .dataset import RunData
+from .devices import DeviceInfo, detect_device
+from .encode import Encoded, collate
+from .model import load_model, trainable_parameters
+from .optim import OPTIMIZER_FILE, load_optimizer, make_optimizer, make_scheduler, save_optimizer
+from .order import shard, step_indices
+
+log = logging.getLogger(__name__)
+
+CURSOR_FILE = "cursor.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder cannot be resumed from."""
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    lr: float
+    tokens: int
+    seconds: float
+
+
+def total_steps(spec: RunSpec, n_train: int) -> int:
+    """max_steps, or ceil(epochs * n_train / batch_size)."""
+    if spec.train.max_steps:
+        return spec.train.max_steps
+    return max(1, math.ceil((spec.train.epochs or 1) * n_train / spec.train.batch_size))
+
+
+class Trainer:
+    def __init__(self, spec: RunSpec, *, data_path: Path, eval_path: Optional[Path] = None,
+                 micro_batch_size: int, device: Optional[str] = None, use_kernels: bool = True,
+                 model_path: Optional[Path] = None):
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
+        self.spec = spec
+        self.micro_batch_size = micro_batch_size
+        self.rank, self.world = dist.rank_and_world()
+        self.device_info: DeviceInfo = detect_device(device)
+        # The data is checked before the model loads: a wrong file fails in a second, not minutes.
+        self.data = RunData(spec, Path(data_path), Path(eval_path) if eval_path else None)
+        self.model, self.tokenizer = load_model(spec, self.device_info, model_path=model_path)
+        self.data.attach(self.tokenizer)
+        self._patch_kernels(use_kernels)
+        self.params = [p for _, p in trainable_parameters(self.model)]
+        self.optimizer = make_optimizer(spec, self.params, self.device_info.type)
+        self.cursor = Cursor(total_steps=total_steps(spec, self.data.n_train))
+        self.scheduler = make_scheduler(spec, self.optimizer, self.cursor.total_steps, 0)
+        self.scaler = torch.amp.GradScaler("cuda") if self.device_info.uses_scaler else None
+        self.last_indices: list[int] = []  # the step's samples, all ranks, in data order
+        self.last_rank_indices: list[int] = []  # this rank's share of them
+
+    # -- setup -------------------------------------------------------------------------
+
+    def _patch_kernels(self, use_kernels: bool) -> None:
+        self.device_info.kernels = "none"
+        if not use_kernels:
+            return
+        try:
+            from kernels.patch import patch_model
+        except ImportError:
+            log.info("kernels.patch is not available; training with the plain HF modules")
+            return
+        report = patch_model(self.model, self.device_info)
+        self.device_info.kernels = report.path
+        log.info("kernels: %s path, patched %s", report.path, ", ".join(report.patched))
+
+    @property
+    def finished(self) -> bool:
+        return self.cursor.finished
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.device_info.device)
+
+    def _autocast(self):
+        if self.device_info.type == "cuda" and self.device_info.precision != "fp32":
+            return torch.autocast("cuda", dtype=self.device_info.dtype)
+        return contextlib.nullcontext()
+
+    # -- the step ----------------------------------------------------------------------
+
+    def train_step(self) -> StepResult:
+        """One optimizer step over the next batch_size samples."""
+        if self.finished:
+            raise RuntimeError(f"the run is finished ({self.cursor.step} of "
+                               f"{self.cursor.total_steps} steps); nothing left to train")
+        started = time.perf_counter()
+        picks = step_indices(self.spec.train.seed, self.data.n_train, self.cursor.epoch,
+                             self.cursor.epoch_position, self.spec.train.batch_size)
+        self.last_indices = [index for index, _, _ in picks]
+        self.last_rank_indices = shard(self.last_indices, self.rank, self.world)
+        samples = [self.data.sample(i) for i in self.last_rank_indices]
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        loss, tokens = self._accumulate(samples)
+        dist.sum_gradients(self.params)
+        self._optimizer_step()
+        seconds = time.perf_counter() - started
+        self._advance(picks, loss, tokens, seconds)
+        return StepResult(self.cursor.step, loss, lr, tokens, seconds)
+
+    def _count_label_tokens(self, samples: list[Encoded]) -> float:
+        return dist.sum_scalar(float(sum(s.label_tokens for s in samples)), self.device)
+
+    def _forward(self, chunk: list[Encoded], label_total: torch.Tensor):
+        batch = {k: v.to(self.device) for k, v in
+                 collate(chunk, self.tokenizer.pad_token_id).items()}
+        with self._autocast():
+            # HF's causal-LM loss with num_items_in_batch = sum of token losses / that count.
+            out = self.model(**batch, num_items_in_batch=label_total)
+        return out.loss, int(batch["attention_mask"].sum())
+
+    def _accumulate(self, samples: list[Encoded]) -> tuple[float, int]:
+        self.model.train()
+        label_total = torch.tensor(max(self._count_label_tokens(samples), 1.0),
+                                   device=self.device)
+        loss_sum, tokens = torch.zeros((), device=self.device), 0
+        for start in range(0, len(samples), self.micro_batch_size):
+            loss, n = self._forward(samples[start: start + self.micro_batch_size], label_total)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += loss.detach().float()
+            tokens += n
+        total_loss = dist.sum_scalar(float(loss_sum), self.device)
+        return total_loss, int(dist.sum_scalar(float(tokens), self.device))
+
+    def _optimizer_step(self) -> None:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.spec.train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.spec.train.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _advance(self, picks, loss: float, tokens: int, seconds: float) -> None:
+        c = self.cursor
+        _, c.epoch, c.epoch_position = picks[-1]
+        if c.epoch_position >= self.data.n_train:
+            c.epoch, c.epoch_position = c.epoch + 1, 0
+        c.step += 1
+        c.scheduler_step = c.step
+        c.samples_seen += len(picks)
+        c.tokens_seen += tokens
+        c.training_seconds += seconds
+        c.loss = loss
+        c.losses.append((c.step, loss))
+
+    # -- eval --------------------------------------------------------------------------
+
+    def evaluate(self) -> Optional[float]:
+        """Mean token loss over the eval split, or None without one. Uses no randomness."""
+        samples = self.data.eval_samples()
+        if not samples:
+            return None
+        mine = shard(samples, self.rank, self.world)
+        label_total = torch.tensor(
+            float(max(sum(s.label_tokens for s in samples), 1)), device=self.device)
+        loss_sum = 0.0
+        self.model.eval()
+        with torch.no_grad():
+            for start in range(0, len(mine), self.micro_batch_size):
+                loss, _ = self._forward(mine[start: start + self.micro_batch_size], label_total)
+                loss_sum += float(loss)
+        self.model.train()
+        self.cursor.eval_loss = dist.sum_scalar(loss_sum, self.device)
+        return self.cursor.eval_loss
+
+    # -- save and load -----------------------------------------------------------------
+
+    def save(self, out_dir: Path) -> None:
+        """Adapter (PEFT format), cursor and, when the spec asks, optimizer state. Rank 0 only."""
+        if self.rank != 0:
+            return
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out_dir)
+        (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card: not checkpoint data
+        self.cursor.rng = rng.capture()
+        self.cursor.scaler = self.scaler.state_dict() if self.scaler else None
+        (out_dir / CURSOR_FILE).write_bytes(self.cursor.to_json())
+        if self.spec.optimizer_state:
+            save_optimizer(self.optimizer, out_dir)
+
+    def load(self, checkpoint_dir: Path) -> None:
+        """Continue from a checkpoint folder written by save()."""
+        checkpoint_dir = Path(checkpoint_dir)
+        cursor = self._read_cursor(checkpoint_dir)
+        self._load_adapter(checkpoint_dir)
+        optimizer_path = checkpoint_dir / OPTIMIZER_FILE
+        if self.spec.optimizer_state and optimizer_path.is_file():
+            load_optimizer(self.optimizer, optimizer_path)
+        elif self.spec.optimizer_state:
+            log.warning("%s has no optimizer state; AdamW restarts its moments", checkpoint_dir)
+        self.cursor = cursor
+        self.scheduler = make_scheduler(self.spec, self.optimizer, cursor.total_steps,
+                                        cursor.scheduler_step)
+        if self.scaler and cursor.scaler:
+            self.scaler.load_state_dict(cursor.scaler)
+        rng.restore(cursor.rng)
+
+    def _read_cursor(self, checkpoint_dir: Path) -> Cursor:
+        for name in (CURSOR_FILE,) + ADAPTER_FILES:
+            if not (checkpoint_dir / name).is_file():
+                raise CheckpointError(f"{checkpoint_dir} has no {name}; it is not a Baton "
+                                      "checkpoint (or an incomplete one)")
+        cursor = Cursor.from_json((checkpoint_dir / CURSOR_FILE).read_bytes(),
+                                  source=str(checkpoint_dir / CURSOR_FILE))
+        if cursor.total_steps != self.cursor.total_steps:
+            raise CheckpointError(
+                f"the checkpoint's run has {cursor.total_steps} steps but this data and spec give "
+                f"{self.cursor.total_steps}; the data or spec differ from the run's")
+        return cursor
+
+    def _load_adapter(self, checkpoint_dir: Path) -> None:
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        weights = load_peft_weights(str(checkpoint_dir), device=self.device_info.device)
+        result = set_peft_model_state_dict(self.model, weights)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing:
+            raise CheckpointError(f"{checkpoint_dir}'s adapter lacks {len(missing)} LoRA weights "
+                                  f"(e.g. {missing[0]}); it was trained with other lora settings")

@@ -1,0 +1,132 @@
+"""The base model in NF4 (bitsandbytes, double quantization) with LoRA adapters (PEFT).
+
+The adapters are PEFT's own, so what Baton saves loads in plain `PeftModel.from_pretrained`.
+LoRA weights stay fp32 whatever the compute dtype: small updates to bf16 weights get lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from state_schema import RunSpec
+
+from .devices import DeviceInfo
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The base model or its tokenizer cannot be loaded."""
+
+
+def is_local(name: str) -> bool:
+    return Path(name).expanduser().is_dir()
+
+
+def resolve_revision(name: str, revision: str) -> str:
+    """Pin a revision: a Hub commit sha, or for a local folder "local:<sha256 of config.json>"."""
+    if is_local(name):
+        config = Path(name).expanduser() / "config.json"
+        if not config.is_file():
+            raise ModelLoadError(f"{name} is a folder without config.json; point model.name at a "
+                                 "folder written by save_pretrained, or at a Hub id")
+        return "local:" + hashlib.sha256(config.read_bytes()).hexdigest()
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(name, revision=revision)
+    return info.sha
+
+
+def _source(spec: RunSpec, model_path: Optional[Path]) -> tuple[str, Optional[str]]:
+    """Where to load from and which revision to pass (none for a local folder)."""
+    if model_path is not None:
+        return str(model_path), None
+    revision = spec.model.revision
+    if is_local(spec.model.name) or revision.startswith("local:"):
+        return spec.model.name, None
+    return spec.model.name, revision
+
+
+def bnb_supported(device_info: DeviceInfo) -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return device_info.type in ("cpu", "cuda")
+
+
+def quantization_config(spec: RunSpec, device_info: DeviceInfo):
+    if not spec.model.load_in_4bit:
+        return None
+    if not bnb_supported(device_info):
+        log.warning("bitsandbytes does not support %s; loading the base model unquantized",
+                    device_info.device)
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=device_info.dtype,
+    )
+
+
+def load_base(spec: RunSpec, device_info: DeviceInfo, *, model_path: Optional[Path] = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, revision = _source(spec, model_path)
+    quant = quantization_config(spec, device_info)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, revision=revision, quantization_config=quant,
+            dtype=device_info.dtype, device_map={"": device_info.device},
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"cannot load model {source!r} (revision {revision or 'local'}): {exc}. Check "
+            "model.name, model.revision and, for a gated model, HF_TOKEN"
+        ) from exc
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out of attention and loss, so eos is a safe stand-in.
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, quant is not None
+
+
+def lora_config(spec: RunSpec):
+    from peft import LoraConfig
+
+    targets = spec.lora.target_modules
+    return LoraConfig(
+        r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+        target_modules=targets, task_type="CAUSAL_LM", bias="none",
+    )
+
+
+def load_model(spec: RunSpec, device_info: DeviceInfo, *, model_path: Optional[Path] = None):
+    """(peft_model, tokenizer), NF4 + LoRA, gradient checkpointing on, ready to train."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model, tokenizer, quantized = load_base(spec, device_info, model_path=model_path)
+    checkpointing = {"use_reentrant": False}  # reentrant checkpointing breaks with DDP hooks
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=checkpointing)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.enable_input_require_grads()
+    # A fixed seed makes the fresh adapter (lora_A's random init) the same on every machine.
+    torch.manual_seed(spec.train.seed)
+    model = get_peft_model(model, lora_config(spec), autocast_adapter_dtype=True)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
