@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -19,9 +18,9 @@ from typing import Any, Optional
 from state_schema import Cursor, Head, Lease, RunSpec, SchemaError, SessionRecord, utcnow
 
 from .errors import StoreConfigError, StoreError
+from .runstore import RunStore, parse_checkpoint_id
 from .store import Store, open_store
 
-CHECKPOINT_ID = re.compile(r"^(\d{8})-g(\d+)$")
 DEFAULT_SESSION_S = 12 * 3600.0
 PAUSED_EXIT = 75
 
@@ -30,39 +29,26 @@ class RunNotFoundError(StoreError):
     """The store holds no run of that name."""
 
 
-def _read_doc(store: Store, key: str, model):
-    found = store.read_optional(key)
-    return None if found is None else model.from_json(found.data, source=f"{store.uri}/{key}")
-
-
-def read_sessions(store: Store, run: str) -> list[SessionRecord]:
-    """Every session record of the run, oldest first."""
-    keys = [k for k in store.list(f"{run}/sessions/") if k.endswith(".json")]
-    records = [r for r in (_read_doc(store, k, SessionRecord) for k in keys) if r is not None]
-    return sorted(records, key=lambda r: (r.started, r.start_step))
-
-
-def list_checkpoints(store: Store, run: str) -> list[dict[str, Any]]:
-    """Checkpoint folders in the store, oldest first; `complete` when the manifest is there."""
-    found: dict[str, set[str]] = {}
-    prefix = f"{run}/checkpoints/"
-    for key in store.list(prefix):
-        folder, _, name = key[len(prefix):].partition("/")
-        if CHECKPOINT_ID.match(folder):
-            found.setdefault(folder, set()).add(name)
+def list_checkpoints(rs: RunStore) -> list[dict[str, Any]]:
+    """Checkpoint folders in the store, oldest first; `complete` once the manifest is there."""
+    prefix = rs.key("checkpoints") + "/"
+    with_manifest = {k[len(prefix):].split("/", 1)[0]
+                     for k in rs.store.list(prefix) if k.endswith("/manifest.json")}
     rows = []
-    for folder in sorted(found):
-        step, gen = CHECKPOINT_ID.match(folder).groups()
-        rows.append({"id": folder, "step": int(step), "generation": int(gen),
-                     "complete": "manifest.json" in found[folder]})
+    for cid in rs.list_checkpoints():
+        step, gen = parse_checkpoint_id(cid)
+        rows.append({"id": cid, "step": step, "generation": gen,
+                     "complete": cid in with_manifest})
     return rows
 
 
-def read_cursor(store: Store, run: str, head: Optional[Head]) -> Optional[Cursor]:
+def read_cursor(rs: RunStore, head: Optional[Head]) -> Optional[Cursor]:
     """The cursor of the checkpoint HEAD names: one small file, never the adapter."""
     if head is None or head.checkpoint is None:
         return None
-    return _read_doc(store, f"{run}/checkpoints/{head.checkpoint}/cursor.json", Cursor)
+    key = rs.checkpoint_key(head.checkpoint, "cursor.json")
+    found = rs.store.read_optional(key)
+    return None if found is None else Cursor.from_json(found.data, source=f"{rs.store.uri}/{key}")
 
 
 def _iso(value: Optional[datetime]) -> Optional[str]:
@@ -148,17 +134,18 @@ class RunView:
 
 def gather(store: Store, run: str) -> RunView:
     """Read the run's documents; RunNotFoundError when the store has no such run."""
-    spec = _read_doc(store, f"{run}/spec.json", RunSpec)
-    head = _read_doc(store, f"{run}/HEAD.json", Head)
+    rs = RunStore(store, run)
+    spec = rs.read_spec()
+    head = (rs.read_head() or (None, None))[0]
     if spec is None and head is None:
         raise RunNotFoundError(
             f"no run {run!r} in store {store.uri}: check --run and --store "
             "(the run is created by the first `agent.py run`)")
     return RunView(
         run=run, store_uri=store.uri, spec=spec, head=head,
-        lease=_read_doc(store, f"{run}/lease.json", Lease),
-        sessions=read_sessions(store, run), cursor=read_cursor(store, run, head),
-        checkpoints=list_checkpoints(store, run),
+        lease=(rs.read_lease() or (None, None))[0],
+        sessions=rs.read_sessions(), cursor=read_cursor(rs, head),
+        checkpoints=list_checkpoints(rs),
     )
 
 
@@ -274,7 +261,7 @@ def status_main(store_uri: str, run: str, *, as_json: bool, plot: Optional[Path]
     1 when the store stays unreachable."""
     from rich.console import Console
 
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     store = None
     try:
         store = open_store(store_uri)
@@ -282,7 +269,7 @@ def status_main(store_uri: str, run: str, *, as_json: bool, plot: Optional[Path]
         status = summarize(view)
         if plot is not None:
             status["plot"] = str(plot_losses(view, plot))
-    except (RunNotFoundError, StoreConfigError, SchemaError) as exc:
+    except (RunNotFoundError, StoreConfigError, SchemaError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         return 2
     except StoreError as exc:

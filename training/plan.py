@@ -321,7 +321,7 @@ def plan_main(config: RunConfig, *, as_json: bool) -> int:
     except PlanError as exc:
         from rich.console import Console
 
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}", highlight=False)
         return 2
     if as_json:
         print(json.dumps(result, indent=2))
