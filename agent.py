@@ -174,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from training.session import SessionOptions, run_session  # heavy: only after validation
 
     options = SessionOptions(takeover=args.takeover, workdir=args.workdir,
-                             log_every=args.log_every, lease_ttl=args.lease_ttl)
+                             log_every=args.log_every, lease_ttl=args.lease_ttl, scrub=scrub)
     return run_session(config, options)
 
 
