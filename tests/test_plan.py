@@ -137,3 +137,15 @@ def test_unreadable_model_exits_2_with_a_message(tmp_path, capsys):
     config = _config(tmp_path / "no-such-model", tmp_path / "d.jsonl")
     assert planmod.plan_main(config, as_json=True) == 2
     assert "model.name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n,epochs", [(999, 1), (1000, 3), (37, 2.5), (1, 1)])
+def test_steps_total_follows_the_engine(tmp_path, n, epochs):
+    """The same split and rounding as training.order.split_eval and training.engine."""
+    import math
+
+    from training.order import split_eval
+
+    config = _config(tmp_path, _jsonl(tmp_path / "d.jsonl", n), epochs=epochs)
+    n_train = len(split_eval(n, 0.05, config.train.seed)[0])
+    assert planmod.steps_total(config, n) == max(1, math.ceil(epochs * n_train / 8))

@@ -182,19 +182,18 @@ def _count_parquet(path: Path) -> tuple[Optional[int], Optional[float]]:
 
 
 def steps_total(config: RunConfig, samples: Optional[int]) -> Optional[int]:
-    """Optimizer steps of the run: max_steps, else epochs over the training split.
-
-    The eval fraction is held out first (rounded down, at least one sample when the fraction
-    is nonzero); a partial last batch counts as a step."""
+    """Optimizer steps of the run, by the engine's rule: max_steps, else
+    ceil(epochs * n_train / batch_size), where the eval fraction held out is
+    min(n - 1, max(1, ceil(fraction * n))) (training.order.split_eval)."""
     train = config.train
     if train.max_steps is not None:
         return train.max_steps
     if samples is None:
         return None
-    held_out = config.data.eval if isinstance(config.data.eval, float) else 0.0
-    n_eval = max(1, int(samples * held_out)) if held_out > 0 else 0
-    per_epoch = math.ceil(max(samples - n_eval, 0) / train.batch_size)
-    return math.ceil(per_epoch * train.epochs)
+    fraction = config.data.eval if isinstance(config.data.eval, float) else 0.0
+    n_eval = min(samples - 1, max(1, math.ceil(fraction * samples))) \
+        if fraction and samples >= 2 else 0
+    return max(1, math.ceil(train.epochs * (samples - n_eval) / train.batch_size))
 
 
 def tokens_per_step(config: RunConfig, mean_chars: Optional[float]) -> int:
