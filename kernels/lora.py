@@ -1,0 +1,500 @@
+"""Fused LoRA projections over bitsandbytes NF4 weights, with hand-written backward.
+
+For one projection with frozen base weight W (NF4, or dense), bias b and adapter A [r, in],
+B [out, r], scaling s:
+
+    y  = x W^T + b + s (x A^T) B^T
+    dx = dy W + s (dy B) A          dA = s (dy B)^T x      dB = s dy^T (x A^T)      db = sum dy
+
+W is dequantized (`kernels.nf4.dequantize_nf4`) when it is needed and dropped at once: the
+forward keeps only x and the small [tokens, r] product x A^T, and the backward dequantizes W
+again. The QKV function shares x between the three projections and sums one dx; the MLP
+function (gate, up, SwiGLU, down) keeps only x and the three [tokens, r] products, and
+recomputes gate, up and the SwiGLU output in the backward.
+
+Everything is computed in one "compute dtype": autocast's when autocast is on, else x's. The
+adapters' gradients come back in the adapters' own dtype (fp32 in Baton).
+
+The `*_reference` functions are the same maths composed from PyTorch ops and bitsandbytes'
+own dequantization, differentiated by autograd; the tests hold the fused functions to them.
+`patch_peft_lora` (end of this file) routes a PEFT model's attention and MLP through them.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.nf4 import dequantize_nf4
+from kernels.swiglu import swiglu_fwd, swiglu_bwd
+
+_FIELDS = 6  # tensors and settings one projection passes through `Function.apply`
+
+
+@dataclass(frozen=True, eq=False)
+class Projection:
+    """One LoRA-adapted linear layer, as the fused functions see it.
+
+    `weight` is the packed NF4 `Params4bit` when `quant_state` is set, else a dense
+    [out, in] weight. `lora_A` is [r, in], `lora_B` is [out, r].
+    """
+
+    weight: torch.Tensor
+    quant_state: object | None
+    bias: torch.Tensor | None
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+
+    def flat(self) -> tuple:
+        return (self.weight, self.quant_state, self.bias, self.lora_A, self.lora_B, self.scaling)
+
+
+def _unflat(args: tuple) -> list[Projection]:
+    return [Projection(*args[i : i + _FIELDS]) for i in range(0, len(args), _FIELDS)]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the projections of `x` run in: autocast's if it is on, else x's own."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def dense_weight(p: Projection, dtype: torch.dtype) -> torch.Tensor:
+    """W as a dense [out, in] tensor in `dtype`; a fresh buffer for NF4, to be dropped after use."""
+    if p.quant_state is None:
+        return p.weight.to(dtype)
+    return dequantize_nf4(p.weight, p.quant_state, dtype)
+
+
+def _forward_one(x2: torch.Tensor, p: Projection, xa: torch.Tensor | None = None):
+    """y = x W^T + b + s (x A^T) B^T on 2-D x; returns (y, x A^T). `xa` skips recomputing x A^T."""
+    dtype = x2.dtype
+    w = dense_weight(p, dtype)
+    y = x2 @ w.t() if p.bias is None else torch.addmm(p.bias.to(dtype), x2, w.t())
+    del w
+    if xa is None:
+        xa = x2 @ p.lora_A.to(dtype).t()
+    y.addmm_(xa, p.lora_B.to(dtype).t(), alpha=p.scaling)
+    return y, xa
+
+
+def _backward_one(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, p: Projection, dx, need_dx: bool):
+    """Gradients of one projection; adds its share of dx into `dx` (None: start it)."""
+    dtype = dy.dtype
+    b = p.lora_B.to(dtype)
+    dyb = dy @ b
+    d_a = (dyb.t() @ x2).mul_(p.scaling)
+    d_b = (dy.t() @ xa).mul_(p.scaling)
+    if need_dx:
+        w = dense_weight(p, dtype)
+        dx = dy @ w if dx is None else dx.addmm_(dy, w)
+        del w
+        dx.addmm_(dyb, p.lora_A.to(dtype), alpha=p.scaling)
+    return dx, d_a, d_b
+
+
+def _grads(p: Projection, d_a, d_b, dy, bias_needs_grad: bool) -> tuple:
+    """The gradient slots of one projection in `Function.apply`'s argument order."""
+    d_bias = dy.sum(0).to(p.bias.dtype) if bias_needs_grad else None
+    return (None, None, d_bias, d_a.to(p.lora_A.dtype), d_b.to(p.lora_B.dtype), None)
+
+
+def _rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).to(dtype)
+
+
+class _FusedLoRA(torch.autograd.Function):
+    """Shared plumbing: stash the projections' frozen parts on ctx, the adapters in saved tensors."""
+
+    @staticmethod
+    def _stash(ctx, x: torch.Tensor, projs: list[Projection], dtype: torch.dtype, saved: list) -> None:
+        ctx.x_shape, ctx.x_dtype, ctx.dtype = x.shape, x.dtype, dtype
+        # Frozen base weights and their quant states stay on ctx (no copy, no version check);
+        # the trainable adapters go through save_for_backward so in-place changes are caught.
+        ctx.frozen = [(p.weight, p.quant_state, p.bias, p.scaling) for p in projs]
+        adapters = [t for p in projs for t in (p.lora_A, p.lora_B)]
+        ctx.save_for_backward(*saved, *adapters)
+
+    @staticmethod
+    def _restore(ctx, n_saved: int) -> tuple[list, list[Projection]]:
+        saved = ctx.saved_tensors
+        adapters = saved[n_saved:]
+        projs = [
+            Projection(w, qs, bias, adapters[2 * i], adapters[2 * i + 1], s)
+            for i, (w, qs, bias, s) in enumerate(ctx.frozen)
+        ]
+        return list(saved[:n_saved]), projs
+
+    @staticmethod
+    def _bias_needs_grad(ctx, index: int) -> bool:
+        return bool(ctx.needs_input_grad[1 + index * _FIELDS + 2])
+
+
+class LoRALinearFunction(_FusedLoRA):
+    """y = x W^T + b + s (x A^T) B^T; the O projection, and any single LoRA linear."""
+
+    @staticmethod
+    def forward(ctx, x, *flat):
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            (p,) = _unflat(flat)
+            x2 = _rows(x, dtype)
+            y, xa = _forward_one(x2, p)
+        LoRALinearFunction._stash(ctx, x, [p], dtype, [x2, xa])
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x2, xa), (p,) = LoRALinearFunction._restore(ctx, 2)
+        with torch.autocast(dy.device.type, enabled=False):
+            dy2 = _rows(dy, ctx.dtype)
+            dx, d_a, d_b = _backward_one(dy2, x2, xa, p, None, ctx.needs_input_grad[0])
+        dx = None if dx is None else dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+        return (dx, *_grads(p, d_a, d_b, dy2, LoRALinearFunction._bias_needs_grad(ctx, 0)))
+
+
+class LoRAQKVFunction(_FusedLoRA):
+    """(Q, K, V) from one x: x is saved once and dx is one sum over the three projections."""
+
+    @staticmethod
+    def forward(ctx, x, *flat):
+        dtype = compute_dtype(x)
+        projs = _unflat(flat)
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = _rows(x, dtype)
+            outs, xas = zip(*(_forward_one(x2, p) for p in projs))
+        LoRAQKVFunction._stash(ctx, x, projs, dtype, [x2, *xas])
+        return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        (x2, *xas), projs = LoRAQKVFunction._restore(ctx, 1 + len(ctx.frozen))
+        grads, dx = [], None
+        with torch.autocast(x2.device.type, enabled=False):
+            for i, (dy, xa, p) in enumerate(zip(dys, xas, projs)):
+                dy2 = _rows(dy, ctx.dtype)
+                dx, d_a, d_b = _backward_one(dy2, x2, xa, p, dx, ctx.needs_input_grad[0])
+                grads.extend(_grads(p, d_a, d_b, dy2, LoRAQKVFunction._bias_needs_grad(ctx, i)))
+        dx = None if dx is None else dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+        return (dx, *grads)
+
+
+class LoRAMLPFunction(_FusedLoRA):
+    """down(silu(gate(x)) * up(x)); keeps x and the [tokens, r] products, recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, x, *flat):
+        dtype = compute_dtype(x)
+        gate, up, down = _unflat(flat)
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = _rows(x, dtype)
+            g, xa_g = _forward_one(x2, gate)
+            u, xa_u = _forward_one(x2, up)
+            h = swiglu_fwd(g, u)
+            del g, u
+            y, ha_d = _forward_one(h, down)
+        LoRAMLPFunction._stash(ctx, x, [gate, up, down], dtype, [x2, xa_g, xa_u, ha_d])
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x2, xa_g, xa_u, ha_d), (gate, up, down) = LoRAMLPFunction._restore(ctx, 4)
+        with torch.autocast(x2.device.type, enabled=False):
+            dy2 = _rows(dy, ctx.dtype)
+            g, _ = _forward_one(x2, gate, xa_g)
+            u, _ = _forward_one(x2, up, xa_u)
+            h = swiglu_fwd(g, u)
+            dh, d_ad, d_bd = _backward_one(dy2, h, ha_d, down, None, True)
+            del h
+            dg, du = swiglu_bwd(dh, g, u, inplace=True)
+            del dh
+            dx, d_ag, d_bg = _backward_one(dg, x2, xa_g, gate, None, ctx.needs_input_grad[0])
+            dx, d_au, d_bu = _backward_one(du, x2, xa_u, up, dx, ctx.needs_input_grad[0])
+        dx = None if dx is None else dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+        bias_grad = LoRAMLPFunction._bias_needs_grad
+        return (
+            dx,
+            *_grads(gate, d_ag, d_bg, dg, bias_grad(ctx, 0)),
+            *_grads(up, d_au, d_bu, du, bias_grad(ctx, 1)),
+            *_grads(down, d_ad, d_bd, dy2, bias_grad(ctx, 2)),
+        )
+
+
+def lora_linear(x: torch.Tensor, p: Projection) -> torch.Tensor:
+    """Fused single LoRA projection (Triton NF4 dequantization, hand-written backward)."""
+    return LoRALinearFunction.apply(x, *p.flat())
+
+
+def lora_qkv(x: torch.Tensor, q: Projection, k: Projection, v: Projection):
+    """Fused Q, K, V LoRA projections of one x; returns (Q, K, V)."""
+    return LoRAQKVFunction.apply(x, *q.flat(), *k.flat(), *v.flat())
+
+
+def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection) -> torch.Tensor:
+    """Fused LoRA MLP: down(silu(gate(x)) * up(x))."""
+    return LoRAMLPFunction.apply(x, *gate.flat(), *up.flat(), *down.flat())
+
+
+# --- references: the same maths by autograd, with bitsandbytes' own dequantization ---------
+
+
+def _reference_weight(p: Projection, dtype: torch.dtype) -> torch.Tensor:
+    if p.quant_state is None:
+        return p.weight.to(dtype)
+    import bitsandbytes.functional as bnbf  # only the reference needs bitsandbytes itself
+
+    return bnbf.dequantize_4bit(p.weight, p.quant_state).to(dtype)
+
+
+def lora_linear_reference(x: torch.Tensor, p: Projection) -> torch.Tensor:
+    """Plain PyTorch twin of `lora_linear`, differentiated by autograd."""
+    dtype = compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        xc = x.to(dtype)
+        bias = None if p.bias is None else p.bias.to(dtype)
+        base = F.linear(xc, _reference_weight(p, dtype), bias)
+        lora = F.linear(F.linear(xc, p.lora_A.to(dtype)), p.lora_B.to(dtype))
+        return base + p.scaling * lora
+
+
+def lora_qkv_reference(x: torch.Tensor, q: Projection, k: Projection, v: Projection):
+    """Plain PyTorch twin of `lora_qkv`."""
+    return tuple(lora_linear_reference(x, p) for p in (q, k, v))
+
+
+def lora_mlp_reference(x: torch.Tensor, gate: Projection, up: Projection, down: Projection):
+    """Plain PyTorch twin of `lora_mlp`."""
+    h = F.silu(lora_linear_reference(x, gate)) * lora_linear_reference(x, up)
+    return lora_linear_reference(h, down)
+
+
+# --- patching a PEFT model ------------------------------------------------------------------
+
+_ATTENTION_CLASSES = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"})
+_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP"})
+_SILU_NAMES = frozenset({"silu", "swish"})
+_MARK = "_baton_lora"  # set on every forward this module installs, so patching is idempotent
+
+log = logging.getLogger(__name__)
+
+
+def _base_kind(base: nn.Module) -> str | None:
+    """'nf4' or 'dense' for a base layer the fused functions can read, else None."""
+    if _is_bnb_linear4bit(base):
+        return "nf4" if getattr(base.weight, "quant_type", None) == "nf4" else None
+    if type(base) is nn.Linear:
+        return "dense"
+    return None
+
+
+def _is_bnb_linear4bit(module: nn.Module) -> bool:
+    # Looked up by name so that importing this file never imports bitsandbytes.
+    return any(
+        c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__
+    )
+
+
+def lora_skip_reason(layer: nn.Module) -> str | None:
+    """Why a PEFT LoRA layer cannot go through the fused functions, or None when it can."""
+    if not hasattr(layer, "lora_A") or not hasattr(layer, "get_base_layer"):
+        return f"{type(layer).__name__} is not a PEFT LoRA layer"
+    active = list(layer.active_adapters)
+    if len(active) != 1 or active[0] not in layer.lora_A:
+        return f"needs exactly one active adapter, has {active}"
+    name = active[0]
+    dropout = layer.lora_dropout[name]
+    if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+        return f"lora_dropout is {dropout.p}; the fused path supports dropout 0 only"
+    if layer.use_dora.get(name, False) or name in getattr(layer, "lora_variant", {}):
+        return "DoRA or another LoRA variant is not supported by the fused path"
+    if getattr(layer, "lora_bias", {}).get(name, False):
+        return "lora_bias=True is not supported by the fused path"
+    base = layer.get_base_layer()
+    if _base_kind(base) is None:
+        return f"base layer {type(base).__name__} is neither bitsandbytes NF4 Linear4bit nor nn.Linear"
+    if base.weight.requires_grad or not isinstance(layer.lora_A[name], nn.Linear):
+        return "base weight is trainable or the adapter is not a linear LoRA"
+    return None
+
+
+def _projection(layer: nn.Module) -> Projection | None:
+    """The layer as a Projection, or None if it cannot run fused right now.
+
+    Checked on every call because PEFT state changes after patching: `disable_adapter()`,
+    `merge_adapter()`, `set_adapter()`, or bitsandbytes repacking a weight for CPU inference.
+    """
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A:
+        return None
+    base = layer.get_base_layer()
+    quant_state = None
+    if _base_kind(base) == "nf4":
+        quant_state = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
+        if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):
+            return None
+    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    return Projection(base.weight, quant_state, base.bias, lora_a, lora_b, float(layer.scaling[name]))
+
+
+def _projections(*layers: nn.Module) -> list[Projection] | None:
+    projs = [_projection(layer) for layer in layers]
+    return None if any(p is None for p in projs) else projs
+
+
+def _install(module: nn.Module, impl) -> None:
+    """Give `module` a forward that runs `impl(module, original_forward, *args, **kwargs)`."""
+    if getattr(module.__dict__.get("forward"), _MARK, False):
+        return
+    original = module.forward
+
+    def forward(self, *args, **kwargs):
+        return impl(self, original, *args, **kwargs)
+
+    setattr(forward, _MARK, True)
+    forward._baton_previous = module.__dict__.get("forward")  # an instance forward we wrap
+    module.forward = types.MethodType(forward, module)
+
+
+def _linear_forward(layer, original, x, *args, **kwargs):
+    p = _projection(layer)
+    if p is None or args or kwargs:
+        return original(x, *args, **kwargs)
+    return lora_linear(x, p)
+
+
+def _mlp_forward(mlp, original, x, *args, **kwargs):
+    projs = _projections(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if projs is None or args or kwargs:
+        return original(x, *args, **kwargs)
+    return lora_mlp(x, *projs)
+
+
+def _attention_forward(attn, original, *args, **kwargs):
+    # Q, K and V come from one fused call; the model's own attention code then runs unchanged
+    # (RoPE, KV cache, attention backend, sliding window) and gets them from q/k/v_proj.
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    projs = None if hidden is None else _projections(attn.q_proj, attn.k_proj, attn.v_proj)
+    if projs is None:
+        return original(*args, **kwargs)
+    q, k, v = lora_qkv(hidden, *projs)
+    with _serving(attn.q_proj, hidden, q), _serving(attn.k_proj, hidden, k), _serving(attn.v_proj, hidden, v):
+        return original(*args, **kwargs)
+
+
+@contextmanager
+def _serving(layer: nn.Module, x: torch.Tensor, out: torch.Tensor):
+    """For one call of the attention, `layer(x)` returns `out` instead of computing it."""
+    previous = layer.__dict__.get("forward")
+    compute = layer.forward
+
+    def forward(inp, *args, **kwargs):
+        return out if inp is x and not args and not kwargs else compute(inp, *args, **kwargs)
+
+    layer.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del layer.forward
+        else:
+            layer.forward = previous
+
+
+def _is_one_of(module: nn.Module, names: frozenset) -> bool:
+    # By class name along the MRO, so a subclass swapped in by another patch still matches.
+    return any(c.__name__ in names for c in type(module).__mro__)
+
+
+def _is_silu(mlp: nn.Module) -> bool:
+    act = getattr(getattr(mlp, "config", None), "hidden_act", None)
+    if isinstance(act, str):
+        return act in _SILU_NAMES
+    return "silu" in type(getattr(mlp, "act_fn", None)).__name__.lower()
+
+
+def _patch_singles(prefix: str, module: nn.Module, names, skipped: dict[str, str]) -> list[str]:
+    patched = []
+    for child in names:
+        layer = getattr(module, child, None)
+        reason = "missing" if layer is None else lora_skip_reason(layer)
+        if reason is None:
+            _install(layer, _linear_forward)
+            patched.append(f"{prefix}.{child}")
+        else:
+            skipped[f"{prefix}.{child}"] = reason
+    return patched
+
+
+def _patch_group(prefix: str, module: nn.Module, group, rest, impl, skipped) -> list[str]:
+    """Fuse `group` through `impl` if every layer of it fits; else patch what fits one by one."""
+    layers = [getattr(module, n, None) for n in group]
+    if all(layer is not None and lora_skip_reason(layer) is None for layer in layers):
+        _install(module, impl)
+        return [prefix, *_patch_singles(prefix, module, rest, skipped)]
+    return _patch_singles(prefix, module, (*group, *rest), skipped)
+
+
+def _log_skipped(skipped: dict[str, str]) -> None:
+    if not skipped:
+        return
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():
+        log.warning("fused LoRA not used for %d layer(s) (e.g. %s): %s", len(names), names[0], reason)
+
+
+def patch_peft_lora(model: nn.Module, backend: str, skipped: dict[str, str] | None = None) -> list[str]:
+    """Route a PEFT LoRA model's attention and MLP projections through the fused functions.
+
+    For Llama, Mistral and Qwen2: Q/K/V through `LoRAQKVFunction`, O through
+    `LoRALinearFunction`, gate/up/down with SwiGLU through `LoRAMLPFunction`, by giving those
+    modules new bound `forward` methods. Layers that do not fit (dropout > 0, several active
+    adapters, DoRA, lora_bias, a base that is neither NF4 nor nn.Linear) keep PEFT's path and are
+    logged, and added to `skipped` (name -> reason) when a dict is given. On "reference" nothing
+    is patched. Returns the names of the patched modules. Safe to call twice.
+    """
+    if backend not in ("triton", "reference"):
+        raise ValueError(f"backend must be 'triton' or 'reference', not {backend!r}")
+    if backend == "reference":
+        return []
+    skipped = {} if skipped is None else skipped
+    patched: list[str] = []
+    for name, module in model.named_modules():
+        if _is_one_of(module, _ATTENTION_CLASSES):
+            qkv = ("q_proj", "k_proj", "v_proj")
+            patched += _patch_group(name, module, qkv, ("o_proj",), _attention_forward, skipped)
+        elif _is_one_of(module, _MLP_CLASSES):
+            mlp = ("gate_proj", "up_proj", "down_proj")
+            if _is_silu(module):
+                patched += _patch_group(name, module, mlp, (), _mlp_forward, skipped)
+            else:
+                patched += _patch_singles(name, module, mlp, skipped)
+    _log_skipped(skipped)
+    return patched
+
+
+def unpatch_peft_lora(model: nn.Module) -> list[str]:
+    """Undo `patch_peft_lora`: restore every forward it replaced. Returns the modules restored."""
+    restored = []
+    for name, module in model.named_modules():
+        forward = module.__dict__.get("forward")
+        if getattr(forward, _MARK, False):
+            previous = forward._baton_previous
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+            restored.append(name)
+    return restored
