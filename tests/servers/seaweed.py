@@ -30,6 +30,7 @@ import pytest
 STARTUP_SECONDS = 60.0
 START_TRIES = 3  # a free port can be taken by another process between choosing and binding
 LOG_TAIL = 6000
+MAX_VOLUMES = 400  # volumes are files created on demand; an empty one costs a few KiB
 PORT_NAMES = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
               "s3", "s3_grpc")
 # Variables that would send the tests to another endpoint or identity; hidden for the session.
@@ -76,13 +77,21 @@ def _identity_file(folder: Path, access_key: str, secret_key: str) -> Path:
     return path
 
 
+def _master_config(folder: Path) -> None:
+    """weed reads master.toml from its working folder. By default it grows 7 volumes at once
+    for each new collection, which would run out of volumes after a few buckets."""
+    (folder / "master.toml").write_text(
+        "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 1\ncopy_3 = 1\ncopy_other = 1\n")
+
+
 def _command(folder: Path, ports: dict[str, int], identity: Path) -> list[str]:
     return [
         _weed_binary(), "server", f"-dir={folder / 'data'}",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
         f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
-        # Small volumes, few of them: the test data is a few hundred MiB at most.
-        "-master.volumeSizeLimitMB=64", "-volume.max=16",
+        # Small volumes, grown one at a time (master.toml): SeaweedFS gives every bucket its
+        # own collection of volumes, and a session makes a bucket per store.
+        "-master.volumeSizeLimitMB=64", f"-volume.max={MAX_VOLUMES}",
         f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}",
         "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}",
         f"-filer.localSocket={folder / 'filer.sock'}",
@@ -165,6 +174,7 @@ def _launch(folder: Path, access_key: str, secret_key: str) -> SeaweedServer:
     ports = dict(zip(PORT_NAMES, _free_ports(len(PORT_NAMES))))
     (folder / "data").mkdir(parents=True, exist_ok=True)
     identity = _identity_file(folder, access_key, secret_key)
+    _master_config(folder)
     log = open(folder / "weed.log", "wb")
     try:
         process = subprocess.Popen(
