@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import re
-import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,6 +39,7 @@ from .store import ABSENT, Expect, Store, Versioned, check_key
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{8,}")
 PRECONDITION_FAILED = 412
+MOVES = 8  # fresh looks at a moving repo before giving up
 
 
 def _token(data: bytes) -> str:
@@ -135,13 +137,12 @@ class HubStore(Store):
                                    f"{self.repo_id}: {self._scrub(str(exc))}"), exc)
         raise exc
 
-    def _call(self, what: str, fn: Callable, retry_also: tuple = ()):
+    def _call(self, what: str, fn: Callable):
         """Run `fn` under the shared retry policy; translate what is left into store errors."""
         from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
-        retryable = lambda e: isinstance(e, retry_also) or is_transient(e)  # noqa: E731
         try:
-            return retrying(retryable)(fn)
+            return retrying(is_transient)(fn)
         except (StoreError, ValueError):
             raise
         except (RepositoryNotFoundError, EntryNotFoundError) as exc:
@@ -204,8 +205,10 @@ class HubStore(Store):
             raise
         # huggingface_hub drops additions whose content is already at `main` and then makes no
         # commit at all, so no parent check happened either: the caller must look again.
+        from huggingface_hub import CommitOperationAdd
+
         return all(getattr(op, "_is_committed", True) for op in operations
-                   if type(op).__name__ == "CommitOperationAdd")
+                   if isinstance(op, CommitOperationAdd))
 
     # -- the interface -------------------------------------------------------------------------
     def read(self, key: str) -> Versioned:
@@ -240,7 +243,8 @@ class HubStore(Store):
 
         def attempt() -> None:
             head = self._head() or self._create_or_conflict(path, expect)
-            if expect is not None or ambiguous:
+            # (An upload passes no data: after a lost answer it is simply committed again.)
+            if expect is not None or (ambiguous and data):
                 current = self._fetch(path, head)
                 if current == data and (ambiguous or _holds(current, expect)):
                     return  # already there: our lost commit landed, or a no-op write at head
@@ -256,7 +260,17 @@ class HubStore(Store):
             if not committed and expect is not None:
                 raise _Moved()
 
-        self._call(f"write {path}", attempt, retry_also=(_Moved,))
+        def settle() -> None:
+            # A 412 is no fault: look again at once (with a little jitter against lockstep
+            # with another writer) rather than through the slower fault backoff.
+            for _ in range(MOVES):
+                try:
+                    return attempt()
+                except _Moved:
+                    time.sleep(random.uniform(0.0, 0.1))
+            raise _Moved()
+
+        self._call(f"write {path}", settle)
 
     def _create_or_conflict(self, path: str, expect: Expect) -> str:
         if expect is not None and expect is not ABSENT:
@@ -301,13 +315,14 @@ class HubStore(Store):
 
     def _tree(self, folder: str, head: str) -> list[str]:
         from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.hf_api import RepoFile
 
         try:
             entries = list(self.api.list_repo_tree(self.repo_id, path_in_repo=folder or None,
                                                    recursive=True, revision=head))
         except EntryNotFoundError:
             return []
-        files = [e.path for e in entries if type(e).__name__ == "RepoFile"]
+        files = [e.path for e in entries if isinstance(e, RepoFile)]
         return [p[len(self.base):] for p in files if p.startswith(self.base)]
 
     def delete(self, key: str) -> None:

@@ -87,7 +87,9 @@ class HubState:
         self.commit_counts: dict[str, int] = {}
         self._shas = itertools.count(1)
         self._injections: dict[str, list[dict[str, bytes]]] = {}
-        self.faults: list[tuple[str, int]] = []  # (path fragment, status) answered once each
+        # (fragment of 'METHOD /path', status, after): each answers one request with `status`,
+        # before handling it, or after handling it (a response lost in flight) when `after`.
+        self.faults: list[tuple[str, int, bool]] = []
 
     def new_sha(self) -> str:
         return hashlib.sha1(f"commit-{next(self._shas)}-{os.urandom(8).hex()}".encode()).hexdigest()
@@ -142,12 +144,11 @@ class HubState:
         with self.lock:
             self._injections.setdefault(repo_id, []).append(files)
 
-    def take_fault(self, path: str) -> Optional[int]:
+    def take_fault(self, request: str) -> Optional[tuple[str, int, bool]]:
         with self.lock:
-            for i, (fragment, status) in enumerate(self.faults):
-                if fragment in path:
-                    del self.faults[i]
-                    return status
+            for i, fault in enumerate(self.faults):
+                if fault[0] in request:
+                    return self.faults.pop(i)
         return None
 
 
@@ -184,6 +185,7 @@ def _apply_op(repo: Repo, files: dict[str, Entry], op: dict) -> None:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
     state: HubState  # set on the subclass the server builds
 
     def log_message(self, format, *args):  # noqa: A002 - keep test output quiet
@@ -204,6 +206,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes = b"", headers: Optional[dict] = None,
               head_only: bool = False) -> None:
+        if getattr(self, "muted", False):
+            return  # the request was handled but its answer is lost (an injected fault)
         self.send_response(status)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -234,11 +238,17 @@ class Handler(BaseHTTPRequestHandler):
         path, query = unquote(url.path), parse_qs(url.query)
         body = self._body() if method in ("POST", "PUT") else b""
         head_only = method == "HEAD"
+        fault = self.state.take_fault(f"{method} {path}")
         try:
-            fault = self.state.take_fault(f"{method} {path}")
+            if fault and not fault[2]:
+                raise HubError(fault[1], f"injected fault {fault[1]}")
+            self.muted = bool(fault)
+            try:
+                self._route(method, path, query, body)
+            finally:
+                self.muted = False
             if fault:
-                raise HubError(fault, f"injected fault {fault}")
-            self._route(method, path, query, body)
+                raise HubError(fault[1], f"injected fault {fault[1]} after handling")
         except HubError as err:
             self._error(err, head_only)
 
@@ -439,10 +449,12 @@ class HubDouble:
         """Land a commit of `files` just before the next commit request: a lost race."""
         self.state.inject_before_next_commit(repo_id, files)
 
-    def fail_next(self, fragment: str, status: int = 503, times: int = 1) -> None:
-        """Answer the next `times` requests whose 'METHOD /path' contains `fragment` with `status`."""
+    def fail_next(self, fragment: str, status: int = 503, times: int = 1,
+                  after: bool = False) -> None:
+        """Answer the next `times` requests whose 'METHOD /path' contains `fragment` with
+        `status`; with `after`, handle each first, so only its answer is lost."""
         with self.state.lock:
-            self.state.faults.extend([(fragment, status)] * times)
+            self.state.faults.extend([(fragment, status, after)] * times)
 
 
 @pytest.fixture(scope="session")
