@@ -117,9 +117,11 @@ class HubStore(Store):
         raise err from (None if leaked else cause)
 
     def _translate(self, exc: BaseException, what: str):
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        from huggingface_hub.errors import LocalEntryNotFoundError
 
-        status = _status(exc)
+        # The HTTP answer may sit under a wrapper (a failed LFS upload is a RuntimeError).
+        http = next((link for link in _chain(exc) if _status(link) is not None), None)
+        status = _status(http) if http is not None else None
         if status in (401, 403):
             namespace = self.repo_id.split("/")[0]
             self._raise(StoreConfigError(
@@ -132,23 +134,23 @@ class HubStore(Store):
                 f"the Hub at {self.endpoint} could not {what} in {self.repo_id} after retries "
                 f"({type(exc).__name__}: {self._scrub(str(exc))}); check the network or "
                 f"HF_ENDPOINT and run again"), exc)
-        if isinstance(exc, HfHubHTTPError):
+        if http is not None:
             self._raise(StoreError(f"the Hub at {self.endpoint} could not {what} in "
-                                   f"{self.repo_id}: {self._scrub(str(exc))}"), exc)
+                                   f"{self.repo_id} (HTTP {status}): {self._scrub(str(http))}"),
+                        exc)
         raise exc
 
     def _call(self, what: str, fn: Callable):
         """Run `fn` under the shared retry policy; translate what is left into store errors."""
-        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError
 
         try:
             return retrying(is_transient)(fn)
         except (StoreError, ValueError):
             raise
-        except (RepositoryNotFoundError, EntryNotFoundError) as exc:
-            if is_transient(exc):
-                self._translate(exc, what)
-            raise
+        except (RepositoryNotFoundError, RemoteEntryNotFoundError) as exc:
+            raise NotFoundError(f"could not {what}: not found in {self.uri} (or HF_TOKEN "
+                                f"cannot read it)") from exc
         except _Moved as exc:
             raise StoreUnavailableError(
                 f"{self.repo_id} on {self.endpoint} kept moving under concurrent commits; could "
@@ -181,14 +183,14 @@ class HubStore(Store):
     def _fetch(self, path: str, revision: str) -> Optional[bytes]:
         """The bytes of `path` at `revision`; None if the file or the repo is absent."""
         from huggingface_hub import hf_hub_url
-        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
         url = hf_hub_url(self.repo_id, path, revision=revision, endpoint=self.endpoint)
         response = get_session().get(url, headers=build_hf_headers(token=self.api.token))
         try:
             hf_raise_for_status(response)
-        except (EntryNotFoundError, RepositoryNotFoundError):
+        except (RemoteEntryNotFoundError, RepositoryNotFoundError):
             return None
         return response.content
 
@@ -260,17 +262,7 @@ class HubStore(Store):
             if not committed and expect is not None:
                 raise _Moved()
 
-        def settle() -> None:
-            # A 412 is no fault: look again at once (with a little jitter against lockstep
-            # with another writer) rather than through the slower fault backoff.
-            for _ in range(MOVES):
-                try:
-                    return attempt()
-                except _Moved:
-                    time.sleep(random.uniform(0.0, 0.1))
-            raise _Moved()
-
-        self._call(f"write {path}", settle)
+        self._call(f"write {path}", lambda: _until_settled(attempt))
 
     def _create_or_conflict(self, path: str, expect: Expect) -> str:
         if expect is not None and expect is not ABSENT:
@@ -287,7 +279,6 @@ class HubStore(Store):
 
     def download(self, key: str, path: Path) -> None:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
         name, path = self._path(key), Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -297,11 +288,7 @@ class HubStore(Store):
             def fetch() -> str:
                 return hf_hub_download(self.repo_id, name, revision="main", local_dir=tmp,
                                        endpoint=self.endpoint, token=self.api.token)
-            try:
-                got = self._call(f"download {name}", fetch)
-            except (EntryNotFoundError, RepositoryNotFoundError) as exc:
-                raise NotFoundError(f"{key} not found in {self.uri}") from exc
-            os.replace(got, path)
+            os.replace(self._call(f"download {name}", fetch), path)
 
     def list(self, prefix: str) -> list[str]:
         folder = (self.base + prefix).rstrip("/")
@@ -314,13 +301,13 @@ class HubStore(Store):
                       if not (k == ".gitattributes" and not self.base))
 
     def _tree(self, folder: str, head: str) -> list[str]:
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import RemoteEntryNotFoundError
         from huggingface_hub.hf_api import RepoFile
 
         try:
             entries = list(self.api.list_repo_tree(self.repo_id, path_in_repo=folder or None,
                                                    recursive=True, revision=head))
-        except EntryNotFoundError:
+        except RemoteEntryNotFoundError:
             return []
         files = [e.path for e in entries if isinstance(e, RepoFile)]
         return [p[len(self.base):] for p in files if p.startswith(self.base)]
@@ -338,17 +325,28 @@ class HubStore(Store):
 
     def _delete(self, path: str, is_folder: bool) -> None:
         from huggingface_hub import CommitOperationDelete
-        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError
 
         def attempt() -> None:
             op = CommitOperationDelete(path_in_repo=path + ("/" if is_folder else ""),
                                        is_folder=is_folder)
             try:
                 self._commit([op], f"baton: delete {path}", None)
-            except (EntryNotFoundError, RepositoryNotFoundError):
+            except (RemoteEntryNotFoundError, RepositoryNotFoundError):
                 return  # absent already: deleting is idempotent
 
         self._call(f"delete {path}", attempt)
+
+
+def _until_settled(attempt: Callable[[], None]) -> None:
+    """A 412 is no fault: look again at once (with a little jitter against lockstep with
+    another writer) rather than through the slower fault backoff."""
+    for _ in range(MOVES):
+        try:
+            return attempt()
+        except _Moved:
+            time.sleep(random.uniform(0.0, 0.1))
+    raise _Moved()
 
 
 def _add(path: str, content):

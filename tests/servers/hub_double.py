@@ -45,7 +45,8 @@ def git_oid(data: bytes) -> str:
 
 
 def lfs_pointer(sha256: str, size: int) -> bytes:
-    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+    spec = "version https://git-lfs.github.com/spec/v1"
+    return f"{spec}\noid sha256:{sha256}\nsize {size}\n".encode()
 
 
 @dataclass(frozen=True)
