@@ -74,9 +74,10 @@ class Repo:
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str, code: Optional[str] = None):
+    def __init__(self, status: int, message: str, code: Optional[str] = None,
+                 extra: Optional[dict] = None):
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.extra = status, message, code, extra or {}
 
 
 class HubState:
@@ -100,13 +101,14 @@ class HubState:
             raise HubError(404, "Repository not found", "RepoNotFound")
         return self.repos[repo_id]
 
-    def create(self, repo_id: str, private: bool) -> None:
+    def create(self, repo_id: str, private: bool, url: str) -> None:
         with self.lock:
             if repo_id.split("/")[0] != USER:
                 raise HubError(403, f"You don't have the rights to create a model under the "
                                     f"namespace \"{repo_id.split('/')[0]}\"")
             if repo_id in self.repos:
-                raise HubError(409, "You already created this model repo")
+                # The Hub names the existing repo; huggingface_hub reads "url" on exist_ok.
+                raise HubError(409, "You already created this model repo", extra={"url": url})
             repo = Repo(private=private)
             attrs = b"*.bin filter=lfs diff=lfs merge=lfs -text\n"
             repo.blobs[git_oid(attrs)] = attrs
@@ -225,7 +227,8 @@ class Handler(BaseHTTPRequestHandler):
         headers = {"Content-Type": "application/json", "X-Error-Message": err.message}
         if err.code:
             headers["X-Error-Code"] = err.code
-        self._send(err.status, json.dumps({"error": err.message}).encode(), headers, head_only)
+        body = json.dumps({"error": err.message, **err.extra}).encode()
+        self._send(err.status, body, headers, head_only)
 
     def _authorize(self) -> None:
         auth = self.headers.get("Authorization", "")
@@ -304,8 +307,9 @@ class Handler(BaseHTTPRequestHandler):
     def _create(self, payload: dict) -> None:
         repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
         private = payload.get("visibility", "private" if payload.get("private") else "public")
-        self.state.create(repo_id, private == "private")
-        self._json(200, {"url": f"{self.server.endpoint}/{repo_id}", "name": repo_id})
+        url = f"{self.server.endpoint}/{repo_id}"
+        self.state.create(repo_id, private == "private", url)
+        self._json(200, {"url": url, "name": repo_id})
 
     def _preupload(self, files: dict[str, Entry], payload: dict) -> None:
         out = []
