@@ -134,9 +134,11 @@ def _shared_loader():
 
 
 def _make_client(endpoint: Optional[str], region: str):
+    # total_max_attempts counts the first try (max_attempts counts retries only): exactly one
+    # request per attempt of ours.
     options: dict[str, Any] = dict(
         region_name=region, connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
-        retries={"max_attempts": 1, "mode": "standard"}, max_pool_connections=16)
+        retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=16)
     if endpoint:
         # Self-hosted endpoints (MinIO, SeaweedFS, R2) rarely have per-bucket DNS names.
         options["s3"] = {"addressing_style": "path"}
