@@ -1,0 +1,233 @@
+"""`agent.py run` end to end, as a subprocess against real stores (a folder and SeaweedFS).
+
+Each agent run trains a tiny fp32 Llama for a few steps; the whole file takes a few minutes on
+two CPU cores, most of it the agents' own start-up (importing torch and transformers).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from tests.agent_helpers import (
+    ROOT,
+    RunningAgent,
+    agent_env,
+    build_tiny_model,
+    open_run,
+    run_agent,
+    write_config,
+    write_data,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("agent-inputs")
+    return {"model": build_tiny_model(folder / "tiny"), "data": write_data(folder / "train.jsonl")}
+
+
+@pytest.fixture(params=["local", "s3"])
+def agent_store(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_server").new_bucket_uri()
+
+
+def head_of(uri: str, run: str = "t"):
+    got = open_run(uri, run).read_head()
+    assert got is not None, f"no HEAD.json in {uri}"
+    return got[0]
+
+
+def sessions_of(uri: str, run: str = "t"):
+    return open_run(uri, run).read_sessions()
+
+
+# -- the clock -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_pauses_on_its_own_before_the_session_limit(tiny, tmp_path):
+    """DESIGN.md: stop with the checkpoint committed before session_start + limit."""
+    uri = str(tmp_path / "store")
+    config = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"], store=uri,
+                          train={"max_steps": 10_000}, data={"eval": 0.1})
+    limit = 40.0
+    started = time.time()
+    start_iso = datetime.fromtimestamp(started, timezone.utc).isoformat()
+    done = run_agent(config, "--session-start", start_iso, "--session-limit", f"{limit:.0f}s",
+                     workdir=tmp_path / "work")
+    exited = time.time()
+    assert done.returncode == 75, done.stdout + done.stderr
+    head = head_of(uri)
+    record = sessions_of(uri)[-1]
+    assert head.checkpoint is not None and head.step >= 1 and not head.finished
+    assert record.end_step == head.step and record.exit_code == 75
+    assert record.ended.timestamp() < started + limit
+    assert exited < started + limit, f"the agent exited {exited - started:.1f}s after start"
+    assert record.eval_losses, "an eval loss is measured at each checkpoint"
+    assert "session time nearly spent" in done.stdout
+
+
+# -- pause on a signal, the lease, resume, finish --------------------------------------------
+
+@pytest.mark.slow
+def test_signal_pause_lease_resume_finish(tiny, tmp_path, agent_store):
+    uri = agent_store
+    config = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"], store=uri)
+
+    # 1. SIGTERM mid-run: the step finishes, a checkpoint is committed, exit 75.
+    agent = RunningAgent(config, workdir=tmp_path / "work1")
+    try:
+        agent.wait_for(r"^step 2/6 ")
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.finish() == 75, agent.text()
+    finally:
+        agent.kill()
+    head = head_of(uri)
+    first = sessions_of(uri)[-1]
+    assert 2 <= head.step < 6 and not head.finished
+    assert head.checkpoint.startswith(f"{head.step:08d}-g"), "HEAD names the step it paused at"
+    assert first.end_step == head.step and first.exit_code == 75
+    assert "SIGTERM received" in agent.text()
+
+    # 2. Another live agent holds the lease: exit 73, nothing changed.
+    from handoff.lease import LeaseManager
+
+    other = LeaseManager(open_run(uri), holder="someone-else", host="kaggle-vm", ttl=600)
+    other.acquire()
+    lease_before, head_before = open_run(uri).read_lease(), open_run(uri).read_head()
+    held = run_agent(config, workdir=tmp_path / "work2")
+    assert held.returncode == 73, held.stdout + held.stderr
+    assert "kaggle-vm" in held.stderr and "--takeover" in held.stderr
+    assert open_run(uri).read_lease() == lease_before
+    assert open_run(uri).read_head() == head_before
+    assert len(sessions_of(uri)) == 1
+    other.release()
+
+    # 3. Released: the next session (another micro-batch size) resumes at that step, finishes.
+    done = run_agent(config, "--micro-batch-size", "1", workdir=tmp_path / "work3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    second = sessions_of(uri)[-1]
+    assert second.start_step == head.step and second.end_step == 6
+    final = head_of(uri)
+    assert final.finished and final.step == 6 and final.generation == other.generation + 1
+
+    # 4. A finished run exits 0 at once, without a new session.
+    again = run_agent(config, workdir=tmp_path / "work4")
+    assert again.returncode == 0 and "finished" in again.stdout
+    assert len(sessions_of(uri)) == 2
+
+
+# -- fencing -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_agent_that_loses_its_lease_stops_without_writing(tiny, tmp_path):
+    from handoff.lease import LeaseManager
+
+    uri = str(tmp_path / "store")
+    config = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"], store=uri,
+                          train={"max_steps": 10_000})
+    agent = RunningAgent(config, "--lease-ttl", "3", workdir=tmp_path / "work")
+    try:
+        agent.wait_for(r"^step 1/")
+        successor = LeaseManager(open_run(uri), holder="successor", ttl=600)
+        successor.acquire(takeover=True)
+        code = agent.finish()
+    finally:
+        agent.kill()
+    assert code == 1, agent.text()
+    assert "owns run 't' now" in agent.text()
+    head = head_of(uri)
+    assert head.generation == successor.generation
+    lease = open_run(uri).read_lease()[0]
+    assert lease.holder == "successor" and not lease.released
+    record = sessions_of(uri)[-1]
+    assert record.exit_code is None, "a fenced agent writes nothing, not even its record"
+
+
+# -- invalid input: exit 2, a message, nothing written ----------------------------------------
+
+def run_quick(args: list[str], **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "agent.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=agent_env(**env))
+
+
+BAD_CONFIGS = {
+    "unknown key": ({"lora": {"rank": 8}}, "lora.rank: unknown key"),
+    "bad value": ({"lora": {"r": 0}}, "lora.r"),
+    "batch not a multiple": ({"train": {"batch_size": 3}}, "multiple of"),
+    "bad duration": ({"checkpoint": {"every": "soon"}}, "checkpoint.every"),
+    "missing data": ({"data": {"train": "/nonexistent/train.jsonl"}}, "does not exist"),
+    "bad start": ({"session": {"start": "yesterday"}}, "ISO 8601"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_invalid_config_exits_2_and_writes_nothing(tiny, tmp_path, case):
+    sections, message = BAD_CONFIGS[case]
+    store = tmp_path / "store"
+    config = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"], store=str(store),
+                          **sections)
+    done = run_quick(["run", "--config", str(config), "--workdir", str(tmp_path / "w")])
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not store.exists() or not any(p.is_file() for p in store.rglob("*"))
+
+
+def test_malformed_yaml_exits_2_with_its_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("run: t\nmodel: [unclosed\n")
+    done = run_quick(["run", "--config", str(config)])
+    assert done.returncode == 2
+    assert "not valid YAML at line" in done.stderr
+
+
+def test_config_is_refused_before_torch_is_imported(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("run: t\nstore: s\nmodel: {name: m}\ndata: {train: x}\nbogus: 1\n")
+    probe = ("import sys, agent; code = agent.main(['run', '--config', sys.argv[1]]); "
+             "print(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe, str(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+
+
+def test_secrets_never_reach_the_output(tmp_path):
+    secret = "hf_" + "Q" * 12 + "x7" * 10
+    done = run_quick(["run", "--config", f"/nonexistent/{secret}/run.yaml"], HF_TOKEN=secret)
+    assert done.returncode == 2
+    assert secret not in done.stderr + done.stdout
+    assert "<HF_TOKEN>" in done.stderr
+
+
+def test_spec_mismatch_names_each_field_and_writes_nothing(tiny, tmp_path):
+    from training.session import prepare_spec
+
+    import agent
+
+    uri = str(tmp_path / "store")
+    config = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"], store=uri)
+    args = agent.build_parser().parse_args(["run", "--config", str(config)])
+    prepare_spec(open_run(uri), agent.load_config(args))  # the run as a first session made it
+    before = {p: p.read_bytes() for p in (tmp_path / "store").rglob("*") if p.is_file()}
+
+    changed = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"], store=uri,
+                           lora={"r": 8}, train={"batch_size": 4, "micro_batch_size": 1},
+                           checkpoint={"every": "1m"})
+    done = run_quick(["run", "--config", str(changed), "--workdir", str(tmp_path / "w")])
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "lora.r: the run has 4, the config says 8" in done.stderr
+    assert "train.batch_size: the run has 2, the config says 4" in done.stderr
+    assert "micro_batch_size" not in done.stderr and "checkpoint.every" not in done.stderr
+    after = {p: p.read_bytes() for p in (tmp_path / "store").rglob("*") if p.is_file()}
+    assert after == before
+    spec = json.loads((tmp_path / "store" / "t" / "spec.json").read_text())
+    assert spec["model"]["revision"].startswith("local:"), "the model revision is pinned"
