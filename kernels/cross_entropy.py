@@ -27,6 +27,7 @@ from kernels.dispatch import check_launchable, next_power_of_2
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum")
+_TILE = 4096  # logits a program holds at once
 
 
 def linear_cross_entropy_reference(
@@ -46,47 +47,57 @@ def linear_cross_entropy_reference(
 
 @triton.jit
 def _ce_grad_kernel(
-    LOGITS, LABELS, LOSS, stride_row, n_cols, scale, ignore_index, BLOCK: tl.constexpr,
+    LOGITS, LABELS, LOSS, stride_row, n_rows, n_cols, scale, ignore_index,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # One program a row. Pass 1: online max and sum of exponentials (logsumexp).
+    # A program takes BLOCK_R rows (one for a large vocabulary, several for a small one).
+    # Pass 1: online max and sum of exponentials (logsumexp) over vocabulary blocks.
     # Pass 2: overwrite the logits with d loss / d logits = (softmax - onehot) * scale.
-    row = tl.program_id(0).to(tl.int64)
-    ptr = LOGITS + row * stride_row
-    label = tl.load(LABELS + row)
-    cols = tl.arange(0, BLOCK)
-    if label == ignore_index:
-        for start in range(0, n_cols, BLOCK):
-            tl.store(ptr + start + cols, tl.zeros((BLOCK,), tl.float32), mask=start + cols < n_cols)
-        tl.store(LOSS + row, 0.0)
-        return
-    run_max = tl.full((), float("-inf"), tl.float32)
-    run_sum = tl.zeros((), tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        x = tl.load(ptr + start + cols, mask=start + cols < n_cols, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(run_max, tl.max(x, axis=0))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+    row_ids = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_ok = row_ids < n_rows
+    label = tl.load(LABELS + row_ids, mask=row_ok, other=ignore_index)
+    valid = row_ok & (label != ignore_index)
+    rows = row_ids[:, None]
+    cols = tl.arange(0, BLOCK_V)[None, :]
+    ptr = LOGITS + rows * stride_row
+    run_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK_R,), tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        mask = row_ok[:, None] & (start + cols < n_cols)
+        x = tl.load(ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(run_max, tl.max(x, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows past the end
+        run_sum = run_sum * tl.exp(run_max - safe_max) + tl.sum(tl.exp(x - safe_max[:, None]), axis=1)
         run_max = new_max
-    lse = run_max + tl.log(run_sum)
-    target = tl.load(ptr + label).to(tl.float32)
-    tl.store(LOSS + row, lse - target)
-    for start in range(0, n_cols, BLOCK):
-        mask = start + cols < n_cols
+    lse = tl.where(row_ok, run_max + tl.log(tl.where(row_ok, run_sum, 1.0)), 0.0)
+    safe_label = tl.where(valid, label, 0)
+    target = tl.load(ptr + safe_label[:, None], mask=valid[:, None], other=0.0).to(tl.float32)
+    tl.store(LOSS + row_ids, tl.where(valid, lse - tl.sum(target, axis=1), 0.0), mask=row_ok)
+    row_scale = tl.where(valid, scale, 0.0)[:, None]
+    for start in range(0, n_cols, BLOCK_V):
+        mask = row_ok[:, None] & (start + cols < n_cols)
         x = tl.load(ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-        grad = tl.exp(x - lse) - tl.where(start + cols == label, 1.0, 0.0)
-        tl.store(ptr + start + cols, grad * scale, mask=mask)
+        onehot = tl.where(start + cols == label[:, None], 1.0, 0.0)
+        grad = (tl.exp(x - lse[:, None]) - onehot) * row_scale
+        tl.store(ptr + start + cols, grad, mask=mask)
 
 
 def ce_grad_triton(logits: torch.Tensor, labels: torch.Tensor, scale: float,
                    ignore_index: int = IGNORE_INDEX, block: int | None = None) -> torch.Tensor:
-    """Launcher: per-row CE loss [rows]; overwrites fp32 `logits` [rows, vocab] with its gradient."""
+    """Launcher: per-row CE loss [rows]; overwrites fp32 `logits` [rows, vocab] with its gradient.
+
+    `block` caps the vocabulary block (tests use a small one to exercise the online softmax).
+    """
     check_launchable(logits)
     if logits.dtype != torch.float32 or logits.stride(-1) != 1:
         raise ValueError("ce_grad_triton needs contiguous-row fp32 logits.")
     n_rows, n_cols = logits.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    block = block or min(next_power_of_2(n_cols), 4096)
-    _ce_grad_kernel[(n_rows,)](
-        logits, labels.contiguous(), loss, logits.stride(0), n_cols, scale, ignore_index, BLOCK=block
+    block_v = min(next_power_of_2(n_cols), block or _TILE)
+    block_r = max(1, min(_TILE // block_v, next_power_of_2(n_rows)))
+    _ce_grad_kernel[(triton.cdiv(n_rows, block_r),)](
+        logits, labels.contiguous(), loss, logits.stride(0), n_rows, n_cols, scale, ignore_index,
+        BLOCK_R=block_r, BLOCK_V=block_v,
     )
     return loss
 

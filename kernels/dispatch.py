@@ -104,3 +104,8 @@ def check_launchable(*tensors: torch.Tensor) -> None:
                 "a Triton kernel was called on a CPU tensor without TRITON_INTERPRET=1; "
                 "use the reference op on the CPU, or set TRITON_INTERPRET=1 before Python starts."
             )
+
+
+def launchable(t: torch.Tensor) -> bool:
+    """True when a Triton kernel can run on `t` here (a CUDA tensor, or any under the interpreter)."""
+    return t.device.type == "cuda" or interpreter_enabled()

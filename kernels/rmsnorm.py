@@ -16,6 +16,7 @@ import triton.language as tl
 from kernels.dispatch import check_launchable, next_power_of_2
 
 _MAX_FUSED = 65536  # widest row one program holds in registers
+_TILE = 4096  # elements a program holds at once
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -29,46 +30,51 @@ def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 
 @triton.jit
 def _rmsnorm_fwd_kernel(
-    Y, X, W, RSTD, stride_y, stride_x, n_cols, eps, BLOCK: tl.constexpr,
+    Y, X, W, RSTD, stride_y, stride_x, n_rows, n_cols, eps,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x_raw = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    # A program normalises BLOCK_R whole rows: one row for wide models, many for narrow ones.
+    row_ids = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rows = row_ids[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    mask = (rows < n_rows) & (cols < n_cols)
+    x_raw = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0)
     x = x_raw.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    tl.store(RSTD + row, rstd)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    tl.store(RSTD + row_ids, rstd, mask=row_ids < n_rows)
     # Round the normalised row to the input dtype before the weight multiply, as HF does.
-    normed = (x * rstd).to(x_raw.dtype).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (w * normed).to(Y.dtype.element_ty), mask=mask)
+    normed = (x * rstd[:, None]).to(x_raw.dtype).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(Y + rows * stride_y + cols, (w * normed).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rmsnorm_bwd_kernel(
     DX, DW_PARTIAL, DY, X, W, RSTD, stride_dx, stride_dy, stride_x,
-    n_rows, n_cols, rows_per_program, BLOCK: tl.constexpr,
+    n_rows, n_cols, rows_per_program, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Each program walks a contiguous band of rows and keeps its own fp32 dW partial sum;
-    # the launcher adds the partials, which avoids atomics and keeps the result deterministic.
+    # Each program walks a contiguous band of rows, BLOCK_R at a time, and keeps its own fp32
+    # dW partial sum; the launcher adds the partials: no atomics, a deterministic result.
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    row_start = pid * rows_per_program
-    for i in range(0, rows_per_program):
-        row = (row_start + i).to(tl.int64)
-        if row < n_rows:
-            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row)
-            normed = x * rstd
-            dw_acc += dy * normed
-            dyw = dy * w
-            dx = rstd * (dyw - normed * (tl.sum(dyw * normed, axis=0) / n_cols))
-            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=mask)
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    col_ok = cols < n_cols
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    band_start = pid * rows_per_program
+    band_end = tl.minimum(band_start + rows_per_program, n_rows)
+    for start in range(band_start, band_end, BLOCK_R):
+        rows = (start + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+        mask = (rows < band_end) & col_ok
+        x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=rows < band_end, other=0.0)
+        normed = x * rstd
+        dw_acc += tl.sum(dy * normed, axis=0)
+        dyw = dy * w
+        dx = rstd * (dyw - normed * (tl.sum(dyw * normed, axis=1)[:, None] / n_cols))
+        tl.store(DX + rows * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    out_cols = tl.arange(0, BLOCK_N)
+    tl.store(DW_PARTIAL + pid * n_cols + out_cols, dw_acc, mask=out_cols < n_cols)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -76,11 +82,13 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _block(n_cols: int) -> int:
-    block = next_power_of_2(n_cols)
-    if block > _MAX_FUSED:
+def _blocks(n_rows: int, n_cols: int) -> tuple[int, int]:
+    """(rows a tile, columns a tile): about _TILE elements, whole rows."""
+    block_n = next_power_of_2(n_cols)
+    if block_n > _MAX_FUSED:
         raise ValueError(f"RMSNorm over {n_cols} features is wider than {_MAX_FUSED}; use the reference.")
-    return block
+    block_r = max(1, min(_TILE // block_n, next_power_of_2(n_rows)))
+    return block_r, block_n
 
 
 def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +99,10 @@ def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torc
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    _rmsnorm_fwd_kernel[(n_rows,)](
-        y, x2, weight, rstd, y.stride(0), x2.stride(0), n_cols, eps, BLOCK=_block(n_cols)
+    block_r, block_n = _blocks(n_rows, n_cols)
+    _rmsnorm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+        y, x2, weight, rstd, y.stride(0), x2.stride(0), n_rows, n_cols, eps,
+        BLOCK_R=block_r, BLOCK_N=block_n,
     )
     return y.view(*x.shape[:-1], n_cols), rstd
 
@@ -101,7 +111,7 @@ def _num_programs(device: torch.device, n_rows: int) -> int:
     if device.type == "cuda":
         target = torch.cuda.get_device_properties(device).multi_processor_count * 4
     else:
-        target = 4  # interpreter: few programs, each looping over rows
+        target = 2  # interpreter: few programs, each looping over rows
     return max(1, min(n_rows, target))
 
 
@@ -112,13 +122,14 @@ def rmsnorm_bwd(
     check_launchable(x)
     x2, dy2 = _rows(x), _rows(dy)
     n_rows, n_cols = x2.shape
+    block_r, block_n = _blocks(n_rows, n_cols)
     programs = _num_programs(x.device, n_rows)
     rows_per_program = -(-n_rows // programs)
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     _rmsnorm_bwd_kernel[(programs,)](
         dx, dw_partial, dy2, x2, weight, rstd, dx.stride(0), dy2.stride(0), x2.stride(0),
-        n_rows, n_cols, rows_per_program, BLOCK=_block(n_cols),
+        n_rows, n_cols, rows_per_program, BLOCK_R=block_r, BLOCK_N=block_n,
     )
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 

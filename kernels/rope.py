@@ -16,6 +16,8 @@ import triton.language as tl
 
 from kernels.dispatch import check_launchable, next_power_of_2
 
+_TILE = 4096
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
@@ -33,23 +35,22 @@ def _rope_kernel(
     OUT, X, COS, SIN,
     so_b, so_h, so_s, sx_b, sx_h, sx_s, sc_b, sc_s,
     seq_len, n_heads, HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr,
 ):
-    # One program per (batch, position): every head of that token shares one cos/sin row.
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // seq_len
-    s = pid % seq_len
-    heads = tl.arange(0, BLOCK_H)[:, None]
-    dims = tl.arange(0, BLOCK_D)[None, :]
-    dmask = dims < HALF
-    mask = (heads < n_heads) & dmask
-    c_ptr = COS + b * sc_b + s * sc_s + dims
-    s_ptr = SIN + b * sc_b + s * sc_s + dims
-    c1 = tl.load(c_ptr, mask=dmask, other=0.0).to(tl.float32)
-    c2 = tl.load(c_ptr + HALF, mask=dmask, other=0.0).to(tl.float32)
-    s1 = tl.load(s_ptr, mask=dmask, other=0.0).to(tl.float32)
-    s2 = tl.load(s_ptr + HALF, mask=dmask, other=0.0).to(tl.float32)
-    x_ptr = X + b * sx_b + s * sx_s + heads * sx_h + dims
+    # One program per (batch, band of BLOCK_S positions), all heads at once: every head of a
+    # token shares its cos/sin row, which is loaded once.
+    b = tl.program_id(0).to(tl.int64)
+    pos = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[:, None, None]
+    heads = tl.arange(0, BLOCK_H)[None, :, None]
+    dims = tl.arange(0, BLOCK_D)[None, None, :]
+    cs_mask = (pos < seq_len) & (dims < HALF)
+    mask = cs_mask & (heads < n_heads)
+    cs_off = b * sc_b + pos * sc_s + dims
+    c1 = tl.load(COS + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + cs_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + cs_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)
+    x_ptr = X + b * sx_b + pos * sx_s + heads * sx_h + dims
     x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
@@ -59,7 +60,7 @@ def _rope_kernel(
     else:
         o1 = x1 * c1 - x2 * s1
         o2 = x2 * c2 + x1 * s2
-    o_ptr = OUT + b * so_b + s * so_s + heads * so_h + dims
+    o_ptr = OUT + b * so_b + pos * so_s + heads * so_h + dims
     tl.store(o_ptr, o1.to(OUT.dtype.element_ty), mask=mask)
     tl.store(o_ptr + HALF, o2.to(OUT.dtype.element_ty), mask=mask)
 
@@ -79,11 +80,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     if cos.shape != sin.shape or cos.shape[-2:] != (seq_len, head_dim):
         raise ValueError(f"cos/sin of shapes {tuple(cos.shape)}, {tuple(sin.shape)} do not fit x {tuple(x.shape)}.")
     cos, sin = _expand_cs(cos, bsz), _expand_cs(sin, bsz)
-    _rope_kernel[(bsz * seq_len,)](
+    block_h, block_d = next_power_of_2(n_heads), next_power_of_2(head_dim // 2)
+    # About 4k elements a program: one or two positions for an 8B model, a whole short
+    # sequence for a tiny one (which keeps the CPU interpreter's launch count low).
+    block_s = max(1, min(_TILE // (block_h * block_d), next_power_of_2(seq_len)))
+    _rope_kernel[(bsz, triton.cdiv(seq_len, block_s))](
         out, x, cos, sin,
         out.stride(0), out.stride(1), out.stride(2), x.stride(0), x.stride(1), x.stride(2),
         cos.stride(0), cos.stride(1), seq_len, n_heads, HALF=head_dim // 2,
-        BLOCK_H=next_power_of_2(n_heads), BLOCK_D=next_power_of_2(head_dim // 2), BACKWARD=backward,
+        BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward,
     )
     return out
 
