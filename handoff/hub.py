@@ -66,8 +66,11 @@ def _chain(exc: BaseException):
 def is_transient(exc: BaseException) -> bool:
     """Connection faults, timeouts, 5xx and 429 are worth another try; 4xx answers are not."""
     import httpx2
+    from huggingface_hub.errors import OfflineModeIsEnabled
 
     for link in _chain(exc):
+        if isinstance(link, OfflineModeIsEnabled):
+            return False  # a ConnectionError by class, but waiting will not bring the network
         if isinstance(link, (httpx2.TransportError, ConnectionError, TimeoutError)):
             return True
         status = _status(link)
@@ -117,8 +120,12 @@ class HubStore(Store):
         raise err from (None if leaked else cause)
 
     def _translate(self, exc: BaseException, what: str):
-        from huggingface_hub.errors import LocalEntryNotFoundError
+        from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
+        if any(isinstance(link, OfflineModeIsEnabled) for link in _chain(exc)):
+            self._raise(StoreConfigError(
+                f"cannot {what} in {self.uri}: HF_HUB_OFFLINE is set; unset it to use a Hub "
+                f"store, or name a local folder as the store"), exc)
         # The HTTP answer may sit under a wrapper (a failed LFS upload is a RuntimeError).
         http = next((link for link in _chain(exc) if _status(link) is not None), None)
         status = _status(http) if http is not None else None
@@ -167,7 +174,8 @@ class HubStore(Store):
         from huggingface_hub.errors import RepositoryNotFoundError
 
         try:
-            return self.api.repo_info(self.repo_id, revision="main").sha
+            # expand=sha: the answer stays small however many files the repo holds
+            return self.api.model_info(self.repo_id, revision="main", expand=["sha"]).sha
         except RepositoryNotFoundError:
             return None
 

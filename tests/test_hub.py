@@ -152,6 +152,14 @@ def test_bad_token_names_hf_token_without_its_value(hub_server, monkeypatch):
         assert secret not in _all_text(info.value)
 
 
+def test_offline_mode_is_a_config_error_at_once(hub, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(StoreConfigError, match="HF_HUB_OFFLINE"):
+        hub.write("run/x.json", b"x")
+
+
 def test_other_namespace_is_a_config_error(hub_server):
     store = HubStore("hf://someone-else/their-repo")
     assert store.read_optional("run/x.json") is None  # invisible, so empty

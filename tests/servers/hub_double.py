@@ -292,8 +292,11 @@ class Handler(BaseHTTPRequestHandler):
             repo = self.state.repo(repo_id)
             if not rest or rest[0] == "revision":
                 commit = self.state.commit_at(repo, rest[1] if rest else "main")
-                return self._json(200, {"id": repo_id, "sha": commit.sha, "private": repo.private,
-                                        "siblings": [{"rfilename": p} for p in commit.files]})
+                info = {"id": repo_id, "sha": commit.sha, "private": repo.private,
+                        "siblings": [{"rfilename": p} for p in commit.files]}
+                if "expand" in query:  # the Hub answers the id and the fields asked for
+                    info = {k: v for k, v in info.items() if k == "id" or k in query["expand"]}
+                return self._json(200, info)
             commit = self.state.commit_at(repo, rest[1])
             files = dict(commit.files)
         if rest[0] == "preupload":
