@@ -251,25 +251,33 @@ def test_processes_racing_for_one_key_have_one_winner(hub_server):
     assert HubStore(uri).read("run/lease.json").data == winner
 
 
-def _live_hub_configured() -> str:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+# The shell's own settings, read at collection: the Hub double's fixture replaces HF_TOKEN and
+# HF_ENDPOINT in os.environ for the rest of the session once any test has started it.
+LIVE_ENV = {k: os.environ.get(k) for k in ("HF_TOKEN", "HF_ENDPOINT")}
+
+
+def _live_hub_configured(monkeypatch) -> str:
+    endpoint = LIVE_ENV["HF_ENDPOINT"] or "https://huggingface.co"
     host = urlsplit(endpoint).hostname or ""
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
-    if not os.environ.get("HF_TOKEN") or loopback:
+    if not LIVE_ENV["HF_TOKEN"] or loopback:
         pytest.skip("live Hub test: set HF_TOKEN (and a non-loopback HF_ENDPOINT, if any)")
     repo = os.environ.get("BATON_LIVE_HUB_REPO")
     if not repo:
         pytest.skip("live Hub test: set BATON_LIVE_HUB_REPO=namespace/private-repo")
+    monkeypatch.setenv("HF_TOKEN", LIVE_ENV["HF_TOKEN"])
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
     return repo
 
 
 @pytest.mark.live_hub
-def test_live_hub_round_trip():
-    """A small round trip and a conditional write on a real private repo; cleans up after."""
-    repo = _live_hub_configured()
+def test_live_hub_round_trip(monkeypatch):
+    """A small round trip and a conditional write on a real private repo; cleans up after.
+    Run it with `HF_TOKEN=... BATON_LIVE_HUB_REPO=me/scratch pytest -m live_hub`."""
+    repo = _live_hub_configured(monkeypatch)
     folder = f"baton-live-test/{uuid.uuid4().hex[:12]}"
     store = HubStore(f"hf://{repo}/{folder}")
     try:
