@@ -50,8 +50,10 @@ from .store import ABSENT, Expect, Store, Versioned, check_key
 DEFAULT_REGION = "us-east-1"
 MiB = 1 << 20
 MULTIPART_THRESHOLD = 16 * MiB
+# num_download_attempts=1: s3transfer's own retries would multiply ours (handoff.retry).
 TRANSFER = TransferConfig(
-    multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=16 * MiB, max_concurrency=4)
+    multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=16 * MiB, max_concurrency=4,
+    num_download_attempts=1)
 # A free-tier notebook's network is slow, not dead: a part of 16 MiB must fit in READ_TIMEOUT.
 CONNECT_TIMEOUT, READ_TIMEOUT = 10, 120
 BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
@@ -133,7 +135,14 @@ def _shared_loader():
     return botocore.session.get_session().get_component("data_loader")
 
 
-def _make_client(endpoint: Optional[str], region: str):
+def _session() -> boto3.session.Session:
+    # A session per store: boto3 sessions are not thread-safe, its clients are.
+    core = botocore.session.Session()
+    core.register_component("data_loader", _shared_loader())
+    return boto3.session.Session(botocore_session=core)
+
+
+def _make_client(session: boto3.session.Session, endpoint: Optional[str], region: str):
     # total_max_attempts counts the first try (max_attempts counts retries only): exactly one
     # request per attempt of ours.
     options: dict[str, Any] = dict(
@@ -142,10 +151,6 @@ def _make_client(endpoint: Optional[str], region: str):
     if endpoint:
         # Self-hosted endpoints (MinIO, SeaweedFS, R2) rarely have per-bucket DNS names.
         options["s3"] = {"addressing_style": "path"}
-    # A session per store: boto3 sessions are not thread-safe, its clients are.
-    core = botocore.session.Session()
-    core.register_component("data_loader", _shared_loader())
-    session = boto3.session.Session(botocore_session=core)
     return session.client("s3", endpoint_url=endpoint, config=Config(**options))
 
 
@@ -163,9 +168,10 @@ class S3Store(Store):
         self.uri = uri
         self.bucket, self.prefix = parse_uri(uri)
         self.endpoint = _endpoint_from_env()
-        self.region = (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-                       or DEFAULT_REGION)
-        self.client = _make_client(self.endpoint, self.region)
+        session = _session()
+        # AWS_DEFAULT_REGION and ~/.aws/config reach us through the session.
+        self.region = os.environ.get("AWS_REGION") or session.region_name or DEFAULT_REGION
+        self.client = _make_client(session, self.endpoint, self.region)
         _require_conditional_writes(self.client)
 
     # -- keys and errors -----------------------------------------------------------------

@@ -11,6 +11,7 @@ condition, exactly one winner among racing writers), which is what the S3 store 
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import os
@@ -19,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -170,6 +172,12 @@ class SeaweedServer:
                 stale.unlink(missing_ok=True)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL weed when pytest dies, even by SIGKILL (no orphans)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _launch(folder: Path, access_key: str, secret_key: str) -> SeaweedServer:
     ports = dict(zip(PORT_NAMES, _free_ports(len(PORT_NAMES))))
     (folder / "data").mkdir(parents=True, exist_ok=True)
@@ -179,7 +187,8 @@ def _launch(folder: Path, access_key: str, secret_key: str) -> SeaweedServer:
     try:
         process = subprocess.Popen(
             _command(folder, ports, identity), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd=folder, start_new_session=True)
+            stdin=subprocess.DEVNULL, cwd=folder, start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     finally:
         log.close()  # the child holds its own descriptor
     return SeaweedServer(f"http://127.0.0.1:{ports['s3']}", access_key, secret_key, folder,
