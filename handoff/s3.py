@@ -164,6 +164,8 @@ def _require_conditional_writes(client) -> None:
 
 
 class S3Store(Store):
+    LIST_PAGE_SIZE = 1000  # S3's maximum; tests lower it to walk several pages
+
     def __init__(self, uri: str):
         self.uri = uri
         self.bucket, self.prefix = parse_uri(uri)
@@ -298,7 +300,8 @@ class S3Store(Store):
 
         def collect() -> list[str]:
             pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=root + prefix)
+                Bucket=self.bucket, Prefix=root + prefix,
+                PaginationConfig={"PageSize": self.LIST_PAGE_SIZE})
             return sorted(obj["Key"][len(root):] for page in pages
                           for obj in page.get("Contents", []))
 

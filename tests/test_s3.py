@@ -96,6 +96,17 @@ def test_prefixes_in_one_bucket_are_separate_stores(s3_server):
     assert whole.list("team/a") == ["team/a/run/x.json"]  # a folder, never a name prefix
 
 
+def test_list_walks_every_page(s3):
+    keys = [f"run/checkpoints/{i:08d}-g1/manifest.json" for i in range(23)]
+    for key in reversed(keys):
+        s3.write(key, b"m")
+    s3.write("run/HEAD.json", b"h")
+    s3.LIST_PAGE_SIZE = 10
+    pages = _count_sends(s3, "ListObjectsV2")
+    assert s3.list("run/checkpoints/") == keys
+    assert len(pages) == 3
+
+
 def test_environment_reaches_subprocesses(s3):
     """Agents run as subprocesses in the end-to-end tests: they must find the server."""
     s3.write("run/spec.json", b"from the parent")
