@@ -23,6 +23,7 @@ import random
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -44,6 +45,22 @@ MOVES = 8  # fresh looks at a moving repo before giving up
 
 def _token(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class _Job:
+    """One conditional commit, across its attempts."""
+
+    path: str
+    data: bytes
+    expect: Expect
+    operations: Callable[[], list]
+    message: str
+    alone: bool
+    ambiguous: bool = False  # a commit request failed in flight: it may have landed
+
+    def holds(self, current: Optional[bytes]) -> bool:
+        return _holds(current, self.expect)
 
 
 class _Moved(Exception):
@@ -244,33 +261,36 @@ class HubStore(Store):
             return [_add(name, str(p)) for name, p in staged.items()] + [_add(path, data)]
 
         self._conditional_commit(path, data, expect, operations,
-                                 f"baton: publish {len(staged)} files and {path}")
+                                 f"baton: publish {len(staged)} files and {path}",
+                                 alone=not staged)
         return _token(data)
 
     def _conditional_commit(self, path: str, data: bytes, expect: Expect,
-                            operations: Callable[[], list], message: str) -> None:
-        ambiguous = []  # set when a commit request failed in flight: it may have landed
+                            operations: Callable[[], list], message: str,
+                            alone: bool = True) -> None:
+        """Commit `operations` if `path` satisfies `expect` at the head they are based on.
+        `alone`: the key is the commit's only change, so finding `data` there already makes
+        the commit a no-op."""
+        job = _Job(path, data, expect, operations, message, alone)
+        self._call(f"write {path}", lambda: _until_settled(lambda: self._attempt(job)))
 
-        def attempt() -> None:
-            head = self._head() or self._create_or_conflict(path, expect)
-            # (An upload passes no data: after a lost answer it is simply committed again.)
-            if expect is not None or (ambiguous and data):
-                current = self._fetch(path, head)
-                if current == data and (ambiguous or _holds(current, expect)):
-                    return  # already there: our lost commit landed, or a no-op write at head
-                if expect is not None and not _holds(current, expect):
-                    raise ConflictError(_conflict_message(path, expect, self.uri))
-            try:
-                committed = self._commit(operations(), message, head if expect is not None
-                                         else None)
-            except Exception as exc:
-                if is_transient(exc):
-                    ambiguous.append(True)
-                raise
-            if not committed and expect is not None:
-                raise _Moved()
-
-        self._call(f"write {path}", lambda: _until_settled(attempt))
+    def _attempt(self, job: "_Job") -> None:
+        head = self._head() or self._create_or_conflict(job.path, job.expect)
+        # (An upload passes no data: after a lost answer it is simply committed again.)
+        if job.expect is not None or (job.ambiguous and job.data):
+            current = self._fetch(job.path, head)
+            if current == job.data and (job.ambiguous or (job.alone and job.holds(current))):
+                return  # already there: our lost commit landed, or a no-op write at head
+            if not job.holds(current):
+                raise ConflictError(_conflict_message(job.path, job.expect, self.uri))
+        try:
+            committed = self._commit(job.operations(), job.message,
+                                     head if job.expect is not None else None)
+        except Exception as exc:
+            job.ambiguous = job.ambiguous or is_transient(exc)  # it may have landed
+            raise
+        if not committed and job.expect is not None:
+            raise _Moved()
 
     def _create_or_conflict(self, path: str, expect: Expect) -> str:
         if expect is not None and expect is not ABSENT:
