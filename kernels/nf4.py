@@ -82,7 +82,8 @@ def _packed_bytes(weight: torch.Tensor) -> torch.Tensor:
     return data.reshape(-1)
 
 
-def _check_state(quant_state, out_dtype: torch.dtype) -> None:
+def _check_state(quant_state, out_dtype: torch.dtype | None) -> torch.dtype:
+    """Validate the format; return the output dtype (the state's own dtype by default)."""
     if quant_state is None:
         raise NF4FormatError(
             "the weight has no quant_state: it is not a quantized bitsandbytes Params4bit "
@@ -95,8 +96,10 @@ def _check_state(quant_state, out_dtype: torch.dtype) -> None:
         )
     if quant_state.blocksize % 2:
         raise NF4FormatError(f"blocksize {quant_state.blocksize} is odd; bitsandbytes never writes that")
+    out_dtype = out_dtype or quant_state.dtype
     if out_dtype not in _OUT_DTYPES:
         raise NF4FormatError(f"out_dtype must be float32, float16 or bfloat16, not {out_dtype}")
+    return out_dtype
 
 
 def _absmax_args(quant_state, device: torch.device):
@@ -130,8 +133,7 @@ def dequantize_nf4(weight: torch.Tensor, quant_state, out_dtype: torch.dtype | N
     `weight` is the `Params4bit` (or its packed data tensor), `quant_state` its
     `bitsandbytes.functional.QuantState`; `out_dtype` defaults to `quant_state.dtype`.
     """
-    out_dtype = out_dtype or quant_state.dtype
-    _check_state(quant_state, out_dtype)
+    out_dtype = _check_state(quant_state, out_dtype)
     packed = _packed_bytes(weight)
     check_launchable(packed)
     shape = tuple(quant_state.shape)
@@ -169,8 +171,7 @@ def dequantize_nf4_reference(
     weight: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """Plain-PyTorch twin of `dequantize_nf4`: same arguments, same bits."""
-    out_dtype = out_dtype or quant_state.dtype
-    _check_state(quant_state, out_dtype)
+    out_dtype = _check_state(quant_state, out_dtype)
     packed = _packed_bytes(weight)
     shape = tuple(quant_state.shape)
     n_elements = int(torch.Size(shape).numel())
