@@ -219,8 +219,9 @@ class S3Store(Store):
                                     f"({code or status}); {CREDENTIALS_HINT}")
         if is_transient(exc):
             return StoreUnavailableError(
-                f"{what}: {self._where} did not answer after {retry.ATTEMPTS} attempts "
-                f"({type(exc).__name__}: {str(exc)[:200]}); check the network, or "
+                f"{what}: {self._where} kept failing through {retry.ATTEMPTS} attempts in at "
+                f"most {retry.MAX_SECONDS:.0f} s ({type(exc).__name__}: {str(exc)[:200]}); "
+                "check the network, or "
                 "AWS_ENDPOINT_URL if you set one")
         return StoreError(f"{what}: S3 at {self._where} failed: {type(exc).__name__}: "
                           f"{str(exc)[:300]}")
