@@ -132,6 +132,8 @@ def _move_head(runstore: RunStore, uploads: dict[str, Path], cid: str, step: int
             return new
         except ConflictError:
             head, version = _read_head(runstore)
+        if head.checkpoint == cid and head.generation == generation:
+            return head  # our publish landed, but its answer was lost and the retry refused
         if head.generation > generation:
             _discard(runstore, cid)
             _check_fence(runstore, head, generation, cid)
@@ -150,6 +152,8 @@ def _mark_finished(runstore: RunStore, head: Head, version: Expect, finished: bo
         runstore.write_head(new, expect=version)
     except ConflictError:
         head, _ = _read_head(runstore)
+        if head.checkpoint == cid and head.finished:
+            return head  # landed; only its answer was lost
         _check_fence(runstore, head, new.generation, cid)
         raise
     return new

@@ -25,6 +25,7 @@ from .store import ABSENT
 log = logging.getLogger("baton.lease")
 
 Clock = Callable[[], datetime]
+ACQUIRE_ATTEMPTS = 5  # re-reads after a lost write; bounds a takeover racing a busy heartbeat
 
 
 class LeaseHeldError(StoreError):
@@ -73,23 +74,46 @@ class LeaseManager:
 
         LeaseHeldError when a live agent holds it (and no takeover): nothing is written."""
         with self._lock:
-            current = self.runstore.read_lease()
-            self._refuse_if_held(current, takeover)
-            head = self.runstore.read_head()
-            generation = 1 + max(current[0].generation if current else 0,
-                                 head[0].generation if head else 0)
-            lease = self._new_lease(generation)
-            try:
-                version = self.runstore.write_lease(
-                    lease, expect=current[1] if current else ABSENT)
-            except ConflictError:
-                raise self._held_after_race() from None
-            self.lease, self._version, self.generation, self.lost = lease, version, generation, None
+            for _ in range(ACQUIRE_ATTEMPTS):
+                current = self.runstore.read_lease()
+                self._refuse_if_held(current, takeover)
+                if self._write_new_lease(current):
+                    break
+                # Someone wrote the lease after our read: a racing agent (then the re-read
+                # refuses us), a release, or the live holder's heartbeat (a takeover retries).
+            else:
+                raise self._held_after_race()
         if current and current[0].live(self.clock()) and current[0].holder != self.holder:
             log.warning("took over the live lease of %s on %s (generation %d -> %d)",
-                        current[0].holder, current[0].host, current[0].generation, generation)
+                        current[0].holder, current[0].host, current[0].generation,
+                        self.generation)
         self._stamp_head()
-        return lease
+        return self.lease
+
+    def _write_new_lease(self, current: Optional[tuple[Lease, str]]) -> bool:
+        """Write the lease with the next generation; False if the condition failed."""
+        head = self.runstore.read_head()
+        generation = 1 + max(current[0].generation if current else 0,
+                             head[0].generation if head else 0)
+        lease = self._new_lease(generation)
+        try:
+            version = self.runstore.write_lease(lease, expect=current[1] if current else ABSENT)
+        except ConflictError:
+            version = self._stored_version_of(lease)
+            if version is None:
+                return False
+        self.lease, self._version, self.generation, self.lost = lease, version, generation, None
+        return True
+
+    def _stored_version_of(self, written: Lease) -> Optional[str]:
+        """The version of `written` if it is what the store holds: a conditional write whose
+        answer was lost, retried by the client and refused, had in fact landed."""
+        current = self.runstore.read_lease()
+        if current is None:
+            return None
+        fields = ("holder", "generation", "acquired_at", "renewed_at", "expires_at", "released")
+        same = all(getattr(current[0], f) == getattr(written, f) for f in fields)
+        return current[1] if same else None
 
     def _refuse_if_held(self, current: Optional[tuple[Lease, str]], takeover: bool) -> None:
         if current is None or takeover:
@@ -99,7 +123,7 @@ class LeaseManager:
             raise LeaseHeldError(lease, self.runstore.run)
 
     def _held_after_race(self) -> StoreError:
-        """Another agent wrote the lease between our read and our write: report who."""
+        """The lease kept changing under every attempt: report who holds it now."""
         current = self.runstore.read_lease()
         if current is None:
             return LeaseLostError(f"lease of run {self.runstore.run!r} changed while we took it; "
@@ -147,7 +171,10 @@ class LeaseManager:
             try:
                 self._version = self.runstore.write_lease(renewed, expect=self._version)
             except ConflictError:
-                raise self._lost() from None
+                version = self._stored_version_of(renewed)
+                if version is None:
+                    raise self._lost() from None
+                self._version = version
             self.lease = renewed
             self.renewals += 1
             return renewed
@@ -171,8 +198,9 @@ class LeaseManager:
             try:
                 self.runstore.write_lease(released, expect=self._version)
             except ConflictError:
-                log.warning("lease of run %r was already taken by another agent; "
-                            "nothing to release", self.runstore.run)
+                if self._stored_version_of(released) is None:
+                        log.warning("lease of run %r was already taken by another agent; "
+                                "nothing to release", self.runstore.run)
             self.lease, self._version = None, None
 
     def check(self) -> None:

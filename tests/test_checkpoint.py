@@ -242,3 +242,20 @@ def test_list_checkpoints_orders_generations_numerically(runstore, tmp_path):
 def test_bad_run_name_is_refused(store):
     with pytest.raises(ValueError, match="run name"):
         RunStore(store, "../escape")
+
+
+def test_commit_whose_answer_was_lost_keeps_previous(runstore, tmp_path):
+    """HEAD moved but the backend reported a conflict: the re-read shows our checkpoint, so
+    the commit succeeds without a second HEAD move (which would make it its own previous)."""
+    first, _ = commit(runstore, tmp_path, 10)
+    real_publish = runstore.store.publish
+
+    def publish_then_lose_answer(files, key, data, *, expect):
+        real_publish(files, key, data, expect=expect)
+        raise ConflictError(f"{key} changed since it was read")
+
+    runstore.store.publish = publish_then_lose_answer
+    second, files = commit(runstore, tmp_path, 20)
+    head, _ = runstore.read_head()
+    assert (head.checkpoint, head.previous) == (second, first)
+    assert digest_tree(pull_checkpoint(runstore, tmp_path / "p").path) == files

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import pytest
 
+from handoff import ConflictError
 from handoff.lease import LeaseHeldError, LeaseLostError, LeaseManager
 from handoff.runstore import RunStore
 from state_schema import utcnow
@@ -134,10 +135,12 @@ def test_heartbeat_survives_many_renewals(runstore):
 
 
 def test_heartbeat_records_loss_after_takeover(runstore):
+    """A paused VM wakes up after a takeover: its next heartbeat finds the lease gone.
+    (The heartbeat starts after the takeover so that the outcome does not hang on timing.)"""
     a = agent(runstore, "a", ttl=30)
     a.acquire()
-    a.start_heartbeat(0.01)
     agent(runstore, "b").acquire(takeover=True)
+    a.start_heartbeat(0.01)
     wait_for(lambda: a.lost is not None)
     a.stop_heartbeat()
     assert isinstance(a.lost, LeaseLostError)
@@ -158,3 +161,23 @@ def wait_for(condition, limit: float = 60.0) -> None:
     deadline = time.monotonic() + limit
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def test_renew_whose_answer_was_lost_is_still_ours(runstore):
+    """A backend that applied the write but reported a conflict (its retry met our own write)
+    must not make the agent give up a lease it holds."""
+    a = agent(runstore, "a")
+    a.acquire()
+    real_write = runstore.store.write
+
+    def write_then_lose_answer(key, data, *, expect=None):
+        real_write(key, data, expect=expect)
+        raise ConflictError(f"{key} changed since it was read")
+
+    runstore.store.write = write_then_lose_answer
+    renewed = a.renew()
+    runstore.store.write = real_write
+    assert runstore.read_lease()[0].renewed_at == renewed.renewed_at
+    a.renew()  # the adopted version is the stored one: the next condition holds
+    with pytest.raises(LeaseHeldError):
+        agent(runstore, "b").acquire()
