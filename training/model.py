@@ -125,7 +125,21 @@ def load_model(spec: RunSpec, device_info: DeviceInfo, *, model_path: Optional[P
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     model.config.use_cache = False
+    keep_training_layout(model)
     return model, tokenizer
+
+
+def keep_training_layout(model) -> None:
+    """Stop bitsandbytes repacking NF4 weights for CPU inference when eval() runs.
+
+    On CPUs with AVX512-BF16, a Linear4bit in eval mode converts its weight in place to a
+    packed layout whose matmul has no autograd: training after the first evaluate() would then
+    drop the gradients that flow through the base layers. Baton evaluates mid-run, so it keeps
+    the training layout throughout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
