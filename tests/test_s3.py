@@ -16,7 +16,7 @@ from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError
 
 from handoff import ABSENT, ConflictError, NotFoundError, retry
-from handoff.errors import StoreConfigError, StoreUnavailableError
+from handoff.errors import StoreConfigError, StoreError, StoreUnavailableError
 from handoff.s3 import MULTIPART_THRESHOLD, S3Store, parse_uri
 
 MiB = 1 << 20
@@ -206,6 +206,20 @@ def test_transient_answers_are_retried(s3, fast_retries, status, code):
     version = s3.write("run/lease.json", b"mine", expect=ABSENT)
     assert len(sent) == 3
     assert s3.read("run/lease.json").version == version
+
+
+@pytest.mark.parametrize("status,code,error", [
+    (404, "NoSuchKey", ConflictError),  # AWS's answer to If-Match on a deleted object
+    (403, "AccessDenied", StoreConfigError),
+    (400, "InvalidArgument", StoreError),
+])
+def test_client_errors_are_answered_at_once(s3, status, code, error):
+    version = s3.write("run/HEAD.json", b"h1")
+    sent = _count_sends(s3, "PutObject", _answer(status, code), times=99)
+    with pytest.raises(error) as info:
+        s3.write("run/HEAD.json", b"h2", expect=version)
+    assert type(info.value) is error
+    assert len(sent) == 1
 
 
 def test_missing_key_is_not_retried(s3):
