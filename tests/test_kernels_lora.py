@@ -1,0 +1,154 @@
+"""Fused LoRA projections: forward and every gradient against the autograd reference, and a
+tiny NF4 Llama / Qwen2 trained through `patch_peft_lora` against PEFT's own path."""
+
+from __future__ import annotations
+
+import os
+
+# Must precede the first import of a Triton kernel module (see test_kernels_nf4.py).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import bitsandbytes.functional as bnbf  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels import lora  # noqa: E402
+from kernels.lora import (  # noqa: E402
+    Projection,
+    lora_linear,
+    lora_linear_reference,
+    lora_mlp,
+    lora_mlp_reference,
+    lora_qkv,
+    lora_qkv_reference,
+)
+
+# Max error relative to the largest reference magnitude. fp32 differs only by summation order;
+# fp16 and bf16 by where the fused path rounds (it keeps [tokens, r] products and recomputes).
+REL_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+DTYPES = list(REL_TOL)
+R = 8
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype, what
+    scale = want.float().abs().max().clamp_min(1e-6)
+    err = (got.float() - want.float()).abs().max() / scale
+    assert err <= REL_TOL[dtype], f"{what}: relative error {err:.2e} > {REL_TOL[dtype]:.0e}"
+
+
+def _projection(seed: int, d_in: int, d_out: int, dtype, *, bias=False, nf4=True, nested=True):
+    """A LoRA projection with random NF4 (or dense) base, nonzero A and B, fp32 adapters."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_out, d_in, generator=gen) / d_in**0.5
+    if nf4:
+        weight, state = bnbf.quantize_4bit(w.to(dtype), quant_type="nf4", compress_statistics=nested)
+    else:
+        weight, state = w.to(dtype), None
+    a = (torch.randn(R, d_in, generator=gen) / d_in**0.5).requires_grad_()
+    b = (torch.randn(d_out, R, generator=gen) / R**0.5).requires_grad_()
+    b_ias = (torch.randn(d_out, generator=gen) * 0.1).to(dtype).requires_grad_() if bias else None
+    return Projection(weight, state, b_ias, a, b, 1.75)
+
+
+def _twin(p: Projection) -> Projection:
+    """Same values, fresh leaves, so the reference's gradients land apart."""
+    def leaf(t):
+        return None if t is None else t.detach().clone().requires_grad_()
+
+    return Projection(p.weight, p.quant_state, leaf(p.bias), leaf(p.lora_A), leaf(p.lora_B), p.scaling)
+
+
+def _x(shape, dtype, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype).requires_grad_()
+
+
+def _backward(outputs, seed=1) -> None:
+    """A loss touching every output with its own random weights."""
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=gen)).sum() for o in outputs)
+    loss.backward()
+
+
+def _compare(fused_out, ref_out, x, x_ref, projs, refs, dtype) -> None:
+    for i, (o, r) in enumerate(zip(fused_out, ref_out)):
+        _assert_close(o, r, dtype, f"output {i}")
+    _backward(fused_out)
+    _backward(ref_out)
+    _assert_close(x.grad, x_ref.grad, dtype, "dx")
+    for i, (p, q) in enumerate(zip(projs, refs)):
+        _assert_close(p.lora_A.grad, q.lora_A.grad, dtype, f"dA[{i}]")
+        _assert_close(p.lora_B.grad, q.lora_B.grad, dtype, f"dB[{i}]")
+        assert p.lora_A.grad.dtype == torch.float32  # adapters keep their own dtype
+        if p.bias is not None:
+            _assert_close(p.bias.grad, q.bias.grad, dtype, f"dbias[{i}]")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "dense"])
+def test_linear_matches_reference(dtype, nf4):
+    p = _projection(1, 72, 40, dtype, bias=True, nf4=nf4, nested=False)
+    q = _twin(p)
+    x, x_ref = _x((3, 5, 72), dtype), _x((3, 5, 72), dtype)
+    _compare([lora_linear(x, p)], [lora_linear_reference(x_ref, q)], x, x_ref, [p], [q], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_qkv_matches_reference_with_biases_and_gqa(dtype):
+    # Qwen2-style: biases on q, k and v; grouped-query attention: k and v narrower than q.
+    projs = [_projection(s, 72, d, dtype, bias=True) for s, d in ((2, 48), (3, 24), (4, 24))]
+    refs = [_twin(p) for p in projs]
+    x, x_ref = _x((2, 7, 72), dtype), _x((2, 7, 72), dtype)
+    _compare(lora_qkv(x, *projs), lora_qkv_reference(x_ref, *refs), x, x_ref, projs, refs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mlp_matches_reference(dtype):
+    # in_features of 64-multiples: bitsandbytes' CPU dequantization, which the reference uses,
+    # mis-scales rows that straddle 64-blocks with an even length (see test_kernels_nf4.py).
+    projs = [_projection(5, 64, 128, dtype), _projection(6, 64, 128, dtype), _projection(7, 128, 64, dtype)]
+    refs = [_twin(p) for p in projs]
+    x, x_ref = _x((13, 64), dtype), _x((13, 64), dtype)
+    _compare([lora_mlp(x, *projs)], [lora_mlp_reference(x_ref, *refs)], x, x_ref, projs, refs, dtype)
+
+
+def test_mlp_with_biases_matches_reference():
+    projs = [_projection(s, 64, 192, torch.float32, bias=True) for s in (8, 9)]
+    projs.append(_projection(10, 192, 64, torch.float32, bias=True))
+    refs = [_twin(p) for p in projs]
+    x, x_ref = _x((2, 3, 64), torch.float32), _x((2, 3, 64), torch.float32)
+    out, ref = [lora_mlp(x, *projs)], [lora_mlp_reference(x_ref, *refs)]
+    _compare(out, ref, x, x_ref, projs, refs, torch.float32)
+
+
+def test_autocast_runs_in_autocast_dtype():
+    p = _projection(11, 64, 32, torch.float32)
+    q = _twin(p)
+    x, x_ref = _x((4, 64), torch.float32), _x((4, 64), torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = lora_linear(x, p), lora_linear_reference(x_ref, q)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    _compare([out], [ref], x, x_ref, [p], [q], torch.bfloat16)
+    assert x.grad.dtype == torch.float32
+
+
+def test_forward_saves_no_dense_weight_and_no_intermediate():
+    # The point of the fused MLP: between forward and backward only x and [tokens, r]
+    # products are held, never a dequantized weight or a [tokens, intermediate] activation.
+    tokens, hidden, inter = 32, 64, 192
+    projs = [_projection(12, hidden, inter, torch.float32), _projection(13, hidden, inter, torch.float32),
+             _projection(14, inter, hidden, torch.float32)]
+    saved: list[torch.Size] = []
+
+    def pack(t):
+        saved.append(t.shape)
+        return t
+
+    x = _x((tokens, hidden), torch.float32)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lora_mlp(x, *projs)
+    largest = max(s.numel() for s in saved)
+    assert largest == tokens * hidden, f"saved tensors {saved}"
+    assert not any(tuple(s) in {(inter, hidden), (hidden, inter)} for s in saved)
+    y.sum().backward()
+    assert all(p.lora_A.grad is not None for p in projs)
