@@ -66,6 +66,7 @@ def install_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler],
                         force=True)
     logging.getLogger("baton").setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.captureWarnings(True)  # library warnings pass the scrubber too
 
 
 def fail(message: str) -> None:
@@ -130,6 +131,14 @@ def describe_errors(exc, path: Path) -> str:
 def resolve_paths(doc: dict[str, Any], base: Path) -> None:
     """Relative data paths are relative to the config file, as in most tools' configs; the
     working directory is tried second so `--config sub/run.yaml` with cwd paths still works."""
+    model = doc.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name"), str):
+        name = Path(model["name"]).expanduser()
+        # A local model folder is pinned by absolute path; a Hub id ("org/name") is left alone.
+        for candidate in (base / name, name):
+            if not name.is_absolute() and candidate.is_dir():
+                model["name"] = str(candidate.resolve())
+                break
     data = doc.get("data")
     if not isinstance(data, dict):
         return

@@ -111,9 +111,13 @@ def test_signal_pause_lease_resume_finish(tiny, tmp_path, agent_store):
     assert len(sessions_of(uri)) == 1
     other.release()
 
-    # 3. Released: the next session (another micro-batch size) resumes at that step, finishes.
-    done = run_agent(config, "--micro-batch-size", "1", workdir=tmp_path / "work3")
+    # 3. Released: the next session resumes at that step and finishes, on a "fresh machine"
+    # without the data file (fetched from the store) and with another micro-batch size.
+    fresh = write_config(tmp_path, model_dir=tiny["model"], train_file=tmp_path / "absent.jsonl",
+                         store=uri)
+    done = run_agent(fresh, "--micro-batch-size", "1", workdir=tmp_path / "work3")
     assert done.returncode == 0, done.stdout + done.stderr
+    assert list((tmp_path / "work3" / "data").glob("*.jsonl")), "data came from the store"
     second = sessions_of(uri)[-1]
     assert second.start_step == head.step and second.end_step == 6
     final = head_of(uri)

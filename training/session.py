@@ -24,7 +24,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
-from handoff import ConflictError, FencedError, StoreConfigError, open_store
+from handoff import (
+    ConflictError,
+    CorruptCheckpointError,
+    FencedError,
+    StoreConfigError,
+    StoreUnavailableError,
+    open_store,
+)
 from handoff.checkpoint import commit_checkpoint, pull_checkpoint
 from handoff.lease import LeaseHeldError, LeaseLostError, LeaseManager
 from handoff.runstore import RunStore
@@ -57,24 +64,30 @@ def run_session(config: RunConfig, options: SessionOptions) -> int:
     except StoreConfigError as exc:
         return say.error(str(exc), INVALID)
     try:
-        runstore = RunStore(store, config.run)
-        try:
-            spec = prepare_spec(runstore, config)
-        except SpecError as exc:
-            return say.error(str(exc), INVALID)
-        head = runstore.read_head()
-        if head and head[0].finished:
-            say(f"run {config.run!r} is finished (step {head[0].step}, checkpoint "
-                f"{head[0].checkpoint}); merge it with scripts/merge.py")
-            return FINISHED
-        clock = build_clock(config, runstore, agent_start, say)
-        return Session(config, options, runstore, spec, clock, say).run(agent_start)
+        return _run_in(RunStore(store, config.run), config, options, agent_start, say)
+    except (SpecError, StoreConfigError) as exc:
+        return say.error(str(exc), INVALID)
+    except StoreUnavailableError as exc:
+        return say.error(f"{exc}\nNothing was trained; run again when the store answers.",
+                         FAILED)
     finally:
         store.close()
 
 
+def _run_in(runstore: RunStore, config: RunConfig, options: SessionOptions,
+            agent_start: float, say: "Say") -> int:
+    spec = prepare_spec(runstore, config)
+    head = runstore.read_head()
+    if head and head[0].finished:
+        say(f"run {config.run!r} is finished (step {head[0].step}, checkpoint "
+            f"{head[0].checkpoint}); merge it with scripts/merge.py")
+        return FINISHED
+    clock = build_clock(config, runstore, agent_start, say)
+    return Session(config, options, runstore, spec, clock, say).run(agent_start)
+
+
 def build_clock(config: RunConfig, runstore: RunStore, agent_start: float, say) -> SessionClock:
-    window = resolve_window(parse_start(config.session.start),
+    window = resolve_window(parse_start(config.session.start, now=agent_start),
                             parse_duration(config.session.limit), agent_start=agent_start)
     clock = SessionClock(window.start, window.limit).seed_from_records(runstore.read_sessions())
     if window.limit is None:
@@ -239,7 +252,7 @@ class Progress:
         from rich.console import Console
 
         self.start, self.total, self.clock = start, total, clock
-        self.console = Console(highlight=False)
+        self.console = Console(highlight=False, soft_wrap=True)
         self.log_every = 30.0 if log_every is None else log_every
         self.last_line = float("-inf")
         self.live = None
@@ -286,8 +299,9 @@ class Say:
         from rich.console import Console
 
         self.scrub = scrub
-        self.console = Console(highlight=False)
-        self.errors = Console(stderr=True, highlight=False)
+        # soft_wrap: a log line stays one line in a notebook cell or a CI log.
+        self.console = Console(highlight=False, soft_wrap=True)
+        self.errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def __call__(self, message: str) -> None:
         self.console.print(self.scrub(message), markup=False)
@@ -452,6 +466,8 @@ class Session:
                                   "this session stopped without writing anything.", FAILED)
         except (SpecError, data_error) as exc:
             code = self.say.error(str(exc), INVALID)
+        except (CorruptCheckpointError, StoreUnavailableError) as exc:
+            code = self.say.error(f"{exc}\nThe store was left as it was.", FAILED)
         finally:
             self._finish(code, lost)
         return code
