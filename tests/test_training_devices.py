@@ -1,0 +1,54 @@
+"""Precision policy and the refusal of a GPU the installed torch has no kernels for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.devices import (UnsupportedGPUError, arch_supported, check_gpu, detect_device,
+                              precision_for)
+
+
+def test_precision_policy():
+    assert precision_for(None) == "fp32"
+    assert precision_for((6, 0)) == "fp16"  # P100
+    assert precision_for((7, 5)) == "fp16"  # T4
+    assert precision_for((8, 0)) == "bf16"  # A100
+    assert precision_for((9, 0)) == "bf16"
+
+
+def test_cpu_device():
+    info = detect_device("cpu")
+    assert (info.device, info.precision, info.dtype, info.gpu_count) == (
+        "cpu", "fp32", torch.float32, 0)
+    assert not info.uses_scaler
+    with pytest.raises(ValueError, match="cuda:N"):
+        detect_device("tpu")
+
+
+def test_arch_list_matching():
+    sm70_up = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+    assert not arch_supported((6, 0), sm70_up)
+    assert arch_supported((7, 5), sm70_up)
+    assert arch_supported((8, 9), sm70_up)  # sm_86 binaries run on sm_89
+    assert arch_supported((9, 0), ["sm_80", "sm_90a"])
+    assert arch_supported((12, 0), ["sm_80", "compute_90"])  # PTX JIT-compiles upward
+    assert not arch_supported((12, 0), ["sm_80", "sm_90"])
+
+
+def test_p100_under_a_torch_without_sm60_is_refused_with_a_build_to_install(monkeypatch):
+    # No GPU here: stand in for the CUDA runtime's answers about a P100.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (6, 0))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_70", "sm_75", "sm_80"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla P100-PCIE-16GB")
+    with pytest.raises(UnsupportedGPUError) as info:
+        check_gpu(0)
+    message = str(info.value)
+    assert "Tesla P100" in message and "sm_60" in message
+    assert "torch==2.5.1" in message and "cu121" in message
+
+
+def test_asking_for_cuda_without_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UnsupportedGPUError, match="sees no CUDA GPU"):
+        detect_device("cuda")
