@@ -135,3 +135,30 @@ def test_process_killed_inside_upload_leaves_head_on_last_good(store_uri, runsto
     assert runstore.read_head()[0].previous == good
     assert digest_tree(pull_checkpoint(runstore, tmp_path / "next").path) == digest_tree(cut_src)
     assert again == checkpoint_id(20, 2)
+
+
+def test_commit_racing_a_takeover_never_lands_after_it(store_uri, runstore, tmp_path):
+    """A (generation 1, another process) commits at the moment B takes over. Either A's commit
+    landed before B stamped generation 2 into HEAD (then HEAD names it and B continues from
+    it), or it is fenced and leaves nothing; never does it land on top of B's generation."""
+    src = make_checkpoint(tmp_path / "a-src", 50)
+    a = worker("hold", store_uri, "--holder", "a", "--barrier", str(tmp_path),
+               "--src", str(src), "--step", "50")
+    assert json.loads(a.stdout.readline() or "{}").get("result") == "acquired", a.stderr.read()
+    (tmp_path / "go").touch()
+    b = LeaseManager(runstore, holder="b")
+    b.acquire(takeover=True)
+    _, lines = finish(a)
+    head, _ = runstore.read_head()
+    assert head.generation == b.generation == 2
+    assert runstore.read_lease()[0].holder == "b"
+    if lines[0]["commit"] == "fenced":
+        # B's stamp came before A's commit, so B's lease write did too: A's renew must fail.
+        assert lines[0]["renew"] == "lost"
+        assert head.checkpoint is None and runstore.list_checkpoints() == []
+    else:
+        assert head.checkpoint == lines[0]["commit"] == checkpoint_id(50, 1)
+        assert digest_tree(pull_checkpoint(runstore, tmp_path / "p").path) == digest_tree(src)
+    mine = commit_checkpoint(runstore, make_checkpoint(tmp_path / "b-src", 60), step=60,
+                             generation=b.generation)
+    assert runstore.read_head()[0].checkpoint == mine
