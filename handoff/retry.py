@@ -26,6 +26,7 @@ log = logging.getLogger("baton.store")
 # still has time to spool the checkpoint locally. Tests shorten it through the environment.
 ATTEMPTS = int(os.environ.get("BATON_RETRY_ATTEMPTS", "6"))
 MAX_SECONDS = float(os.environ.get("BATON_RETRY_SECONDS", "120"))
+MAX_WAIT = float(os.environ.get("BATON_RETRY_MAX_WAIT", "10"))
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
@@ -41,7 +42,7 @@ def retrying(is_transient: Callable[[BaseException], bool]) -> Retrying:
     return Retrying(
         retry=retry_if_exception(is_transient),
         stop=stop_after_attempt(ATTEMPTS) | stop_after_delay(MAX_SECONDS),
-        wait=wait_exponential_jitter(initial=0.2, max=10.0),
+        wait=wait_exponential_jitter(initial=min(0.2, MAX_WAIT), max=MAX_WAIT, jitter=min(1.0, MAX_WAIT)),
         before_sleep=_log_retry,
         reraise=True,
     )
