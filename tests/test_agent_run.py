@@ -33,11 +33,13 @@ def tiny(tmp_path_factory):
     return {"model": build_tiny_model(folder / "tiny"), "data": write_data(folder / "train.jsonl")}
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "hub"])
 def agent_store(request, tmp_path) -> str:
     if request.param == "local":
         return str(tmp_path / "store")
-    return request.getfixturevalue("s3_server").new_bucket_uri()
+    if request.param == "s3":
+        return request.getfixturevalue("s3_server").new_bucket_uri()
+    return request.getfixturevalue("hub_server").new_repo_uri()
 
 
 def head_of(uri: str, run: str = "t"):
