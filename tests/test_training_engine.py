@@ -110,3 +110,53 @@ def test_evaluate_mid_run_does_not_change_training(tiny_model_dir, pairs_file): 
     assert run(plain, 3) == run(evaluated, 3)
     for a, b in zip(plain.params, evaluated.params):
         assert torch.equal(a, b)
+
+
+def test_resume_with_kernels_on_is_bit_identical_too(tmp_path, tiny_model_dir, pairs_file):  # noqa: F811
+    # The agent trains with use_kernels=True; on the CPU that is the reference path.
+    spec = make_spec(tiny_model_dir, pairs_file, max_steps=4, dropout=0.1)
+    whole = trainer(spec, pairs_file, tiny_model_dir, use_kernels=True)
+    losses = [s["loss"] for s in run(whole, 4)]
+    first = trainer(spec, pairs_file, tiny_model_dir, use_kernels=True)
+    run(first, 2)
+    first.save(tmp_path / "ck")
+    assert (tmp_path / "ck" / "optimizer.safetensors").is_file()
+    second = trainer(spec, pairs_file, tiny_model_dir, use_kernels=True)
+    second.load(tmp_path / "ck")
+    assert [s["loss"] for s in run(second, 4)] == losses[2:]
+    for a, b in zip(whole.params, second.params):
+        assert torch.equal(a, b)
+
+
+def test_optimizer_state_of_another_optimizer_is_skipped(tmp_path, tiny_model_dir, pairs_file):  # noqa: F811
+    from safetensors.torch import save_file
+
+    spec = make_spec(tiny_model_dir, pairs_file, max_steps=4)
+    t = trainer(spec, pairs_file, tiny_model_dir)
+    run(t, 1)
+    t.save(tmp_path / "ck")
+    save_file({}, str(tmp_path / "ck" / "optimizer.safetensors"),
+              metadata={"optimizer": "AdamW8bit", "param_groups": "[]", "scalars": "{}"})
+    resumed = trainer(spec, pairs_file, tiny_model_dir)
+    resumed.load(tmp_path / "ck")
+    assert resumed.cursor.step == 1 and resumed.optimizer.state == {}
+    assert resumed.train_step().step == 2
+
+
+@pytest.mark.parametrize("fmt,packing", [("chat", False), ("text", True)])
+def test_chat_and_packed_text_train(tmp_path, tiny_model_dir, fmt, packing):  # noqa: F811
+    from tests.fixtures_tiny import chat_records, text_records, write_jsonl
+
+    records = chat_records(12) if fmt == "chat" else text_records(24)
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    spec = make_spec(tiny_model_dir, data, fmt=fmt, packing=packing, max_seq_len=32,
+                     epochs=1.0, batch_size=2)
+    t = trainer(spec, data, tiny_model_dir, micro=1)
+    if packing:  # blocks of 32 tokens, not records, are the samples
+        stream = sum(len(t.data.encoder(r).input_ids) for r in t.data.train_records)
+        assert t.data.n_train == -(-stream // 32)
+        assert all(len(t.data.sample(i).input_ids) == 32 for i in range(t.data.n_train - 1))
+    assert t.cursor.total_steps == -(-t.data.n_train // 2)
+    first = t.train_step()
+    assert first.tokens > 0 and 0 < first.loss < 20
+    assert t.evaluate() > 0

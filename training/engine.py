@@ -25,7 +25,8 @@ from .dataset import RunData
 from .devices import DeviceInfo, detect_device
 from .encode import Encoded, collate
 from .model import load_model, trainable_parameters
-from .optim import OPTIMIZER_FILE, load_optimizer, make_optimizer, make_scheduler, save_optimizer
+from .optim import (OPTIMIZER_FILE, OptimizerStateError, load_optimizer, make_optimizer,
+                    make_scheduler, save_optimizer)
 from .order import shard, step_indices
 
 log = logging.getLogger(__name__)
@@ -217,17 +218,26 @@ class Trainer:
         checkpoint_dir = Path(checkpoint_dir)
         cursor = self._read_cursor(checkpoint_dir)
         self._load_adapter(checkpoint_dir)
-        optimizer_path = checkpoint_dir / OPTIMIZER_FILE
-        if self.spec.optimizer_state and optimizer_path.is_file():
-            load_optimizer(self.optimizer, optimizer_path)
-        elif self.spec.optimizer_state:
-            log.warning("%s has no optimizer state; AdamW restarts its moments", checkpoint_dir)
+        self._load_optimizer(checkpoint_dir / OPTIMIZER_FILE)
         self.cursor = cursor
         self.scheduler = make_scheduler(self.spec, self.optimizer, cursor.total_steps,
                                         cursor.scheduler_step)
         if self.scaler and cursor.scaler:
             self.scaler.load_state_dict(cursor.scaler)
         rng.restore(cursor.rng)
+
+    def _load_optimizer(self, path: Path) -> None:
+        if not self.spec.optimizer_state:
+            return
+        if not path.is_file():
+            log.warning("%s is missing; AdamW restarts its moments", path)
+            return
+        try:
+            load_optimizer(self.optimizer, path)
+        except OptimizerStateError as exc:
+            # A session on another kind of device (8-bit AdamW on CUDA, torch AdamW on the
+            # CPU) cannot use the state; losing the moments beats refusing to train.
+            log.warning("%s; AdamW restarts its moments", exc)
 
     def _read_cursor(self, checkpoint_dir: Path) -> Cursor:
         for name in (CURSOR_FILE,) + ADAPTER_FILES:

@@ -87,7 +87,7 @@ def load_optimizer(optimizer, path: Path) -> None:
     if meta.get("optimizer") != type(optimizer).__name__:
         raise OptimizerStateError(
             f"{path} holds {meta.get('optimizer')} state but this session uses "
-            f"{type(optimizer).__name__} (CPU vs GPU?); delete it to resume without it")
+            f"{type(optimizer).__name__} (the run moved between CPU and GPU)")
     state: dict[int, dict] = {}
     for key, value in load_file(str(path)).items():
         index, name = key.split(".", 1)
