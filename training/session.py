@@ -38,6 +38,7 @@ from handoff.runstore import RunStore
 from state_schema import RunConfig, RunSpec, SessionRecord, parse_duration
 
 from .clock import SessionClock, describe, parse_start, resolve_window, utc_iso
+from .data import DataError  # stdlib only: light enough for the CLI's first second
 
 log = logging.getLogger("baton.session")
 
@@ -127,7 +128,7 @@ def prepare_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
 
 
 def new_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
-    from .data import DataError, check_format, detect_format, fingerprint, read_records
+    from .data import check_format, detect_format, fingerprint, read_records
 
     data = config.data
     train = Path(data.train)
@@ -405,8 +406,9 @@ class Checkpointer:
     def commit_now(self, trainer, finished: bool) -> None:
         """The last checkpoint: synchronous, after any background upload has landed."""
         self.poll(wait=True)
-        if self.committed_step == trainer.cursor.step and not finished:
-            return
+        if trainer.cursor.step == 0 or (self.committed_step == trainer.cursor.step
+                                        and not finished):
+            return  # nothing trained since the last commit (or at all)
         folder, step, save_s = self.save(trainer)
         _, upload_s = self._upload(folder, step, finished)
         self._committed(step, save_s, upload_s)
@@ -433,7 +435,6 @@ class Session:
         return HUB_LEASE_TTL if self.config.store.startswith("hf://") else LEASE_TTL
 
     def run(self, agent_start: float) -> int:
-        from .data import DataError
         from .devices import UnsupportedGPUError, detect_device
 
         try:
@@ -449,9 +450,9 @@ class Session:
             session_id=f"{utc_iso(agent_start).replace(':', '')[:17]}-{self.lease.holder[:8]}",
             host=self.lease.host, gpu=device.name, gpu_count=device.gpu_count,
             precision=device.precision, started=datetime.fromtimestamp(agent_start, timezone.utc))
-        return self._guarded(device, DataError)
+        return self._guarded(device)
 
-    def _guarded(self, device, data_error: type) -> int:
+    def _guarded(self, device) -> int:
         """Train; map what went wrong to an exit code; always leave the record and the lease
         in order, except after losing the lease, when nothing may be written."""
         code, lost = FAILED, False
@@ -464,7 +465,7 @@ class Session:
             lost = True
             return self.say.error(f"{exc}\nAnother agent owns run {self.config.run!r} now; "
                                   "this session stopped without writing anything.", FAILED)
-        except (SpecError, data_error) as exc:
+        except (SpecError, DataError) as exc:
             code = self.say.error(str(exc), INVALID)
         except (CorruptCheckpointError, StoreUnavailableError) as exc:
             code = self.say.error(f"{exc}\nThe store was left as it was.", FAILED)
