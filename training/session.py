@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -485,12 +484,24 @@ class Session:
             self.lease.release()
 
     def train(self, device) -> int:
-        from .engine import Trainer
-
         ref = pull_checkpoint(self.runstore, self.workdir / "checkpoint")
         if ref is not None and ref.fell_back:
             self.say(f"warning: checkpoint {ref.previous_bad} failed verification; resuming "
                      f"from the one before it, {ref.id} (step {ref.step})")
+        trainer = self._trainer(device, ref)
+        checkpoints = Checkpointer(self.runstore, self.lease, self.spec, self.workdir,
+                                   self.record, self.clock,
+                                   parse_duration(self.config.checkpoint.every))
+        if ref is not None:
+            checkpoints.committed_step = ref.step
+        try:
+            return self._loop(trainer, checkpoints)
+        finally:
+            checkpoints.close()
+
+    def _trainer(self, device, ref):
+        from .engine import Trainer
+
         data_path, eval_path = local_inputs(self.runstore, self.spec, self.config, self.workdir)
         trainer = Trainer(self.spec, data_path=data_path, eval_path=eval_path,
                           micro_batch_size=self.config.train.micro_batch_size,
@@ -502,15 +513,7 @@ class Session:
         self.say(f"run {self.config.run!r}: step {trainer.cursor.step}/"
                  f"{trainer.cursor.total_steps} on {device.name} ({device.precision}, kernels "
                  f"{self.record.kernels}), lease generation {self.lease.generation}")
-        checkpoints = Checkpointer(self.runstore, self.lease, self.spec, self.workdir,
-                                   self.record, self.clock,
-                                   parse_duration(self.config.checkpoint.every))
-        if ref is not None:
-            checkpoints.committed_step = ref.step
-        try:
-            return self._loop(trainer, checkpoints)
-        finally:
-            checkpoints.close()
+        return trainer
 
     def _loop(self, trainer, checkpoints: Checkpointer) -> int:
         with Progress(trainer.cursor.step, trainer.cursor.total_steps, self.clock,
