@@ -7,6 +7,7 @@ two CPU cores, most of it the agents' own start-up (importing torch and transfor
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,33 @@ def test_pauses_on_its_own_before_the_session_limit(tiny, tmp_path):
     assert exited < started + limit, f"the agent exited {exited - started:.1f}s after start"
     assert record.eval_losses, "an eval loss is measured at each checkpoint"
     assert "session time nearly spent" in done.stdout
+    check_pull_fallback(config, uri, head, tmp_path)
+
+
+def check_pull_fallback(config, uri: str, head, tmp_path) -> None:
+    """A corrupt HEAD checkpoint: the next session says so and uses the one before it; with
+    every checkpoint corrupt it stops with exit 1, leaving the store and HEAD as they were.
+    (--session-limit 1s: the deadline has passed, so the agent pulls but does not train.)"""
+    if head.previous is None:
+        pytest.skip("the session committed a single checkpoint; no fallback to test")
+    folder = tmp_path / "store" / "t" / "checkpoints"
+    (folder / head.checkpoint / "adapter_model.safetensors").write_bytes(b"corrupt")
+    fell = run_agent(config, "--session-limit", "1s", workdir=tmp_path / "w2")
+    assert fell.returncode == 75, fell.stdout + fell.stderr
+    assert f"checkpoint {head.checkpoint} failed verification" in fell.stdout
+    assert f"resuming from the one before it, {head.previous}" in fell.stdout
+
+    (folder / head.previous / "cursor.json").write_bytes(b"{}")
+    for other in folder.iterdir():
+        if other.name not in (head.checkpoint, head.previous):
+            shutil.rmtree(other)
+    broken = run_agent(config, "--session-limit", "1s", workdir=tmp_path / "w3")
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert "no checkpoint" in broken.stderr and "verifies" in broken.stderr
+    assert "Traceback" not in broken.stderr
+    assert head_of(uri).checkpoint == head.checkpoint
+    assert not open_run(uri).read_lease()[0].live(), "the lease is released after a failure"
+    assert sessions_of(uri)[-1].exit_code == 1
 
 
 # -- pause on a signal, the lease, resume, finish --------------------------------------------

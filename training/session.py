@@ -488,6 +488,10 @@ class Session:
         if ref is not None and ref.fell_back:
             self.say(f"warning: checkpoint {ref.previous_bad} failed verification; resuming "
                      f"from the one before it, {ref.id} (step {ref.step})")
+        if self._should_stop():  # the session is already over: loading the model is waste
+            self.say("paused before training: the session's time is spent (or a signal came); "
+                     "nothing was changed")
+            return PAUSED
         trainer = self._trainer(device, ref)
         checkpoints = Checkpointer(self.runstore, self.lease, self.spec, self.workdir,
                                    self.record, self.clock,
