@@ -34,7 +34,7 @@ from handoff import (
 from handoff.checkpoint import commit_checkpoint, pull_checkpoint
 from handoff.lease import LeaseHeldError, LeaseLostError, LeaseManager
 from handoff.runstore import RunStore
-from state_schema import RunConfig, RunSpec, SessionRecord, parse_duration
+from state_schema import RunConfig, RunSpec, SchemaError, SessionRecord, parse_duration
 
 from .clock import SessionClock, describe, parse_start, resolve_window, utc_iso
 from .data import DataError  # stdlib only: light enough for the CLI's first second
@@ -65,7 +65,7 @@ def run_session(config: RunConfig, options: SessionOptions) -> int:
         return say.error(str(exc), INVALID)
     try:
         return _run_in(RunStore(store, config.run), config, options, agent_start, say)
-    except (SpecError, StoreConfigError) as exc:
+    except (SpecError, StoreConfigError, SchemaError) as exc:
         return say.error(str(exc), INVALID)
     except StoreUnavailableError as exc:
         return say.error(f"{exc}\nNothing was trained; run again when the store answers.",
