@@ -121,9 +121,13 @@ def _write_manifest(staging: Path, files: dict[str, Path], cid: str, step: int,
 def _move_head(runstore: RunStore, uploads: dict[str, Path], cid: str, step: int,
                generation: int, finished: bool) -> Head:
     """Publish the files and the new HEAD; re-read and retry on a conflict while HEAD's
-    generation is not above ours."""
+    generation is not above ours. Every read is checked for fencing before it is used as a
+    condition: a successor may have stamped HEAD while our files were uploading."""
     head, version = _read_head(runstore)
     for _ in range(HEAD_ATTEMPTS):
+        if head.generation > generation:
+            _discard(runstore, cid)
+            _check_fence(runstore, head, generation, cid)
         new = Head(checkpoint=cid, previous=head.checkpoint, step=step, generation=generation,
                    finished=finished, updated_at=utcnow())
         try:
@@ -132,11 +136,10 @@ def _move_head(runstore: RunStore, uploads: dict[str, Path], cid: str, step: int
             return new
         except ConflictError:
             head, version = _read_head(runstore)
-        if head.checkpoint == cid and head.generation == generation:
-            return head  # our publish landed, but its answer was lost and the retry refused
-        if head.generation > generation:
-            _discard(runstore, cid)
-            _check_fence(runstore, head, generation, cid)
+        if cid in (head.checkpoint, head.previous):
+            # Our publish landed but its answer was lost and the retry refused (a successor
+            # may even have stamped or committed on top since): committed, and never discarded.
+            return head
         if runstore.read_manifest(cid) is not None:
             uploads = {}  # the files landed (a backend whose publish is not atomic)
     raise ConflictError(f"HEAD of run {runstore.run!r} kept moving under checkpoint {cid}; "

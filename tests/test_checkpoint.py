@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from handoff import ConflictError, CorruptCheckpointError, FencedError
+from handoff import ConflictError, CorruptCheckpointError, FencedError, open_store
 from handoff.checkpoint import checkpoint_id, commit_checkpoint, pull_checkpoint
 from handoff.lease import LeaseLostError, LeaseManager
 from handoff.runstore import RunStore, parse_checkpoint_id
@@ -259,3 +259,26 @@ def test_commit_whose_answer_was_lost_keeps_previous(runstore, tmp_path):
     head, _ = runstore.read_head()
     assert (head.checkpoint, head.previous) == (second, first)
     assert digest_tree(pull_checkpoint(runstore, tmp_path / "p").path) == files
+
+
+def test_takeover_between_fence_check_and_head_move_is_fenced(store_uri, runstore, tmp_path):
+    """B takes over while A hashes and uploads: A's commit re-reads HEAD before moving it and
+    must see B's generation there, not use B's HEAD as the condition for its own write."""
+    LeaseManager(runstore, holder="a").acquire()
+    base, _ = commit(runstore, tmp_path, 10)
+    successor = RunStore(open_store(store_uri), runstore.run)
+    real_read_head, reads = runstore.read_head, []
+
+    def read_head_then_takeover():
+        reads.append(1)
+        if len(reads) == 2:  # the first read passed the fence check; now B arrives
+            LeaseManager(successor, holder="b").acquire(takeover=True)
+        return real_read_head()
+
+    runstore.read_head = read_head_then_takeover
+    with pytest.raises(FencedError):
+        commit(runstore, tmp_path, 20)
+    head, _ = real_read_head()
+    assert (head.generation, head.checkpoint) == (2, base)
+    assert successor.list_checkpoints() == [base]
+    successor.store.close()
