@@ -413,7 +413,9 @@ class Checkpointer:
         self._committed(step, save_s, upload_s)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        # Let an upload in flight land (or fail on the fence) before the lease is released, so
+        # no commit of ours can race the next agent's start.
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Session:
