@@ -139,42 +139,49 @@ class _Grads:
             self.b.add_(grad_logits.sum(0))
 
 
-def _chunked_loss(hidden, weight, bias, labels, scale, ignore_index, grads, chunk_size, ce_grad):
+def _chunked_loss(hidden, weight, bias, labels, ignore_index, grads, chunk_size, backend):
+    """Sum of the token losses; fills `grads` (unscaled) chunk by chunk when given."""
+    ce_grad = ce_grad_triton if backend == "triton" else ce_grad_reference
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
+    for start in range(0, hidden.shape[0], chunk):
+        rows = slice(start, start + chunk)
         x_chunk = hidden[rows].to(weight.dtype)
         logits = F.linear(x_chunk, weight, bias).float()
-        loss_rows = ce_grad(logits, labels[rows], scale, ignore_index)
-        total += loss_rows.sum()
+        total += ce_grad(logits, labels[rows], 1.0, ignore_index).sum()
         if grads is not None:
             grads.add(rows, logits, x_chunk, weight)
         del logits
-    return total * scale
+    return total
+
+
+def _mean_scale(labels: torch.Tensor, ignore_index: int, reduction: str) -> float:
+    n_valid = int((labels != ignore_index).sum())
+    return 1.0 / n_valid if (reduction == "mean" and n_valid) else 1.0
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, ignore_index, reduction, chunk_size, backend):
-        n_valid = int((labels != ignore_index).sum())
-        scale = 1.0 / n_valid if (reduction == "mean" and n_valid) else 1.0
         need = ctx.needs_input_grad
         grads = _Grads(hidden, weight, bias, need[0], need[1], bias is not None and need[3])
-        chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
-        ce_grad = ce_grad_triton if backend == "triton" else ce_grad_reference
-        loss = _chunked_loss(hidden, weight, bias, labels, scale, ignore_index,
-                             grads if any(need) else None, chunk, ce_grad)
+        # Gradients are built unscaled and the 1/n of a mean is applied in backward, together
+        # with the upstream gradient (which carries the fp16 loss scale): fp16 gradients of
+        # order 1/(tokens * vocab) would otherwise underflow.
+        total = _chunked_loss(hidden, weight, bias, labels, ignore_index, grads, chunk_size, backend)
         ctx.grads = grads
+        ctx.scale = _mean_scale(labels, ignore_index, reduction)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        return loss
+        return total * ctx.scale
 
     @staticmethod
     def backward(ctx, grad_out):
         grads, (w_dtype, b_dtype) = ctx.grads, ctx.dtypes
         ctx.grads = None  # free the stored buffers as soon as they are handed out
-        dx = None if grads.x is None else grads.x * grad_out.to(grads.x.dtype)
-        dw = None if grads.w is None else (grads.w * grad_out).to(w_dtype)
-        db = None if grads.b is None else (grads.b * grad_out).to(b_dtype)
+        factor = grad_out.float() * ctx.scale
+        dx = None if grads.x is None else grads.x * factor.to(grads.x.dtype)
+        dw = None if grads.w is None else (grads.w * factor).to(w_dtype)
+        db = None if grads.b is None else (grads.b * factor).to(b_dtype)
         return dx, dw, None, db, None, None, None, None
 
 
@@ -197,6 +204,13 @@ def fused_linear_cross_entropy(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(f"need hidden [N, H] and labels [N], got {tuple(hidden.shape)} and {tuple(labels.shape)}.")
+    labels = labels.to(hidden.device)
+    tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        # Evaluation: the loss alone, no gradient buffers, no autograd graph.
+        with torch.no_grad():
+            total = _chunked_loss(hidden, weight, bias, labels, ignore_index, None, chunk_size, backend)
+        return total * _mean_scale(labels, ignore_index, reduction)
     return FusedLinearCrossEntropyFunction.apply(
-        hidden, weight, labels.to(hidden.device), bias, ignore_index, reduction, chunk_size, backend
+        hidden, weight, labels, bias, ignore_index, reduction, chunk_size, backend
     )

@@ -38,12 +38,11 @@ def _rmsnorm_fwd_kernel(
     rows = row_ids[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
     mask = (rows < n_rows) & (cols < n_cols)
-    x_raw = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0)
-    x = x_raw.to(tl.float32)
+    x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     tl.store(RSTD + row_ids, rstd, mask=row_ids < n_rows)
     # Round the normalised row to the input dtype before the weight multiply, as HF does.
-    normed = (x * rstd[:, None]).to(x_raw.dtype).to(tl.float32)
+    normed = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     tl.store(Y + rows * stride_y + cols, (w * normed).to(Y.dtype.element_ty), mask=mask)
 

@@ -127,3 +127,25 @@ def test_bad_reduction_is_refused():
     x, w, _, labels = _problem(torch.float32, bias=False)
     with pytest.raises(ValueError, match="reduction"):
         fused_linear_cross_entropy(x, w, labels, reduction="none")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_no_grad_evaluation_gives_the_same_loss(reduction):
+    x, w, b, labels = _problem(torch.float32, seed=5)
+    with torch.no_grad():
+        got = fused_linear_cross_entropy(x, w, labels, b, reduction=reduction)
+        want = linear_cross_entropy_reference(x, w, labels, b, reduction=reduction)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fp16_mean_gradients_do_not_underflow():
+    # A mean over many tokens makes per-logit gradients tiny; they are scaled after the
+    # matmuls, so fp16 hidden-state gradients keep the reference's precision.
+    x, w, _, labels = _problem(torch.float16, bias=False, seed=6, n=200)
+    got = _run(fused_linear_cross_entropy, x, w, None, labels, chunk_size=16)
+    want = _run(linear_cross_entropy_reference, x.float().detach().requires_grad_(),
+                w.float().detach().requires_grad_(), None, labels)
+    valid = labels != -100
+    assert (got[1][valid] != 0).float().mean() > 0.99 and (got[1][~valid] == 0).all()
+    torch.testing.assert_close(got[1].float(), want[1], atol=1e-5, rtol=2e-2)
