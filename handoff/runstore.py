@@ -136,7 +136,8 @@ class RunStore:
         got = self.store.read_optional(self.checkpoint_key(checkpoint, "manifest.json"))
         if got is None:
             return None
-        return Manifest.from_json(got.data, source=self._where(f"checkpoints/{checkpoint}/manifest.json"))
+        source = self._where(f"checkpoints/{checkpoint}/manifest.json")
+        return Manifest.from_json(got.data, source=source)
 
     def _where(self, name: str) -> str:
         return f"{self.store.uri.rstrip('/')}/{self.key(name)}"
