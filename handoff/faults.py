@@ -1,0 +1,136 @@
+"""Kill points: let a test SIGKILL the agent at a chosen moment, as a lost VM would die.
+
+`BATON_KILLPOINT=name` or `name:N` makes the process SIGKILL itself the N-th time (default
+the first) it passes `killpoint(name)`. SIGKILL, not an exception: no `finally`, no signal
+handler, no flush runs, which is exactly what a preempted notebook or an OOM kill leaves behind.
+
+Names:
+    upload       between the files of a checkpoint upload (some files landed, no manifest)
+    before_head  files and manifest uploaded, HEAD not moved yet
+    renew        inside a lease renewal, before its write
+    step         inside a train step, before it runs
+
+With the variable unset, `killpoint` is a dictionary lookup and a return: cheap enough for
+the training loop. `install_from_env()` wraps the places above when the variable is set, for
+a build of the agent whose code does not call `killpoint` itself (see scripts/killtest.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import threading
+from collections import Counter
+from typing import Optional
+
+ENV = "BATON_KILLPOINT"
+NAMES = ("upload", "before_head", "renew", "step")
+ANNOUNCE = "baton-killpoint:"  # the line a killed process writes to stderr just before dying
+
+_passes: Counter = Counter()
+_lock = threading.Lock()  # the heartbeat thread and the upload thread pass kill points too
+_installed = False
+
+
+class KillpointError(ValueError):
+    """BATON_KILLPOINT names no known kill point or has a bad count."""
+
+
+def parse(spec: str) -> tuple[str, int]:
+    """'upload' -> ('upload', 1); 'step:3' -> ('step', 3)."""
+    name, _, count = spec.strip().partition(":")
+    if name not in NAMES:
+        raise KillpointError(f"{ENV}={spec!r}: unknown kill point {name!r}; use one of "
+                             f"{', '.join(NAMES)}, optionally with ':N' (the N-th pass)")
+    try:
+        nth = int(count) if count else 1
+    except ValueError:
+        raise KillpointError(f"{ENV}={spec!r}: the count after ':' must be a whole number")
+    if nth < 1:
+        raise KillpointError(f"{ENV}={spec!r}: the count after ':' starts at 1")
+    return name, nth
+
+
+def target() -> Optional[tuple[str, int]]:
+    spec = os.environ.get(ENV)
+    return parse(spec) if spec else None
+
+
+def killpoint(name: str) -> None:
+    """SIGKILL this process if BATON_KILLPOINT names `name` and this is its N-th pass."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    wanted, nth = parse(spec)
+    if wanted != name:
+        return
+    with _lock:
+        _passes[name] += 1
+        count = _passes[name]
+    if count == nth:
+        # One line so that a test can tell a kill point's death from any other.
+        os.write(sys.stderr.fileno(), f"{ANNOUNCE} {name}:{count}\n".encode())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def passes(name: str) -> int:
+    """How many times `killpoint(name)` was passed in this process (for tests)."""
+    with _lock:
+        return _passes[name]
+
+
+# -- wrapping the kill sites, for an agent whose code does not call killpoint() ---------------
+
+def install_from_env() -> bool:
+    """Wrap the kill sites when BATON_KILLPOINT is set; False (nothing done) when it is not.
+
+    Idempotent. Imports the engine (torch) only when the variable names `step`."""
+    global _installed
+    wanted = target()
+    if wanted is None or _installed:
+        return _installed
+    _wrap_publish()
+    _wrap_renew()
+    if wanted[0] == "step":
+        _wrap_train_step()
+    _installed = True
+    return True
+
+
+def _wrap_publish() -> None:
+    """Store.publish of the backends that upload files, then write HEAD (local, S3): the
+    Hub's publish is one commit, where neither kill point can fall between its parts."""
+    from .store import Store
+
+    def publish(self, files, key, data, *, expect):
+        for index, (name, path) in enumerate(files.items()):
+            if index:
+                killpoint("upload")
+            self.upload(name, path)
+        killpoint("before_head")
+        return self.write(key, data, expect=expect)
+
+    Store.publish = publish
+
+
+def _wrap_renew() -> None:
+    from .lease import LeaseManager
+
+    LeaseManager.renew = _before(LeaseManager.renew, "renew")
+
+
+def _wrap_train_step() -> None:
+    from training.engine import Trainer
+
+    Trainer.train_step = _before(Trainer.train_step, "step")
+
+
+def _before(method, name: str):
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        killpoint(name)
+        return method(*args, **kwargs)
+
+    return wrapped
