@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.dispatch import launchable
 from kernels.nf4 import dequantize_nf4
 from kernels.swiglu import swiglu_fwd, swiglu_bwd
 
@@ -330,7 +331,8 @@ def _projection(layer: nn.Module) -> Projection | None:
     """The layer as a Projection, or None if it cannot run fused right now.
 
     Checked on every call because PEFT state changes after patching: `disable_adapter()`,
-    `merge_adapter()`, `set_adapter()`, or bitsandbytes repacking a weight for CPU inference.
+    `merge_adapter()`, `set_adapter()`, or bitsandbytes repacking a weight for its AVX-512 CPU
+    kernel (which it does in place on an eval-mode, no-grad CPU forward).
     """
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
@@ -356,25 +358,28 @@ def _install(module: nn.Module, impl) -> None:
     """Give `module` a forward that runs `impl(module, original_forward, *args, **kwargs)`."""
     if getattr(module.__dict__.get("forward"), _MARK, False):
         return
-    original = module.forward
+    previous = module.__dict__.get("forward")  # an instance forward someone set before us
 
     def forward(self, *args, **kwargs):
+        # The class's forward is looked up on every call, so a later patch of the class
+        # (or a swap of the instance's class) still takes effect under ours.
+        original = previous if previous is not None else types.MethodType(type(self).forward, self)
         return impl(self, original, *args, **kwargs)
 
     setattr(forward, _MARK, True)
-    forward._baton_previous = module.__dict__.get("forward")  # an instance forward we wrap
+    forward._baton_previous = previous
     module.forward = types.MethodType(forward, module)
 
 
 def _linear_forward(layer, original, x, *args, **kwargs):
-    p = _projection(layer)
+    p = _projection(layer) if launchable(x) else None
     if p is None or args or kwargs:
         return original(x, *args, **kwargs)
     return lora_linear(x, p)
 
 
 def _mlp_forward(mlp, original, x, *args, **kwargs):
-    projs = _projections(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    projs = _projections(mlp.gate_proj, mlp.up_proj, mlp.down_proj) if launchable(x) else None
     if projs is None or args or kwargs:
         return original(x, *args, **kwargs)
     return lora_mlp(x, *projs)
@@ -384,7 +389,8 @@ def _attention_forward(attn, original, *args, **kwargs):
     # Q, K and V come from one fused call; the model's own attention code then runs unchanged
     # (RoPE, KV cache, attention backend, sliding window) and gets them from q/k/v_proj.
     hidden = args[0] if args else kwargs.get("hidden_states")
-    projs = None if hidden is None else _projections(attn.q_proj, attn.k_proj, attn.v_proj)
+    fits = hidden is not None and launchable(hidden)
+    projs = _projections(attn.q_proj, attn.k_proj, attn.v_proj) if fits else None
     if projs is None:
         return original(*args, **kwargs)
     q, k, v = lora_qkv(hidden, *projs)

@@ -35,19 +35,22 @@ class NF4FormatError(ValueError):
 @triton.jit
 def _nf4_dequant_kernel(
     OUT, PACKED, ABSMAX, CODE, ABSMAX2, CODE2, OFFSET,
-    n_elements, n_bytes, half_block, blocksize2,
+    n_elements, n_bytes,
+    HALF_BLOCK: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     NESTED: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # The block sizes are compile-time constants (64 and 256 in practice), so the index
+    # divisions become shifts.
     # One program decodes BLOCK bytes into 2 * BLOCK outputs. A quantization block holds an
     # even number of elements, so both nibbles of a byte share one absmax.
     pid = tl.program_id(0).to(tl.int64)
     byte_idx = pid * BLOCK + tl.arange(0, BLOCK)
     byte_ok = byte_idx < n_bytes
     packed = tl.load(PACKED + byte_idx, mask=byte_ok, other=0).to(tl.int32)
-    block = byte_idx // half_block
+    block = byte_idx // HALF_BLOCK
     if NESTED:
         q = tl.load(ABSMAX + block, mask=byte_ok, other=0).to(tl.int32)
-        scale2 = tl.load(ABSMAX2 + block // blocksize2, mask=byte_ok, other=0.0)
+        scale2 = tl.load(ABSMAX2 + block // BLOCKSIZE2, mask=byte_ok, other=0.0)
         scale = tl.load(CODE2 + q, mask=byte_ok, other=0.0) * scale2
         scale = scale + tl.load(OFFSET)
     else:
@@ -150,7 +153,7 @@ def dequantize_nf4(weight: torch.Tensor, quant_state, out_dtype: torch.dtype | N
     grid = (triton.cdiv(n_bytes, _BYTES_PER_PROGRAM),)
     _nf4_dequant_kernel[grid](
         out, packed, absmax, code, absmax2, code2, offset,
-        n_elements, n_bytes, quant_state.blocksize // 2, blocksize2,
+        n_elements, n_bytes, HALF_BLOCK=quant_state.blocksize // 2, BLOCKSIZE2=blocksize2,
         NESTED=bool(quant_state.nested), OUT_BF16=out_dtype == torch.bfloat16, BLOCK=_BYTES_PER_PROGRAM, enable_fp_fusion=False,
     )
     return out

@@ -273,7 +273,7 @@ def test_patched_dense_lora_model_matches_peft(tiny_dirs, calls):
     assert calls["LoRAQKVFunction.backward"] == LAYERS
 
 
-def test_disabled_adapters_fall_back_and_unpatch_restores(tiny_dirs, calls):
+def test_disabled_adapters_fall_back_and_unpatch_restores(tiny_dirs, calls, monkeypatch):
     model = _peft_model(tiny_dirs["llama"])
     ids = _ids(3)
     with torch.no_grad(), model.disable_adapter():
@@ -286,6 +286,15 @@ def test_disabled_adapters_fall_back_and_unpatch_restores(tiny_dirs, calls):
     with torch.no_grad():
         patched_logits = model(input_ids=ids).logits
     assert calls["LoRAQKVFunction.forward"] == LAYERS
+
+    # Where no Triton kernel can run (a CPU tensor without the interpreter) the model's own
+    # path runs instead of failing.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, patched_logits, rtol=1e-4, atol=1e-5)
+    assert not calls
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
     assert lora.unpatch_peft_lora(model) == names
     assert all("forward" not in m.__dict__ for m in model.modules())
