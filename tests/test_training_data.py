@@ -169,3 +169,9 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path):
 
     pq.write_table(pa.Table.from_pylist(pairs_records(4)), tmp_path / "d.parquet")
     assert detect_format(tmp_path / "d.parquet") == "pairs"
+
+
+def test_chat_without_assistant_turn_is_refused(tokenizer):
+    record = {"messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(DataError, match="no assistant turn"):
+        Encoder(tokenizer, "chat", 64)(record)

@@ -78,18 +78,21 @@ class Encoder:
             messages, tokenize=False, add_generation_prompt=generation)
 
     def _assistant_spans(self, messages, full: str) -> list[tuple[int, int]]:
+        """Character spans of the assistant turns in `full`, the whole rendered conversation."""
         spans = []
         for i, message in enumerate(messages):
             if message.get("role") != "assistant":
                 continue
-            start = len(self._render(messages[:i], generation=True)) if i else 0
-            end = len(self._render(messages[: i + 1], generation=False))
-            if full[:end] != self._render(messages[: i + 1], generation=False):
-                raise DataError("the chat template is not prefix-stable; render the data as "
-                                "pairs (prompt/completion) instead")
-            spans.append((start, end))
+            before = self._render(messages[:i], generation=True) if i else ""
+            through = self._render(messages[: i + 1], generation=False)
+            if not (through.startswith(before) and full.startswith(through)):
+                raise DataError("the tokenizer's chat template renders a conversation's start "
+                                "differently from the whole; give the data as prompt/completion "
+                                "pairs instead")
+            spans.append((len(before), len(through)))
         if not spans:
-            raise DataError("a chat record has no assistant turn to train on")
+            raise DataError("a chat record has no assistant turn to train on; every "
+                            "conversation needs at least one {'role': 'assistant'} message")
         return spans
 
 
