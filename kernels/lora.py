@@ -88,18 +88,27 @@ def _forward_one(x2: torch.Tensor, p: Projection, xa: torch.Tensor | None = None
     return y, xa
 
 
-def _backward_one(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, p: Projection, dx, need_dx: bool):
-    """Gradients of one projection; adds its share of dx into `dx` (None: start it)."""
-    dtype = dy.dtype
-    b = p.lora_B.to(dtype)
-    dyb = dy @ b
+def _adapter_grads(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, p: Projection):
+    """(dy B, dA, dB) of one projection whose input was `x2`."""
+    dyb = dy @ p.lora_B.to(dy.dtype)
     d_a = (dyb.t() @ x2).mul_(p.scaling)
     d_b = (dy.t() @ xa).mul_(p.scaling)
+    return dyb, d_a, d_b
+
+
+def _input_grad(dy: torch.Tensor, dyb: torch.Tensor, p: Projection, dx: torch.Tensor | None):
+    """Adds dy W + s (dy B) A into `dx` (None: starts it); W is dequantized again and dropped."""
+    w = dense_weight(p, dy.dtype)
+    dx = dy @ w if dx is None else dx.addmm_(dy, w)
+    del w
+    return dx.addmm_(dyb, p.lora_A.to(dy.dtype), alpha=p.scaling)
+
+
+def _backward_one(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, p: Projection, dx, need_dx: bool):
+    """Gradients of one projection; adds its share of dx into `dx` (None: start it)."""
+    dyb, d_a, d_b = _adapter_grads(dy, x2, xa, p)
     if need_dx:
-        w = dense_weight(p, dtype)
-        dx = dy @ w if dx is None else dx.addmm_(dy, w)
-        del w
-        dx.addmm_(dyb, p.lora_A.to(dtype), alpha=p.scaling)
+        dx = _input_grad(dy, dyb, p, dx)
     return dx, d_a, d_b
 
 
@@ -214,8 +223,11 @@ class LoRAMLPFunction(_FusedLoRA):
             g, _ = _forward_one(x2, gate, xa_g)
             u, _ = _forward_one(x2, up, xa_u)
             h = swiglu_fwd(g, u)
-            dh, d_ad, d_bd = _backward_one(dy2, h, ha_d, down, None, True)
+            # h is needed for dA of down only: drop it before dh exists, so at most three
+            # [tokens, intermediate] buffers (g, u, dh) are alive at once.
+            dyb, d_ad, d_bd = _adapter_grads(dy2, h, ha_d, down)
             del h
+            dh = _input_grad(dy2, dyb, down, None)
             dg, du = swiglu_bwd(dh, g, u, inplace=True)
             del dh
             dx, d_ag, d_bg = _backward_one(dg, x2, xa_g, gate, None, ctx.needs_input_grad[0])

@@ -14,6 +14,10 @@ The kernel follows that arithmetic step by step, so its output is bit-identical 
 `bitsandbytes.functional.dequantize_4bit` in fp32, fp16 and bf16. Floating-point contraction is
 turned off at launch: an FMA in the nested-absmax decode would round differently from
 bitsandbytes, which multiplies and adds in two separate kernels.
+
+The layout is the flat one of bitsandbytes' CUDA and portable PyTorch kernels. Its CPU C
+kernel (0.50.2, AVX-512) disagrees, wrongly, on rows that straddle 64-blocks with an even
+length (in_features 32, 48, 80, 96, 160...); real models' widths are multiples of 64.
 """
 
 from __future__ import annotations
