@@ -242,15 +242,20 @@ def render(status: dict[str, Any], console=None) -> None:
         console.print(_sessions_table(status["sessions"]))
 
 
+def _when(iso: Optional[str]) -> str:
+    """'2026-11-23T17:25:31.5+00:00' -> '11-23 17:25:31' (UTC): fits a narrow terminal."""
+    return "" if not iso else iso[5:19].replace("T", " ")
+
+
 def _sessions_table(rows: list[dict[str, Any]]):
     from rich.table import Table
 
-    table = Table(title="Sessions")
+    table = Table(title="Sessions (times in UTC)")
     for col in ("#", "host", "gpu", "started", "ended", "steps", "tokens/s", "kernels", "exit"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("started", "ended", "steps"))
     for i, s in enumerate(rows, start=1):
         table.add_row(str(i), s["host"], f"{s['gpu']} x{s['gpu_count']}" if s["gpu_count"] > 1
-                      else s["gpu"], (s["started"] or "-")[:19], (s["ended"] or "running")[:19],
+                      else s["gpu"], _when(s["started"]), _when(s["ended"]) or "running",
                       f"{s['start_step']}->{s['end_step']}", f"{s['tokens_per_s']:,.0f}",
                       s["kernels"], _num(s["exit_code"]))
     return table

@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""`make demo`: one fine-tune handed from one session to the next, offline, on a CPU.
+
+    python scripts/demo.py [--out demo-out] [--steps 300] [--session-limit 45s]
+
+It builds a tiny Llama-shaped model and tokenizer, a dataset of docstring -> function pairs
+from Python's standard library, and a run.yaml in demo-out/. Then it runs the real CLI:
+session 1 (`agent.py run --session-limit 45s`) trains until its clock runs out, commits and
+pauses (exit 75); session 2, a fresh process with a fresh work folder as if on another machine,
+resumes at the exact step and finishes (exit 0). It shows `agent.py status` and its loss plot,
+and ends with `scripts/merge.py` writing a merged model that plain transformers loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = "demo"
+MARKER = ".baton-demo"  # only a folder holding this is ever wiped by the demo
+PAUSED, FINISHED = 75, 0
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "demo-out", help="demo folder")
+    # Session 1 must not finish inside its limit even on a fast machine (~6 steps/s), and
+    # session 2 should take minutes, not more, on a slow one (~1 step/s).
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of the run")
+    parser.add_argument("--session-limit", default="45s",
+                        help="session 1's wall-clock limit: short, so that it pauses")
+    parser.add_argument("--samples", type=int, default=200, help="dataset size")
+    return parser.parse_args(argv)
+
+
+def say(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m", flush=True)
+
+
+def fresh_folder(out: Path) -> Path:
+    """An empty demo folder; refuses to wipe a folder the demo did not make."""
+    out = out.resolve()
+    if out.exists():
+        if not (out / MARKER).is_file():
+            raise SystemExit(f"{out} exists and was not made by the demo; pass --out with a new "
+                             "folder, or delete it yourself")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("made by scripts/demo.py; deleted by the next demo run\n")
+    return out
+
+
+def build_inputs(out: Path, samples: int) -> tuple[Path, Path]:
+    """(model folder, data file): the tiny model, its tokenizer and the dataset."""
+    sys.path.insert(0, str(ROOT))
+    from scripts.demo_data import write_jsonl
+    from scripts.tiny_model import build_tiny
+
+    data = write_jsonl(out / "data" / "train.jsonl", count=samples)
+    model = build_tiny(out / "model", "llama")
+    return model, data
+
+
+def write_config(out: Path, model: Path, steps: int) -> Path:
+    """run.yaml with every key, as a user would write it (the data path is relative to it)."""
+    import yaml
+
+    config = {
+        "run": RUN, "store": str(out / "store"),
+        "model": {"name": str(model), "revision": "main", "load_in_4bit": True},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"train": "data/train.jsonl", "format": "pairs", "eval": 0.05,
+                 "max_seq_len": 128, "packing": False},
+        "train": {"max_steps": steps, "batch_size": 4, "micro_batch_size": 4, "lr": 2.0e-3,
+                  "schedule": "linear", "warmup": 0.05, "optimizer": "adamw",
+                  "max_grad_norm": 1.0, "weight_decay": 0.0, "seed": 3407},
+        "checkpoint": {"every": "15s", "keep": 3, "optimizer": True},
+        "session": {"limit": None},
+    }
+    path = out / "run.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def agent(*args: str) -> int:
+    """The real CLI in a fresh process, its output shown as it comes."""
+    command = [sys.executable, str(ROOT / "agent.py"), *args]
+    print("$ " + " ".join(_short(a) for a in command[1:]), flush=True)
+    return subprocess.run(command, cwd=ROOT).returncode
+
+
+def _short(arg: str) -> str:
+    return arg.replace(str(ROOT) + "/", "")
+
+
+def status_json(out: Path) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from handoff import open_store
+    from handoff.status import collect_status
+
+    store = open_store(str(out / "store"))
+    try:
+        return collect_status(store, RUN)
+    finally:
+        store.close()
+
+
+def run_sessions(out: Path, config: Path, session_limit: str) -> tuple[int, int]:
+    """Session 1 (paused by its limit) and session 2 (another work folder); the steps where
+    session 1 stopped and session 2 began."""
+    say(f"session 1 on 'machine A': limit {session_limit}, so it pauses part way")
+    code = agent("run", "--config", str(config), "--session-limit", session_limit,
+                 "--session-start", "now", "--workdir", str(out / "machine-a"))
+    if code != PAUSED:
+        hint = (" (it finished inside its limit: this machine is fast; rerun with a larger "
+                "--steps)" if code == FINISHED else "")
+        raise SystemExit(f"session 1 exited {code}, expected {PAUSED} (paused){hint}")
+    paused_at = status_json(out)["step"]
+    say("session 2 on 'machine B': a fresh process and an empty work folder")
+    code = agent("run", "--config", str(config), "--workdir", str(out / "machine-b"))
+    if code != FINISHED:
+        raise SystemExit(f"session 2 exited {code}, expected {FINISHED} (finished)")
+    sessions = status_json(out)["sessions"]
+    return paused_at, sessions[-1]["start_step"]
+
+
+def merge(out: Path) -> int:
+    command = [sys.executable, str(ROOT / "scripts" / "merge.py"), "--store", str(out / "store"),
+               "--run", RUN, "--out", str(out / "merged"), "--dtype", "float32"]
+    print("$ " + " ".join(_short(a) for a in command[1:]), flush=True)
+    return subprocess.run(command, cwd=ROOT).returncode
+
+
+def try_merged(out: Path) -> str:
+    """Greedy completion of one prompt by the merged model, loaded with plain transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "merged")
+    model = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    first = json.loads((out / "data" / "train.jsonl").read_text().splitlines()[0])
+    ids = tokenizer(first["prompt"], return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=24, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    out = fresh_folder(args.out)
+    say("building a tiny model, its tokenizer and the dataset")
+    model, data = build_inputs(out, args.samples)
+    config = write_config(out, model, args.steps)
+    print(f"model {_short(str(model))}, {args.samples} samples in {_short(str(data))}, "
+          f"config {_short(str(config))}")
+    paused_at, resumed_at = run_sessions(out, config, args.session_limit)
+    say("status, readable from any machine")
+    agent("status", "--store", str(out / "store"), "--run", RUN, "--plot", str(out / "loss.png"))
+    say("merge the adapter into the base model")
+    if merge(out) != 0:
+        raise SystemExit("merge failed; see its message above")
+    sample = try_merged(out)
+    say("done")
+    print(f"session 1 paused at step {paused_at}, session 2 resumed at step {resumed_at}"
+          f"{' (the same step)' if paused_at == resumed_at else ' (MISMATCH)'}")
+    print(f"merged model: {_short(str(out / 'merged'))}; loss plot: {_short(str(out / 'loss.png'))}")
+    print(f"the merged model continues the first prompt with: {sample!r}")
+    print(f"demo took {time.monotonic() - started:.0f} s")
+    return 0 if paused_at == resumed_at else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
