@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Optional
@@ -67,6 +68,15 @@ def install_logging(verbose: bool) -> None:
                         force=True)
     logging.getLogger("baton").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.captureWarnings(True)  # library warnings pass the scrubber too
+    sys.excepthook = _scrubbed_excepthook
+    threading.excepthook = lambda a: _scrubbed_excepthook(a.exc_type, a.exc_value,
+                                                          a.exc_traceback)
+
+
+def _scrubbed_excepthook(exc_type, exc, tb) -> None:
+    """Tracebacks that escape (other threads, interpreter exit) are scrubbed as well."""
+    text = "".join(traceback.format_exception(exc_type, exc, tb))
+    print(scrub(text), file=sys.stderr, flush=True)
 
 
 def fail(message: str) -> None:

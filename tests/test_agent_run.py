@@ -265,3 +265,14 @@ def test_spec_mismatch_names_each_field_and_writes_nothing(tiny, tmp_path):
     assert after == before
     spec = json.loads((tmp_path / "store" / "t" / "spec.json").read_text())
     assert spec["model"]["revision"].startswith("local:"), "the model revision is pinned"
+
+
+def test_scrub_hides_credentials_but_keeps_commit_ids(monkeypatch):
+    import agent
+
+    aws = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    text = agent.scrub(f"auth {aws} failed; token hf_{'a1B2' * 8}; model at {commit}")
+    assert aws not in text and "hf_a1B2" not in text
+    assert "<AWS_SECRET_ACCESS_KEY>" in text and commit in text
