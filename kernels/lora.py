@@ -104,7 +104,7 @@ def _input_grad(dy: torch.Tensor, dyb: torch.Tensor, p: Projection, dx: torch.Te
     return dx.addmm_(dyb, p.lora_A.to(dy.dtype), alpha=p.scaling)
 
 
-def _backward_one(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, p: Projection, dx, need_dx: bool):
+def _backward_one(dy, x2, xa, p: Projection, dx: torch.Tensor | None, need_dx: bool):
     """Gradients of one projection; adds its share of dx into `dx` (None: start it)."""
     dyb, d_a, d_b = _adapter_grads(dy, x2, xa, p)
     if need_dx:
@@ -123,10 +123,10 @@ def _rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _FusedLoRA(torch.autograd.Function):
-    """Shared plumbing: stash the projections' frozen parts on ctx, the adapters in saved tensors."""
+    """Shared plumbing: frozen parts of the projections on ctx, adapters in saved tensors."""
 
     @staticmethod
-    def _stash(ctx, x: torch.Tensor, projs: list[Projection], dtype: torch.dtype, saved: list) -> None:
+    def _stash(ctx, x: torch.Tensor, projs: list[Projection], dtype: torch.dtype, saved) -> None:
         ctx.x_shape, ctx.x_dtype, ctx.dtype = x.shape, x.dtype, dtype
         # Frozen base weights and their quant states stay on ctx (no copy, no version check);
         # the trainable adapters go through save_for_backward so in-place changes are caught.
@@ -312,7 +312,8 @@ def _base_kind(base: nn.Module) -> str | None:
 def _is_bnb_linear4bit(module: nn.Module) -> bool:
     # Looked up by name so that importing this file never imports bitsandbytes.
     return any(
-        c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__
+        c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes")
+        for c in type(module).__mro__
     )
 
 
@@ -333,7 +334,8 @@ def lora_skip_reason(layer: nn.Module) -> str | None:
         return "lora_bias=True is not supported by the fused path"
     base = layer.get_base_layer()
     if _base_kind(base) is None:
-        return f"base layer {type(base).__name__} is neither bitsandbytes NF4 Linear4bit nor nn.Linear"
+        kind = type(base).__name__
+        return f"base layer {kind} is neither a bitsandbytes NF4 Linear4bit nor an nn.Linear"
     if base.weight.requires_grad or not isinstance(layer.lora_A[name], nn.Linear):
         return "base weight is trainable or the adapter is not a linear LoRA"
     return None
@@ -354,11 +356,14 @@ def _projection(layer: nn.Module) -> Projection | None:
     base = layer.get_base_layer()
     quant_state = None
     if _base_kind(base) == "nf4":
-        quant_state = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
+        # bitsandbytes keeps a module-level copy for when the parameter loses its own.
+        quant_state = getattr(base.weight, "quant_state", None)
+        quant_state = quant_state or getattr(base, "quant_state", None)
         if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):
             return None
     lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    return Projection(base.weight, quant_state, base.bias, lora_a, lora_b, float(layer.scaling[name]))
+    scaling = float(layer.scaling[name])
+    return Projection(base.weight, quant_state, base.bias, lora_a, lora_b, scaling)
 
 
 def _projections(*layers: nn.Module) -> list[Projection] | None:
@@ -406,7 +411,11 @@ def _attention_forward(attn, original, *args, **kwargs):
     if projs is None:
         return original(*args, **kwargs)
     q, k, v = lora_qkv(hidden, *projs)
-    with _serving(attn.q_proj, hidden, q), _serving(attn.k_proj, hidden, k), _serving(attn.v_proj, hidden, v):
+    with (
+        _serving(attn.q_proj, hidden, q),
+        _serving(attn.k_proj, hidden, k),
+        _serving(attn.v_proj, hidden, v),
+    ):
         return original(*args, **kwargs)
 
 
@@ -470,10 +479,14 @@ def _log_skipped(skipped: dict[str, str]) -> None:
     for name, reason in skipped.items():
         by_reason.setdefault(reason, []).append(name)
     for reason, names in by_reason.items():
-        log.warning("fused LoRA not used for %d layer(s) (e.g. %s): %s", len(names), names[0], reason)
+        log.warning(
+            "fused LoRA not used for %d layer(s) (e.g. %s): %s", len(names), names[0], reason
+        )
 
 
-def patch_peft_lora(model: nn.Module, backend: str, skipped: dict[str, str] | None = None) -> list[str]:
+def patch_peft_lora(
+    model: nn.Module, backend: str, skipped: dict[str, str] | None = None
+) -> list[str]:
     """Route a PEFT LoRA model's attention and MLP projections through the fused functions.
 
     For Llama, Mistral and Qwen2: Q/K/V through `LoRAQKVFunction`, O through

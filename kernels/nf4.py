@@ -102,7 +102,9 @@ def _check_state(quant_state, out_dtype: torch.dtype | None) -> torch.dtype:
             "with bnb_4bit_quant_type='nf4'."
         )
     if quant_state.blocksize % 2:
-        raise NF4FormatError(f"blocksize {quant_state.blocksize} is odd; bitsandbytes never writes that")
+        raise NF4FormatError(
+            f"blocksize {quant_state.blocksize} is odd; bitsandbytes never writes that"
+        )
     out_dtype = out_dtype or quant_state.dtype
     if out_dtype not in _OUT_DTYPES:
         raise NF4FormatError(f"out_dtype must be float32, float16 or bfloat16, not {out_dtype}")
@@ -134,7 +136,9 @@ def _offset_tensor(offset, device: torch.device) -> torch.Tensor:
     return torch.tensor([float(offset)], dtype=torch.float32, device=device)
 
 
-def dequantize_nf4(weight: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4(
+    weight: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Dequantize a bitsandbytes NF4 weight to a dense `quant_state.shape` tensor.
 
     `weight` is the `Params4bit` (or its packed data tensor), `quant_state` its
@@ -158,7 +162,8 @@ def dequantize_nf4(weight: torch.Tensor, quant_state, out_dtype: torch.dtype | N
     _nf4_dequant_kernel[grid](
         out, packed, absmax, code, absmax2, code2, offset,
         n_elements, n_bytes, HALF_BLOCK=quant_state.blocksize // 2, BLOCKSIZE2=blocksize2,
-        NESTED=bool(quant_state.nested), OUT_BF16=out_dtype == torch.bfloat16, BLOCK=_BYTES_PER_PROGRAM, enable_fp_fusion=False,
+        NESTED=bool(quant_state.nested), OUT_BF16=out_dtype == torch.bfloat16,
+        BLOCK=_BYTES_PER_PROGRAM, enable_fp_fusion=False,
     )
     return out
 

@@ -42,7 +42,9 @@ def _projection(seed: int, d_in: int, d_out: int, dtype, *, bias=False, nf4=True
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(d_out, d_in, generator=gen) / d_in**0.5
     if nf4:
-        weight, state = bnbf.quantize_4bit(w.to(dtype), quant_type="nf4", compress_statistics=nested)
+        weight, state = bnbf.quantize_4bit(
+            w.to(dtype), quant_type="nf4", compress_statistics=nested
+        )
     else:
         weight, state = w.to(dtype), None
     a = (torch.randn(R, d_in, generator=gen) / d_in**0.5).requires_grad_()
@@ -56,11 +58,13 @@ def _twin(p: Projection) -> Projection:
     def leaf(t):
         return None if t is None else t.detach().clone().requires_grad_()
 
-    return Projection(p.weight, p.quant_state, leaf(p.bias), leaf(p.lora_A), leaf(p.lora_B), p.scaling)
+    a, b = leaf(p.lora_A), leaf(p.lora_B)
+    return Projection(p.weight, p.quant_state, leaf(p.bias), a, b, p.scaling)
 
 
 def _x(shape, dtype, seed=0):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype).requires_grad_()
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen).to(dtype).requires_grad_()
 
 
 def _backward(outputs, seed=1) -> None:
@@ -106,10 +110,12 @@ def test_qkv_matches_reference_with_biases_and_gqa(dtype):
 def test_mlp_matches_reference(dtype):
     # in_features of 64-multiples: bitsandbytes' CPU dequantization, which the reference uses,
     # mis-scales rows that straddle 64-blocks with an even length (see test_kernels_nf4.py).
-    projs = [_projection(5, 64, 128, dtype), _projection(6, 64, 128, dtype), _projection(7, 128, 64, dtype)]
+    projs = [_projection(5, 64, 128, dtype), _projection(6, 64, 128, dtype),
+             _projection(7, 128, 64, dtype)]
     refs = [_twin(p) for p in projs]
     x, x_ref = _x((13, 64), dtype), _x((13, 64), dtype)
-    _compare([lora_mlp(x, *projs)], [lora_mlp_reference(x_ref, *refs)], x, x_ref, projs, refs, dtype)
+    out, ref = [lora_mlp(x, *projs)], [lora_mlp_reference(x_ref, *refs)]
+    _compare(out, ref, x, x_ref, projs, refs, dtype)
 
 
 def test_mlp_with_biases_matches_reference():
@@ -136,7 +142,8 @@ def test_forward_saves_no_dense_weight_and_no_intermediate():
     # The point of the fused MLP: between forward and backward only x and [tokens, r]
     # products are held, never a dequantized weight or a [tokens, intermediate] activation.
     tokens, hidden, inter = 32, 64, 192
-    projs = [_projection(12, hidden, inter, torch.float32), _projection(13, hidden, inter, torch.float32),
+    projs = [_projection(12, hidden, inter, torch.float32),
+             _projection(13, hidden, inter, torch.float32),
              _projection(14, inter, hidden, torch.float32)]
     saved: list[torch.Size] = []
 
@@ -164,8 +171,9 @@ def tiny_dirs(tmp_path_factory):
     """Random tiny Llama and Qwen2 checkpoints (Qwen2 has biases on q, k and v), saved locally."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                  max_position_embeddings=64)
     dirs = {}
     for name, config, model_cls in (("llama", LlamaConfig, LlamaForCausalLM),
                                     ("qwen2", Qwen2Config, Qwen2ForCausalLM)):
@@ -187,9 +195,12 @@ def _peft_model(path, quantized: bool = True, **lora_kwargs):
             bnb_4bit_compute_dtype=torch.float32,
         )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu", **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, device_map="cpu", **kwargs
+    )
     # init_lora_weights=False: B is random too, so every adapter gets a nonzero gradient.
-    config = dict(r=R, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    config = dict(r=R, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                  init_lora_weights=False)
     config.update(lora_kwargs)
     model = get_peft_model(model, LoraConfig(**config))
     # Training mode, as in training: in eval mode bitsandbytes repacks 4-bit weights for its
@@ -247,8 +258,8 @@ def test_patched_nf4_model_matches_peft(tiny_dirs, calls, arch):
 
     patched = lora.patch_peft_lora(model, "triton")
     prefix = "base_model.model.model.layers"
-    expected = [n for i in range(LAYERS)
-                for n in (f"{prefix}.{i}.self_attn", f"{prefix}.{i}.self_attn.o_proj", f"{prefix}.{i}.mlp")]
+    expected = [f"{prefix}.{i}.{n}" for i in range(LAYERS)
+                for n in ("self_attn", "self_attn.o_proj", "mlp")]
     assert patched == expected
     _assert_same_training_signal(reference, _loss_and_grads(model, _ids()))
     for name in ("LoRAQKVFunction", "LoRALinearFunction", "LoRAMLPFunction"):
@@ -292,14 +303,16 @@ def test_disabled_adapters_fall_back_and_unpatch_restores(tiny_dirs, calls, monk
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     calls.clear()
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, patched_logits, rtol=1e-4, atol=1e-5)
+        logits = model(input_ids=ids).logits
+    torch.testing.assert_close(logits, patched_logits, rtol=1e-4, atol=1e-5)
     assert not calls
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
     assert lora.unpatch_peft_lora(model) == names
     assert all("forward" not in m.__dict__ for m in model.modules())
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, patched_logits, rtol=1e-4, atol=1e-5)
+        logits = model(input_ids=ids).logits
+    torch.testing.assert_close(logits, patched_logits, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
