@@ -139,19 +139,35 @@ class _Grads:
             self.b.add_(grad_logits.sum(0))
 
 
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype HF's lm_head matmul runs in: autocast's when it is on, else the weight's."""
+    device_type = weight.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
 def _chunked_loss(hidden, weight, bias, labels, ignore_index, grads, chunk_size, backend):
-    """Sum of the token losses; fills `grads` (unscaled) chunk by chunk when given."""
+    """Sum of the token losses; fills `grads` (unscaled) chunk by chunk when given.
+
+    Under autocast the weight is cast once here, not once a chunk (a 128k x 4k lm_head is
+    1 GiB in bf16), and the chunks then run with autocast off in that dtype.
+    """
     ce_grad = ce_grad_triton if backend == "triton" else ce_grad_reference
     chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    dtype = _compute_dtype(weight)
+    w = weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        x_chunk = hidden[rows].to(weight.dtype)
-        logits = F.linear(x_chunk, weight, bias).float()
-        total += ce_grad(logits, labels[rows], 1.0, ignore_index).sum()
-        if grads is not None:
-            grads.add(rows, logits, x_chunk, weight)
-        del logits
+    with torch.autocast(weight.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            x_chunk = hidden[rows].to(dtype)
+            logits = F.linear(x_chunk, w, b).float()
+            total += ce_grad(logits, labels[rows], 1.0, ignore_index).sum()
+            if grads is not None:
+                grads.add(rows, logits, x_chunk, w)
+            del logits
     return total
 
 

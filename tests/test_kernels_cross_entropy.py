@@ -149,3 +149,16 @@ def test_fp16_mean_gradients_do_not_underflow():
     valid = labels != -100
     assert (got[1][valid] != 0).float().mean() > 0.99 and (got[1][~valid] == 0).all()
     torch.testing.assert_close(got[1].float(), want[1], atol=1e-5, rtol=2e-2)
+
+
+def test_autocast_matches_hf_under_autocast():
+    # The trainer runs the model under autocast with an fp32 (upcast) lm_head: the logits
+    # are then bf16 matmuls, in HF's path and in the chunked one alike.
+    x, w, _, labels = _problem(torch.float32, bias=False, seed=7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _run(fused_linear_cross_entropy, x, w, None, labels, chunk_size=8, reduction="sum")
+        want = _run(linear_cross_entropy_reference, x, w, None, labels, reduction="sum")
+    for name, a, b in zip(("loss", "dhidden", "dweight"), got, want):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, atol=2e-2 * max(1.0, b.abs().max().item()), rtol=2e-2,
+                                   msg=lambda m: f"{name}: {m}")
