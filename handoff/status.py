@@ -232,7 +232,7 @@ def render(status: dict[str, Any], console=None) -> None:
         ("loss", _num(status["loss"], "{:.4f}")), ("eval loss", _num(status["eval_loss"], "{:.4f}")),
         ("checkpoint", status["checkpoint"] or "-"),
         ("lease", "-" if lease is None else
-         f"{lease['host']} ({lease['gpu']}) until {lease['expires_at']}"
+         f"{lease['host']} ({lease['gpu']}) until {_when(lease['expires_at'])} UTC"
          f"{' live' if lease['live'] else ' (released or expired)'}"),
         ("sessions left (estimate)", _num(status["sessions_left_estimate"])),
     ]:
@@ -243,19 +243,21 @@ def render(status: dict[str, Any], console=None) -> None:
 
 
 def _when(iso: Optional[str]) -> str:
-    """'2026-11-23T17:25:31.5+00:00' -> '11-23 17:25:31' (UTC): fits a narrow terminal."""
-    return "" if not iso else iso[5:19].replace("T", " ")
+    """'2026-11-23T17:25:31.5+00:00' -> '11-23 17:25' (UTC): fits a narrow terminal."""
+    return "" if not iso else iso[5:16].replace("T", " ")
 
 
 def _sessions_table(rows: list[dict[str, Any]]):
+    """One line a session, narrow enough for an 80-column notebook cell."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="Sessions (times in UTC)")
-    for col in ("#", "host", "gpu", "started", "ended", "steps", "tokens/s", "kernels", "exit"):
-        table.add_column(col, no_wrap=col in ("started", "ended", "steps"))
-    for i, s in enumerate(rows, start=1):
-        table.add_row(str(i), s["host"], f"{s['gpu']} x{s['gpu_count']}" if s["gpu_count"] > 1
-                      else s["gpu"], _when(s["started"]), _when(s["ended"]) or "running",
+    table = Table(title="Sessions (times in UTC)", box=box.SIMPLE, pad_edge=False)
+    for col in ("machine", "started", "ended", "steps", "tok/s", "kernels", "exit"):
+        table.add_column(col, no_wrap=True)
+    for s in rows:
+        gpu = f"{s['gpu']} x{s['gpu_count']}" if s["gpu_count"] > 1 else s["gpu"]
+        table.add_row(f"{s['host']} {gpu}", _when(s["started"]), _when(s["ended"]) or "running",
                       f"{s['start_step']}->{s['end_step']}", f"{s['tokens_per_s']:,.0f}",
                       s["kernels"], _num(s["exit_code"]))
     return table

@@ -147,12 +147,15 @@ def test_json_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
-def test_human_table(tmp_path, capsys):
+def test_human_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # a notebook cell's width
     uri = str(tmp_path / "store")
     _paused_run(open_store(uri))
     assert status_main(uri, RUN, as_json=False, plot=None) == 0
     out = capsys.readouterr().out
-    assert "paused" in out and "100 / 200 (50.0%)" in out and "host-s2" in out
+    assert "paused" in out and "100 / 200 (50.0%)" in out and "00000100-g2" in out
+    assert "host-s2 Tesla T4" in out and "50->100" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
 
 
 def test_corrupt_head_exits_2(tmp_path, capsys):
