@@ -52,6 +52,7 @@ class KernelReport:
     patched: list[str] = field(default_factory=list)  # ops swapped in, e.g. ["rmsnorm", "rope"]
     modules: dict[str, int] = field(default_factory=dict)  # op -> how many modules it replaced
     architecture: str = ""  # model_type, or "" when the model is not one this file knows
+    lora_modules: list[str] = field(default_factory=list)  # modules kernels.lora fused
 
 
 def _device_of(device_info_or_device: Any, model: nn.Module) -> torch.device:
@@ -219,7 +220,10 @@ def _patch_lora(model: nn.Module, backend: str, report: KernelReport) -> None:
         from kernels.lora import patch_peft_lora
     except (ImportError, AttributeError):
         return
-    report.patched += list(patch_peft_lora(model, backend))
+    report.lora_modules = list(patch_peft_lora(model, backend))
+    if report.lora_modules:
+        report.modules["fused_lora"] = len(report.lora_modules)
+        report.patched.append("fused_lora")
 
 
 def patch_model(model: nn.Module, device_info_or_device: Any) -> KernelReport:
