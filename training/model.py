@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -36,8 +37,16 @@ def resolve_revision(name: str, revision: str) -> str:
                                  "folder written by save_pretrained, or at a Hub id")
         return "local:" + hashlib.sha256(config.read_bytes()).hexdigest()
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
-    info = HfApi().model_info(name, revision=revision)
+    try:
+        # HF_ENDPOINT is read now, not at import, so a mirror set late is still honoured.
+        info = HfApi(endpoint=os.environ.get("HF_ENDPOINT")).model_info(name, revision=revision)
+    except HfHubHTTPError as exc:
+        raise ModelLoadError(
+            f"cannot find model {name!r} at revision {revision!r} on the Hub ({exc}); check "
+            "model.name and model.revision, and HF_TOKEN for a private or gated model"
+        ) from exc
     return info.sha
 
 
