@@ -276,3 +276,52 @@ def test_scrub_hides_credentials_but_keeps_commit_ids(monkeypatch):
     text = agent.scrub(f"auth {aws} failed; token hf_{'a1B2' * 8}; model at {commit}")
     assert aws not in text and "hf_a1B2" not in text
     assert "<AWS_SECRET_ACCESS_KEY>" in text and commit in text
+
+
+# -- the store down at the deadline: spool, then push from the next session -----------------
+
+@pytest.mark.slow
+def test_final_checkpoint_spooled_when_store_is_down_and_pushed_next_session(
+        tiny, tmp_path, monkeypatch):
+    import agent
+    from handoff import StoreUnavailableError
+    from handoff.lease import LeaseManager
+    from state_schema import SessionRecord
+    from training.clock import SessionClock
+    from training.engine import Trainer
+    from training.session import Checkpointer, prepare_spec
+
+    uri, workdir = str(tmp_path / "store"), tmp_path / "work"
+    config_path = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"],
+                               store=uri)
+    config = agent.load_config(agent.build_parser().parse_args(["run", "--config",
+                                                                str(config_path)]))
+    runstore = open_run(uri)
+    spec = prepare_spec(runstore, config)
+    lease = LeaseManager(runstore, ttl=600)
+    lease.acquire()
+    trainer = Trainer(spec, data_path=tiny["data"], micro_batch_size=2, device="cpu")
+    trainer.train_step()
+
+    def down(*_args, **_kwargs):
+        raise StoreUnavailableError("store unreachable (test)")
+
+    monkeypatch.setattr(runstore.store, "publish", down)
+    checkpoints = Checkpointer(runstore, lease, spec, workdir, SessionRecord(
+        session_id="s", host="h"), SessionClock(0.0, None), every=1800)
+    try:
+        spooled = checkpoints.commit_now(trainer, finished=False)
+    finally:
+        checkpoints.close()
+    assert spooled is not None and spooled.step == 1
+    assert (spooled.path / "adapter_model.safetensors").is_file()
+    assert runstore.read_head()[0].checkpoint is None, "nothing reached the store"
+    monkeypatch.undo()
+    lease.release()
+
+    pushed = run_agent(config_path, "--session-limit", "1s", workdir=workdir)
+    assert pushed.returncode == 75, pushed.stdout + pushed.stderr
+    assert "pushed checkpoint 00000001-g2" in pushed.stdout
+    head = head_of(uri)
+    assert head.checkpoint == "00000001-g2" and head.step == 1
+    assert not spooled.path.exists(), "the spool is emptied once pushed"

@@ -338,7 +338,7 @@ class Checkpointer:
     def __init__(self, runstore: RunStore, lease: LeaseManager, spec: RunSpec, workdir: Path,
                  record: SessionRecord, clock: SessionClock, every: float):
         self.runstore, self.lease, self.spec = runstore, lease, spec
-        self.staging = workdir / "staging"
+        self.workdir, self.staging = workdir, workdir / "staging"
         self.record, self.clock, self.every = record, clock, every
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-upload")
         self.pending: Optional[Future] = None
@@ -366,14 +366,32 @@ class Checkpointer:
         self.record.save_seconds.append(round(seconds, 3))
         return folder, step, seconds
 
-    def _upload(self, folder: Path, step: int, finished: bool) -> tuple[int, float]:
+    def _upload(self, folder: Path, step: int, finished: bool,
+                cleanup: bool = True) -> tuple[int, float]:
+        """Commit a saved folder (then remove it); (step, seconds)."""
         began = time.monotonic()
         try:
             commit_checkpoint(self.runstore, folder, step=step, generation=self.lease.generation,
                               finished=finished, keep=self.spec.keep)
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            if cleanup:
+                shutil.rmtree(folder, ignore_errors=True)
         return step, time.monotonic() - began
+
+    def _upload_or_spool(self, folder: Path, step: int, finished: bool):
+        """The final upload. With the store down past the retries, the checkpoint goes to the
+        local spool, which the next session on this machine pushes first (handoff/spool.py).
+        Returns (upload seconds, None) or (0, Spooled)."""
+        from handoff.spool import spool
+
+        try:
+            return self._upload(folder, step, finished, cleanup=False)[1], None
+        except StoreUnavailableError as exc:
+            log.warning("final checkpoint of step %d did not reach the store: %s", step, exc)
+            return 0.0, spool(folder, self.workdir, self.runstore.run, step,
+                              self.lease.generation, store=self.runstore.store.uri)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def start(self, trainer) -> None:
         folder, step, save_s = self.save(trainer)
@@ -402,15 +420,18 @@ class Checkpointer:
         self.record.upload_seconds.append(round(upload_s, 3))
         self.clock.observe_commit(save_s + upload_s)
 
-    def commit_now(self, trainer, finished: bool) -> None:
-        """The last checkpoint: synchronous, after any background upload has landed."""
+    def commit_now(self, trainer, finished: bool):
+        """The last checkpoint: synchronous, after any background upload has landed.
+        Returns the Spooled checkpoint when the store could not take it, else None."""
         self.poll(wait=True)
         if trainer.cursor.step == 0 or (self.committed_step == trainer.cursor.step
                                         and not finished):
-            return  # nothing trained since the last commit (or at all)
+            return None  # nothing trained since the last commit (or at all)
         folder, step, save_s = self.save(trainer)
-        _, upload_s = self._upload(folder, step, finished)
-        self._committed(step, save_s, upload_s)
+        upload_s, spooled = self._upload_or_spool(folder, step, finished)
+        if spooled is None:
+            self._committed(step, save_s, upload_s)
+        return spooled
 
     def close(self) -> None:
         # Let an upload in flight land (or fail on the fence) before the lease is released, so
@@ -486,6 +507,7 @@ class Session:
             self.lease.release()
 
     def train(self, device) -> int:
+        self._push_spool()
         ref = pull_checkpoint(self.runstore, self.workdir / "checkpoint")
         if ref is not None and ref.fell_back:
             self.say(f"warning: checkpoint {ref.previous_bad} failed verification; resuming "
@@ -504,6 +526,15 @@ class Session:
             return self._loop(trainer, checkpoints)
         finally:
             checkpoints.close()
+
+    def _push_spool(self) -> None:
+        """A checkpoint an earlier session here could not upload goes to the store first."""
+        from handoff.spool import push_pending
+
+        for cid in push_pending(self.runstore, self.workdir, self.lease.generation,
+                                keep=self.spec.keep):
+            self.say(f"pushed checkpoint {cid}, kept on this machine by an earlier session "
+                     "while the store was down")
 
     def _trainer(self, device, ref):
         from .engine import Trainer
@@ -551,7 +582,11 @@ class Session:
 
     def _last_commit(self, trainer, checkpoints: Checkpointer) -> int:
         finished = bool(trainer.finished)
-        checkpoints.commit_now(trainer, finished)
+        spooled = checkpoints.commit_now(trainer, finished)
+        if spooled is not None:
+            from handoff.spool import describe as describe_spool
+
+            return self.say.error(describe_spool(spooled), FAILED)
         step, total = trainer.cursor.step, trainer.cursor.total_steps
         if finished:
             self.say(f"run {self.config.run!r} finished: step {step}/{total} committed")
