@@ -28,7 +28,7 @@ def make_optimizer(spec: RunSpec, params: list[torch.nn.Parameter], device_type:
 
         return bnb.optim.AdamW8bit(params, **kwargs)
     if train.optimizer == "adamw_8bit":
-        log.info("adamw_8bit runs on CUDA only; using torch AdamW (fp32 states) on %s",
+        log.warning("adamw_8bit runs on CUDA only; using torch AdamW (fp32 states) on %s",
                  device_type)
     # foreach=False: one code path on every device keeps CPU resumes bit-identical.
     return torch.optim.AdamW(params, foreach=False, **kwargs)
