@@ -168,18 +168,27 @@ LAYERS = 2
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-    """Random tiny Llama and Qwen2 checkpoints (Qwen2 has biases on q, k and v), saved locally."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """Random tiny Llama, Mistral and Qwen2 checkpoints (Qwen2: biases on q, k, v), saved."""
+    from transformers import (
+        LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
                   max_position_embeddings=64)
     dirs = {}
     for name, config, model_cls in (("llama", LlamaConfig, LlamaForCausalLM),
+                                    ("mistral", MistralConfig, MistralForCausalLM),
                                     ("qwen2", Qwen2Config, Qwen2ForCausalLM)):
         torch.manual_seed(0)
         path = tmp_path_factory.mktemp(name)
-        model_cls(config(**common)).save_pretrained(path)
+        model = model_cls(config(**common))
+        with torch.no_grad():  # HF initialises biases to zero, which would test nothing
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                    module.bias.normal_(0.0, 0.5)
+        model.save_pretrained(path)
         dirs[name] = path
     return dirs
 
@@ -250,7 +259,7 @@ def _assert_same_training_signal(reference, patched, tol=1e-4) -> None:
         assert err <= tol, f"{name}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_patched_nf4_model_matches_peft(tiny_dirs, calls, arch):
     model = _peft_model(tiny_dirs[arch])
     reference = _loss_and_grads(model, _ids())
