@@ -89,11 +89,16 @@ class Report:
     def kills(self) -> list[Trial]:
         return [t for t in self.trials if t.killed]
 
-    def resumes_ok(self) -> int:
-        """Sessions after a kill that started from the HEAD the kill left, verified."""
+    def resumes(self) -> int:
+        """Sessions after a kill that got as far as resuming (a kill can come before that)."""
         pairs = zip(self.trials, self.trials[1:])
-        return sum(1 for a, b in pairs if a.killed and b.resumed_from == (a.head_after or 0)
-                   and not b.fell_back)
+        return sum(1 for a, b in pairs if a.killed and b.resumed_from is not None)
+
+    def resumes_ok(self) -> int:
+        """Of those, the ones that started from the HEAD the kill left, verified."""
+        pairs = zip(self.trials, self.trials[1:])
+        return sum(1 for a, b in pairs if a.killed and b.resumed_from is not None
+                   and b.resumed_from == (a.head_after or 0) and not b.fell_back)
 
     def committed_lost(self) -> int:
         """Kills after which the next session started below the step HEAD had committed."""
@@ -107,7 +112,8 @@ class Report:
         return {
             "store": self.store, "trials": len(self.trials), "kills": len(self.kills),
             "kills_by_kind": {k: sum(1 for t in self.kills if t.kind == k) for k in KINDS},
-            "resumes_ok": self.resumes_ok(), "committed_lost": self.committed_lost(),
+            "resumes": self.resumes(), "resumes_ok": self.resumes_ok(),
+            "committed_lost": self.committed_lost(),
             "steps_lost_max": max(lost, default=0),
             "steps_lost_mean": round(sum(lost) / len(lost), 2) if lost else 0.0,
             "seconds_lost_max": round(max(seconds, default=0.0), 2),
