@@ -344,3 +344,15 @@ def test_reference_backend_patches_nothing(tiny_dirs):
     assert all("forward" not in m.__dict__ for m in model.modules())
     with pytest.raises(ValueError, match="backend"):
         lora.patch_peft_lora(model, "cuda")
+
+
+def test_two_active_adapters_are_skipped(tiny_dirs, calls):
+    from peft import LoraConfig
+
+    model = _peft_model(tiny_dirs["llama"])
+    model.add_adapter("second", LoraConfig(r=4, target_modules="all-linear"))
+    model.base_model.set_adapter(["default", "second"])
+    skipped: dict[str, str] = {}
+    assert lora.patch_peft_lora(model, "triton", skipped=skipped) == []
+    assert len(skipped) == LAYERS * 7
+    assert all("one active adapter" in why for why in skipped.values()), skipped
