@@ -67,7 +67,8 @@ def _ce_grad_kernel(
         x = tl.load(ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(run_max, tl.max(x, axis=1))
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows past the end
-        run_sum = run_sum * tl.exp(run_max - safe_max) + tl.sum(tl.exp(x - safe_max[:, None]), axis=1)
+        block_sum = tl.sum(tl.exp(x - safe_max[:, None]), axis=1)
+        run_sum = run_sum * tl.exp(run_max - safe_max) + block_sum
         run_max = new_max
     lse = tl.where(row_ok, run_max + tl.log(tl.where(row_ok, run_sum, 1.0)), 0.0)
     safe_label = tl.where(valid, label, 0)
@@ -129,7 +130,8 @@ class _Grads:
         self.w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         self.b = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
 
-    def add(self, rows: slice, grad_logits: torch.Tensor, x_chunk: torch.Tensor, weight: torch.Tensor):
+    def add(self, rows: slice, grad_logits: torch.Tensor, x_chunk: torch.Tensor,
+            weight: torch.Tensor) -> None:
         g = grad_logits.to(weight.dtype)
         if self.x is not None:
             self.x[rows] = (g @ weight).to(self.x.dtype)
@@ -184,7 +186,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         # Gradients are built unscaled and the 1/n of a mean is applied in backward, together
         # with the upstream gradient (which carries the fp16 loss scale): fp16 gradients of
         # order 1/(tokens * vocab) would otherwise underflow.
-        total = _chunked_loss(hidden, weight, bias, labels, ignore_index, grads, chunk_size, backend)
+        total = _chunked_loss(hidden, weight, bias, labels, ignore_index, grads, chunk_size,
+                              backend)
         ctx.grads = grads
         ctx.scale = _mean_scale(labels, ignore_index, reduction)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -219,13 +222,15 @@ def fused_linear_cross_entropy(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
-        raise ValueError(f"need hidden [N, H] and labels [N], got {tuple(hidden.shape)} and {tuple(labels.shape)}.")
-    labels = labels.to(hidden.device)
+        raise ValueError(f"need hidden [N, H] and labels [N], got {tuple(hidden.shape)} "
+                         f"and {tuple(labels.shape)}; flatten batch and sequence first.")
+    labels = labels.to(device=hidden.device, dtype=torch.long)
     tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         # Evaluation: the loss alone, no gradient buffers, no autograd graph.
         with torch.no_grad():
-            total = _chunked_loss(hidden, weight, bias, labels, ignore_index, None, chunk_size, backend)
+            total = _chunked_loss(hidden, weight, bias, labels, ignore_index, None, chunk_size,
+                                  backend)
         return total * _mean_scale(labels, ignore_index, reduction)
     return FusedLinearCrossEntropyFunction.apply(
         hidden, weight, labels, bias, ignore_index, reduction, chunk_size, backend

@@ -47,7 +47,8 @@ def _forced_backend() -> Backend | None:
         return None
     if raw not in BACKENDS:
         raise KernelBackendError(
-            f"{ENV_VAR}={raw!r} is not a kernel backend; set it to 'triton', 'reference' or unset it."
+            f"{ENV_VAR}={raw!r} is not a kernel backend; "
+            "set it to 'triton', 'reference' or unset it."
         )
     return raw  # type: ignore[return-value]
 
@@ -107,5 +108,5 @@ def check_launchable(*tensors: torch.Tensor) -> None:
 
 
 def launchable(t: torch.Tensor) -> bool:
-    """True when a Triton kernel can run on `t` here (a CUDA tensor, or any under the interpreter)."""
+    """True when a Triton kernel can run on `t` here: a CUDA tensor, or any in the interpreter."""
     return t.device.type == "cuda" or interpreter_enabled()

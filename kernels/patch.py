@@ -93,7 +93,8 @@ def _swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     from kernels.swiglu import swiglu, swiglu_reference
 
     gate, up = self.gate_proj(x), self.up_proj(x)
-    h = swiglu(gate, up) if launchable(gate) and gate.dtype == up.dtype else swiglu_reference(gate, up)
+    fits = launchable(gate) and gate.dtype == up.dtype
+    h = swiglu(gate, up) if fits else swiglu_reference(gate, up)
     return self.down_proj(h)
 
 
@@ -154,7 +155,8 @@ def _make_causal_lm_forward(backend: str):
         return_dict = kwargs.pop("return_dict", None)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            **kwargs)
         loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels, backend, kwargs)
         out = CausalLMOutputWithPast(
             loss=loss, logits=None, past_key_values=outputs.past_key_values,
@@ -207,7 +209,8 @@ def _patch_triton_ops(lm: nn.Module, arch: tuple[str, str, str], report: KernelR
 
 def _patch_loss(lm: nn.Module, backend: str, report: KernelReport) -> None:
     if not _plain_lm_head(getattr(lm, "lm_head", None)):
-        log.warning("lm_head is not a plain floating-point Linear; keeping HF's loss (full logits).")
+        log.warning("lm_head is not a plain floating-point Linear; "
+                    "keeping HF's loss (full logits).")
         return
     lm.forward = types.MethodType(_make_causal_lm_forward(backend), lm)
     report.modules["fused_linear_cross_entropy"] = 1
@@ -237,7 +240,8 @@ def patch_model(model: nn.Module, device_info_or_device: Any) -> KernelReport:
     backend = _backend_for(device_info_or_device, device)
     lm = _causal_lm(model)
     model_type = getattr(getattr(lm, "config", None), "model_type", "")
-    report = KernelReport(path=backend, architecture=model_type if model_type in ARCHITECTURES else "")
+    known = model_type if model_type in ARCHITECTURES else ""
+    report = KernelReport(path=backend, architecture=known)
     if report.architecture:
         if backend == "triton":
             _patch_triton_ops(lm, ARCHITECTURES[model_type], report)

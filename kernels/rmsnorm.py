@@ -85,12 +85,16 @@ def _blocks(n_rows: int, n_cols: int) -> tuple[int, int]:
     """(rows a tile, columns a tile): about _TILE elements, whole rows."""
     block_n = next_power_of_2(n_cols)
     if block_n > _MAX_FUSED:
-        raise ValueError(f"RMSNorm over {n_cols} features is wider than {_MAX_FUSED}; use the reference.")
+        raise ValueError(
+            f"RMSNorm over {n_cols} features is wider than {_MAX_FUSED}; use rmsnorm_reference."
+        )
     block_r = max(1, min(_TILE // block_n, next_power_of_2(n_rows)))
     return block_r, block_n
 
 
-def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rmsnorm_fwd(
+    x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher: returns (y with x's shape, rstd [rows] fp32)."""
     check_launchable(x)
     x2 = _rows(x)

@@ -78,7 +78,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
         x = x.contiguous()
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if cos.shape != sin.shape or cos.shape[-2:] != (seq_len, head_dim):
-        raise ValueError(f"cos/sin of shapes {tuple(cos.shape)}, {tuple(sin.shape)} do not fit x {tuple(x.shape)}.")
+        raise ValueError(
+            f"cos/sin of shapes {tuple(cos.shape)}, {tuple(sin.shape)} do not fit "
+            f"x {tuple(x.shape)}: expected [batch or 1, {seq_len}, {head_dim}]."
+        )
     cos, sin = _expand_cs(cos, bsz), _expand_cs(sin, bsz)
     block_h, block_d = next_power_of_2(n_heads), next_power_of_2(head_dim // 2)
     # About 4k elements a program: one or two positions for an 8B model, a whole short

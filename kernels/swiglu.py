@@ -54,7 +54,8 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 def _check_shapes(*tensors: torch.Tensor) -> None:
     shape = tensors[0].shape
     if any(t.shape != shape for t in tensors):
-        raise ValueError(f"SwiGLU operands must share one shape, got {[tuple(t.shape) for t in tensors]}.")
+        shapes = [tuple(t.shape) for t in tensors]
+        raise ValueError(f"SwiGLU operands must share one shape, got {shapes}.")
 
 
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,8 @@ def preset_config(name: str):
 
 
 def _random(shape, device, dtype, gen) -> torch.Tensor:
-    return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * INIT_STD).to(dtype)
+    values = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    return (values * INIT_STD).to(dtype)
 
 
 def _quantize_linears(model, compute_dtype) -> None:
@@ -141,7 +142,8 @@ def build_model(preset: str, device: torch.device, dtype: torch.dtype, seed: int
     _materialise(model, device, dtype, seed)
     model.is_loaded_in_4bit = True  # what from_pretrained sets; PEFT reads it
     model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+        model, use_gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(seed)  # the same LoRA init for both implementations
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM", bias="none")
@@ -255,7 +257,8 @@ def bench_nf4(args, device: torch.device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     w = torch.randn(shape, device=device, dtype=dtype) * INIT_STD
     packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-    result: dict = {"kernel": "nf4", "shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
+    result: dict = {"kernel": "nf4", "shape": list(shape),
+                    "dtype": str(dtype).removeprefix("torch.")}
     g = {"bnbf": bnbf, "packed": packed, "state": state}
     result["bitsandbytes_s"] = _time("bnbf.dequantize_4bit(packed, state)", g, args.min_run_time)
     try:
@@ -265,7 +268,8 @@ def bench_nf4(args, device: torch.device) -> dict:
     if not launchable(packed):
         return {**result, "baton_s": None, "note": "Triton needs CUDA or TRITON_INTERPRET=1"}
     g["dequantize_nf4"] = dequantize_nf4
-    result["baton_s"] = _time("dequantize_nf4(packed, state, dtype)", {**g, "dtype": dtype}, args.min_run_time)
+    result["baton_s"] = _time("dequantize_nf4(packed, state, dtype)", {**g, "dtype": dtype},
+                              args.min_run_time)
     want = bnbf.dequantize_4bit(packed, state)
     result["max_abs_diff"] = float((dequantize_nf4(packed, state, dtype) - want).abs().max())
     result["speedup"] = result["bitsandbytes_s"] / result["baton_s"]
@@ -280,7 +284,8 @@ def _environment(device: torch.device) -> dict:
 
     env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
            "torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "host_cpu": platform.processor() or platform.machine()}
+           "python": platform.python_version(),
+           "host_cpu": platform.processor() or platform.machine()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["capability"] = list(torch.cuda.get_device_capability(device))
@@ -314,7 +319,8 @@ def _print_table(runs: dict) -> None:
 
 def run_training(args, device: torch.device) -> dict:
     impls = ["hf", "baton"] if args.impl == "both" else [args.impl]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         runs = {impl: run_impl(impl, args, device, progress) for impl in impls}
     _print_table(runs)

@@ -157,7 +157,8 @@ def test_peft_wrapped_model_is_patched_and_trains_its_adapter():
     lora_grads = [n for n in got_grads if "lora_" in n]
     assert lora_grads and got_grads.keys() == want_grads.keys()
     for name in lora_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-4, rtol=1e-3,
+                                   msg=name)
 
 
 def _train(model, steps: int) -> list[float]:
@@ -197,24 +198,27 @@ def kernels(dt):
         (n, c) for n in ("HALF", "BLOCK_S", "BLOCK_H", "BLOCK_D", "BACKWARD")]
     rope_const = dict(HALF=64, BLOCK_S=2, BLOCK_H=32, BLOCK_D=64)
     return [
-        (rmsnorm._rmsnorm_fwd_kernel, dict(Y=p, X=p, W="*fp32", RSTD="*fp32", stride_y=i, stride_x=i,
-         n_rows=i, n_cols=i, eps="fp32", BLOCK_R=c, BLOCK_N=c), dict(BLOCK_R=1, BLOCK_N=4096)),
+        (rmsnorm._rmsnorm_fwd_kernel, dict(Y=p, X=p, W="*fp32", RSTD="*fp32", stride_y=i,
+         stride_x=i, n_rows=i, n_cols=i, eps="fp32", BLOCK_R=c, BLOCK_N=c),
+         dict(BLOCK_R=1, BLOCK_N=4096)),
         (rmsnorm._rmsnorm_bwd_kernel, dict(DX=p, DW_PARTIAL="*fp32", DY=p, X=p, W=p, RSTD="*fp32",
          stride_dx=i, stride_dy=i, stride_x=i, n_rows=i, n_cols=i, rows_per_program=i, BLOCK_R=c,
          BLOCK_N=c), dict(BLOCK_R=2, BLOCK_N=2048)),
         (rope._rope_kernel, dict(rope_sig), dict(rope_const, BACKWARD=False)),
         (rope._rope_kernel, dict(rope_sig), dict(rope_const, BACKWARD=True)),
-        (swiglu._swiglu_fwd_kernel, dict(H=p, GATE=p, UP=p, n_elements=i, BLOCK=c), dict(BLOCK=1024)),
+        (swiglu._swiglu_fwd_kernel, dict(H=p, GATE=p, UP=p, n_elements=i, BLOCK=c),
+         dict(BLOCK=1024)),
         (swiglu._swiglu_bwd_kernel, dict(DGATE=p, DUP=p, DH=p, GATE=p, UP=p, n_elements=i, BLOCK=c),
          dict(BLOCK=1024)),
-        (cross_entropy._ce_grad_kernel, dict(LOGITS="*fp32", LABELS="*i64", LOSS="*fp32", stride_row=i,
-         n_rows=i, n_cols=i, scale="fp32", ignore_index=i, BLOCK_R=c, BLOCK_V=c),
+        (cross_entropy._ce_grad_kernel, dict(LOGITS="*fp32", LABELS="*i64", LOSS="*fp32",
+         stride_row=i, n_rows=i, n_cols=i, scale="fp32", ignore_index=i, BLOCK_R=c, BLOCK_V=c),
          dict(BLOCK_R=1, BLOCK_V=4096)),
     ]
 
 for cap, dt in ((75, "fp16"), (90, "bf16")):
     for fn, signature, consts in kernels(dt):
-        compiled = triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", cap, 32))
+        target = GPUTarget("cuda", cap, 32)
+        compiled = triton.compile(ASTSource(fn, signature, consts), target=target)
         assert compiled.asm["cubin"], fn
 print("compiled", 2 * len(kernels("fp16")))
 '''
