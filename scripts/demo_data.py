@@ -20,8 +20,8 @@ from typing import Iterator, Optional
 # Folders of the stdlib that are tests, demos or vendored code rather than library functions.
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo",
              "lib2to3", "__pycache__", "ensurepip", "venv"}
-MIN_DOC, MAX_DOC = 30, 600  # characters of the docstring
-MIN_CODE, MAX_CODE = 60, 1200  # characters of the function without its docstring
+MIN_DOC, MAX_DOC = 30, 300  # characters of the docstring
+MIN_CODE, MAX_CODE = 60, 800  # characters of the function without its docstring
 
 
 def stdlib_files(root: Optional[Path] = None) -> list[Path]:

@@ -104,15 +104,22 @@ def test_merge_reloads_with_plain_transformers(tmp_path, tiny, run_store, capsys
     assert provenance["checkpoint"] == "00000010-g1" and provenance["dtype"] == "float32"
 
 
-def test_named_checkpoint_in_bfloat16(tmp_path, tiny, run_store, capsys):
+def test_named_checkpoint_in_bfloat16_pushed_to_hub(tmp_path, tiny, run_store, capsys,
+                                                    hub_server):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "merged5"
+    repo = hub_server.new_repo_uri().removeprefix("hf://")
     code = merge_script.main(["--store", run_store, "--run", RUN, "--out", str(out),
-                              "--checkpoint", "00000005-g1", "--dtype", "bfloat16"])
+                              "--checkpoint", "00000005-g1", "--dtype", "bfloat16",
+                              "--push-to-hub", repo])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert "not finished" in printed
+    assert "not finished" in printed and "(private)" in printed
+    pushed = hub_server.files(repo)
+    for path in out.iterdir():
+        assert pushed[path.name] == path.read_bytes()
+    assert hub_server.state.repos[repo].private
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.bfloat16
     got = _logits(merged.eval(), AutoTokenizer.from_pretrained(out))
