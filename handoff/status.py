@@ -159,7 +159,8 @@ def summarize(view: RunView, *, session_limit_s: Optional[float] = None) -> dict
         "state": run_state(head, cursor, view.lease, view.sessions),
         "model": spec.model.name if spec else None,
         "step": step, "total_steps": total,
-        "epoch": cursor.epoch if cursor else 0,
+        "epoch": cursor.epoch if cursor else 0,  # 0-based index of the epoch in progress
+        "epoch_position": cursor.epoch_position if cursor else 0,  # its samples consumed
         "samples_seen": cursor.samples_seen if cursor else 0,
         "tokens_seen": cursor.tokens_seen if cursor else 0,
         "checkpoint": head.checkpoint if head else None,
@@ -227,7 +228,7 @@ def render(status: dict[str, Any], console=None) -> None:
     lease = status["lease"]
     for label, value in [
         ("state", status["state"]), ("model", status["model"] or "-"),
-        ("step", f"{status['step']:,} / {_num(total)}{done}"), ("epoch", str(status["epoch"])),
+        ("step", f"{status['step']:,} / {_num(total)}{done}"), ("epoch (from 0)", f"{status['epoch']}, {status['epoch_position']:,} samples in"),
         ("samples seen", _num(status["samples_seen"])), ("tokens seen", _num(status["tokens_seen"])),
         ("loss", _num(status["loss"], "{:.4f}")), ("eval loss", _num(status["eval_loss"], "{:.4f}")),
         ("checkpoint", status["checkpoint"] or "-"),
