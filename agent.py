@@ -190,11 +190,57 @@ def check_session_flags(config) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
+    world = ranks_wanted()
+    if world > 1:
+        return launch_ranks(world, args.argv)
     from training.session import SessionOptions, run_session  # heavy: only after validation
 
     options = SessionOptions(takeover=args.takeover, workdir=args.workdir,
                              log_every=args.log_every, lease_ttl=args.lease_ttl, scrub=scrub)
     return run_session(config, options)
+
+
+# -- more than one GPU: one process a GPU (DDP), rank 0 speaks for the session ------------
+
+def ranks_wanted() -> int:
+    """Every visible CUDA GPU gets a rank, unless this process is already one of them.
+    BATON_WORLD_SIZE forces a count (tests run 2 CPU ranks over gloo)."""
+    if "RANK" in os.environ:
+        return 1
+    if os.environ.get("BATON_WORLD_SIZE"):
+        return int(os.environ["BATON_WORLD_SIZE"])
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def launch_ranks(world: int, argv: list[str]) -> int:
+    """Start `world` copies of this command with torchrun's environment (RANK, LOCAL_RANK,
+    WORLD_SIZE, MASTER_ADDR/PORT) and return rank 0's exit code, which is the session's:
+    unlike torchrun, a paused rank 0 (75) is not turned into a failure."""
+    import signal
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port))
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv],
+                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(world)]
+    forward = lambda signum, _frame: procs[0].send_signal(signum)  # noqa: E731
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    code = procs[0].wait()
+    for proc in procs[1:]:  # followers exit when rank 0 says stop; a stuck one is ended
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return code
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -247,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the ranks of a multi-GPU session rerun the same command
     install_logging(args.verbose)
     try:
         return args.handler(args)

@@ -325,3 +325,26 @@ def test_final_checkpoint_spooled_when_store_is_down_and_pushed_next_session(
     head = head_of(uri)
     assert head.checkpoint == "00000001-g2" and head.step == 1
     assert not spooled.path.exists(), "the spool is emptied once pushed"
+
+
+# -- more than one GPU: one rank a device, rank 0 speaks for the session ---------------------
+
+@pytest.mark.slow
+def test_two_ranks_train_one_run_data_parallel(tiny, tmp_path):
+    """BATON_WORLD_SIZE=2 stands in for a 2-GPU machine: two CPU ranks over gloo."""
+    uri = str(tmp_path / "store")
+    config = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"], store=uri,
+                          train={"max_steps": 3, "batch_size": 2, "micro_batch_size": 1},
+                          data={"eval": 0.1})
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "agent.py"), "run", "--config", str(config), "--workdir",
+         str(tmp_path / "work"), "--log-every", "0"], cwd=ROOT, capture_output=True,
+        text=True, timeout=400, env=agent_env(BATON_WORLD_SIZE="2"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "x2 ranks (DDP)" in done.stdout
+    assert done.stdout.count("finished: step 3/3") == 1, "only rank 0 speaks"
+    head = head_of(uri)
+    assert head.finished and head.step == 3
+    record = sessions_of(uri)[-1]
+    assert [step for step, _ in record.losses] == [1, 2, 3]
+    assert record.eval_losses, "eval ran on both ranks' shares"

@@ -11,6 +11,7 @@ the lease released. Heavy modules (torch, the engine) are imported inside functi
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -19,7 +20,7 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -56,7 +57,19 @@ class SessionOptions:
 
 
 def run_session(config: RunConfig, options: SessionOptions) -> int:
-    """Run one session of `config.run`; return the exit code DESIGN.md defines."""
+    """Run one session of `config.run`; return the exit code DESIGN.md defines. Under a
+    multi-GPU launch (agent.py sets RANK), rank 0 runs the session and the others follow."""
+    ranks = Ranks()
+    ranks.start()
+    code = FAILED
+    try:
+        code = _lead(config, options, ranks) if ranks.leader else follow(config, ranks)
+    finally:
+        ranks.close(code)
+    return code
+
+
+def _lead(config: RunConfig, options: SessionOptions, ranks: "Ranks") -> int:
     agent_start = time.time()
     say = Say(options.scrub)
     try:
@@ -64,7 +77,7 @@ def run_session(config: RunConfig, options: SessionOptions) -> int:
     except StoreConfigError as exc:
         return say.error(str(exc), INVALID)
     try:
-        return _run_in(RunStore(store, config.run), config, options, agent_start, say)
+        return _run_in(RunStore(store, config.run), config, options, agent_start, say, ranks)
     except (SpecError, StoreConfigError, SchemaError) as exc:
         return say.error(str(exc), INVALID)
     except StoreUnavailableError as exc:
@@ -75,7 +88,7 @@ def run_session(config: RunConfig, options: SessionOptions) -> int:
 
 
 def _run_in(runstore: RunStore, config: RunConfig, options: SessionOptions,
-            agent_start: float, say: "Say") -> int:
+            agent_start: float, say: "Say", ranks: "Ranks") -> int:
     spec = prepare_spec(runstore, config)
     head = runstore.read_head()
     if head and head[0].finished:
@@ -83,7 +96,7 @@ def _run_in(runstore: RunStore, config: RunConfig, options: SessionOptions,
             f"{head[0].checkpoint}); merge it with scripts/merge.py")
         return FINISHED
     clock = build_clock(config, runstore, agent_start, say)
-    return Session(config, options, runstore, spec, clock, say).run(agent_start)
+    return Session(config, options, runstore, spec, clock, say, ranks).run(agent_start)
 
 
 def build_clock(config: RunConfig, runstore: RunStore, agent_start: float, say) -> SessionClock:
@@ -342,6 +355,7 @@ class Checkpointer:
         self.record, self.clock, self.every = record, clock, every
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-upload")
         self.pending: Optional[Future] = None
+        self.announce: Callable[[str], None] = lambda _message: None
         self.last = time.monotonic()
         self.committed_step: Optional[int] = None
         # No measured commit yet: checkpoint right after the first step to learn its cost.
@@ -356,6 +370,7 @@ class Checkpointer:
         """Eval loss and a local save, in the training thread; returns (folder, step, seconds)."""
         began = time.monotonic()
         step = trainer.cursor.step
+        self.announce("save")  # the other ranks evaluate their share with us
         eval_loss = trainer.evaluate()
         if eval_loss is not None:
             self.record.eval_losses.append((step, float(eval_loss)))
@@ -443,9 +458,9 @@ class Session:
     """The body of `agent.py run` once the spec is settled."""
 
     def __init__(self, config: RunConfig, options: SessionOptions, runstore: RunStore,
-                 spec: RunSpec, clock: SessionClock, say: Say):
+                 spec: RunSpec, clock: SessionClock, say: Say, ranks: "Ranks"):
         self.config, self.options, self.runstore = config, options, runstore
-        self.spec, self.clock, self.say = spec, clock, say
+        self.spec, self.clock, self.say, self.ranks = spec, clock, say, ranks
         self.workdir = Path(options.workdir or Path.home() / ".cache" / "baton" / config.run)
         self.stop = threading.Event()
         self.lease: Optional[LeaseManager] = None
@@ -516,10 +531,13 @@ class Session:
             self.say("paused before training: the session's time is spent (or a signal came); "
                      "nothing was changed")
             return PAUSED
-        trainer = self._trainer(device, ref)
+        data_path, eval_path = local_inputs(self.runstore, self.spec, self.config, self.workdir)
+        self.ranks.plan(self.spec, data_path, eval_path, ref.path if ref else None)
+        trainer = self._trainer(device, ref, data_path, eval_path)
         checkpoints = Checkpointer(self.runstore, self.lease, self.spec, self.workdir,
                                    self.record, self.clock,
                                    parse_duration(self.config.checkpoint.every))
+        checkpoints.announce = self.ranks.tell
         if ref is not None:
             checkpoints.committed_step = ref.step
         try:
@@ -536,10 +554,9 @@ class Session:
             self.say(f"pushed checkpoint {cid}, kept on this machine by an earlier session "
                      "while the store was down")
 
-    def _trainer(self, device, ref):
+    def _trainer(self, device, ref, data_path: Path, eval_path: Optional[Path]):
         from .engine import Trainer
 
-        data_path, eval_path = local_inputs(self.runstore, self.spec, self.config, self.workdir)
         trainer = Trainer(self.spec, data_path=data_path, eval_path=eval_path,
                           micro_batch_size=self.config.train.micro_batch_size,
                           device=device.device)
@@ -548,7 +565,8 @@ class Session:
         self.record.start_step = self.record.end_step = trainer.cursor.step
         self.record.kernels = getattr(trainer.device_info, "kernels", "none")
         self.say(f"run {self.config.run!r}: step {trainer.cursor.step}/"
-                 f"{trainer.cursor.total_steps} on {device.name} ({device.precision}, kernels "
+                 f"{trainer.cursor.total_steps} on {device.name}{self.ranks.describe()} "
+                 f"({device.precision}, kernels "
                  f"{self.record.kernels}), lease generation {self.lease.generation}")
         return trainer
 
@@ -556,6 +574,7 @@ class Session:
         with Progress(trainer.cursor.step, trainer.cursor.total_steps, self.clock,
                       self.options.log_every) as bar:
             while not trainer.finished and not self._should_stop():
+                self.ranks.tell("step")
                 result = trainer.train_step()
                 self._observe(result)
                 bar.update(result, self.record)
@@ -595,3 +614,89 @@ class Session:
         self.say(f"paused ({why}) at step {step}/{total}, checkpoint committed; run the same "
                  "command in the next session to continue")
         return PAUSED
+
+
+# -- more than one GPU: rank 0 runs the session, the other ranks follow ---------------------
+
+class Ranks:
+    """The ranks of a data-parallel session (agent.py starts one process a GPU). Rank 0 alone
+    talks to the store; it broadcasts the plan (spec, data, checkpoint), then one word before
+    each collective the others must join: "step", "save" (eval is collective), "stop"."""
+
+    def __init__(self):
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.planned = False
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return f" x{self.world} ranks (DDP)" if self.world > 1 else ""
+
+    def start(self) -> None:
+        if self.world == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "nccl"
+        else:  # CPU ranks (tests): share the cores instead of oversubscribing them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
+            backend = "gloo"
+        dist.init_process_group(backend, init_method="env://", timeout=timedelta(minutes=10))
+
+    def tell(self, message) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([message], src=0)
+
+    def hear(self):
+        import torch.distributed as dist
+
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def plan(self, spec: RunSpec, data: Path, evaluation: Optional[Path],
+             checkpoint: Optional[Path]) -> None:
+        self.planned = True
+        self.tell({"spec": spec.model_dump_json(), "data": str(data), "checkpoint":
+                   str(checkpoint) if checkpoint else None,
+                   "eval": str(evaluation) if evaluation else None})
+
+    def close(self, code: int) -> None:
+        """Rank 0 releases the followers (with its exit code if they never got a plan)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        if self.leader:
+            self.tell("stop" if self.planned else {"code": code})
+        dist.destroy_process_group()
+
+
+def follow(config: RunConfig, ranks: Ranks) -> int:
+    """A rank other than 0: train the steps rank 0 announces on this rank's share."""
+    from .engine import Trainer
+
+    for signum in (signal.SIGTERM, signal.SIGINT):  # rank 0 decides when to stop
+        signal.signal(signum, signal.SIG_IGN)
+    plan = ranks.hear()
+    if "code" in plan:
+        return plan["code"]
+    trainer = Trainer(RunSpec.from_json(plan["spec"]), data_path=Path(plan["data"]),
+                      eval_path=Path(plan["eval"]) if plan["eval"] else None,
+                      micro_batch_size=config.train.micro_batch_size)
+    if plan["checkpoint"]:
+        trainer.load(Path(plan["checkpoint"]))
+    while (word := ranks.hear()) != "stop":
+        if word == "step":
+            trainer.train_step()
+        elif word == "save":
+            trainer.evaluate()
+    return FINISHED
