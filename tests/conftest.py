@@ -19,6 +19,9 @@ if str(ROOT) not in sys.path:
 # Tests never reach a real hub or cloud, whatever the developer's shell holds.
 os.environ.setdefault("HF_HUB_OFFLINE", "0")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# Kernel tests run Triton in its interpreter on the CPU; it must be set before triton is
+# imported anywhere, whichever test module is collected first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 BACKENDS = ["local", "s3", "hub"]
 
