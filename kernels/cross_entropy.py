@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import check_launchable, next_power_of_2
+from kernels.dispatch import check_launchable, next_power_of_2, num_warps_for
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum")
@@ -98,7 +98,7 @@ def ce_grad_triton(logits: torch.Tensor, labels: torch.Tensor, scale: float,
     block_r = max(1, min(_TILE // block_v, next_power_of_2(n_rows)))
     _ce_grad_kernel[(triton.cdiv(n_rows, block_r),)](
         logits, labels.contiguous(), loss, logits.stride(0), n_rows, n_cols, scale, ignore_index,
-        BLOCK_R=block_r, BLOCK_V=block_v,
+        BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps_for(block_r * block_v),
     )
     return loss
 

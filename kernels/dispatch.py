@@ -86,8 +86,12 @@ def select_backend(device: torch.device | str) -> Backend:
         return "triton"
     if forced == "reference":
         return "reference"
-    capability = cuda_capability(dev)
-    if capability is not None and capability >= MIN_CAPABILITY and triton_available():
+    return backend_for_capability(cuda_capability(dev), triton_available())
+
+
+def backend_for_capability(capability: tuple[int, int] | None, has_triton: bool) -> Backend:
+    """The automatic choice: Triton on CUDA capability >= 7.5 (T4 and newer) when it imports."""
+    if capability is not None and tuple(capability) >= MIN_CAPABILITY and has_triton:
         return "triton"
     return "reference"
 
@@ -95,6 +99,15 @@ def select_backend(device: torch.device | str) -> Backend:
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (Triton block sizes must be powers of two)."""
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def num_warps_for(block_elements: int) -> int:
+    """Warps for a program holding `block_elements` values: about 8 to 16 values a thread."""
+    if block_elements >= 16384:
+        return 16
+    if block_elements >= 4096:
+        return 8
+    return 4
 
 
 def check_launchable(*tensors: torch.Tensor) -> None:

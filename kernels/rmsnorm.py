@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import check_launchable, next_power_of_2
+from kernels.dispatch import check_launchable, next_power_of_2, num_warps_for
 
 _MAX_FUSED = 65536  # widest row one program holds in registers
 _TILE = 4096  # elements a program holds at once
@@ -105,7 +105,7 @@ def rmsnorm_fwd(
     block_r, block_n = _blocks(n_rows, n_cols)
     _rmsnorm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
         y, x2, weight, rstd, y.stride(0), x2.stride(0), n_rows, n_cols, eps,
-        BLOCK_R=block_r, BLOCK_N=block_n,
+        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps_for(block_r * block_n),
     )
     return y.view(*x.shape[:-1], n_cols), rstd
 
@@ -133,6 +133,7 @@ def rmsnorm_bwd(
     _rmsnorm_bwd_kernel[(programs,)](
         dx, dw_partial, dy2, x2, weight, rstd, dx.stride(0), dy2.stride(0), x2.stride(0),
         n_rows, n_cols, rows_per_program, BLOCK_R=block_r, BLOCK_N=block_n,
+        num_warps=num_warps_for(block_r * block_n),
     )
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import check_launchable, next_power_of_2
+from kernels.dispatch import check_launchable, next_power_of_2, num_warps_for
 
 _TILE = 4096
 
@@ -92,6 +92,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
         out.stride(0), out.stride(1), out.stride(2), x.stride(0), x.stride(1), x.stride(2),
         cos.stride(0), cos.stride(1), seq_len, n_heads, HALF=head_dim // 2,
         BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward,
+        num_warps=num_warps_for(block_s * block_h * block_d),
     )
     return out
 

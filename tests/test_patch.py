@@ -218,7 +218,9 @@ def kernels(dt):
 for cap, dt in ((75, "fp16"), (90, "bf16")):
     for fn, signature, consts in kernels(dt):
         target = GPUTarget("cuda", cap, 32)
-        compiled = triton.compile(ASTSource(fn, signature, consts), target=target)
+        # 8 warps: what the launchers pick for their 4096-element tiles.
+        compiled = triton.compile(ASTSource(fn, signature, consts), target=target,
+                                  options={"num_warps": 8})
         assert compiled.asm["cubin"], fn
 print("compiled", 2 * len(kernels("fp16")))
 '''
@@ -238,3 +240,18 @@ def test_kernels_compile_to_cubin_for_t4_and_h100(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compiled 14" in proc.stdout
+
+
+@pytest.mark.parametrize("capability, has_triton, expected", [
+    ((6, 0), True, "reference"),  # P100: below Triton's floor
+    ((7, 0), True, "reference"),  # V100
+    ((7, 5), True, "triton"),  # T4
+    ((8, 0), True, "triton"),  # A100
+    ((9, 0), True, "triton"),  # H100
+    ((9, 0), False, "reference"),  # no triton installed
+    (None, True, "reference"),  # CPU
+])
+def test_automatic_choice_by_capability(capability, has_triton, expected):
+    from kernels.dispatch import backend_for_capability
+
+    assert backend_for_capability(capability, has_triton) == expected
