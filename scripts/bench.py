@@ -211,27 +211,38 @@ def _throughput(seconds: list[float], tokens_per_step: int) -> dict:
     }
 
 
+def _weights_dtype(device: torch.device) -> torch.dtype:
+    amp = _autocast_dtype(device)
+    return amp if amp is not None else torch.float32
+
+
+def _memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"peak_memory_bytes": peak, "peak_memory_gb": round(peak / 2**30, 3),
+            "resident_bytes": torch.cuda.memory_allocated(device)}
+
+
 def run_impl(impl: str, args, device: torch.device, progress) -> dict:
+    """Build, (patch,) train; the peak memory is that of training, weights included."""
     from kernels.patch import patch_model
 
     _release(device)
-    dtype = torch.bfloat16 if _autocast_dtype(device) == torch.bfloat16 else (
-        torch.float16 if device.type == "cuda" else torch.float32)
     task = progress.add_task(f"{impl}: build", total=args.steps)
     result: dict = {"impl": impl}
     try:
-        model = build_model(args.preset, device, dtype, args.seed)
+        model = build_model(args.preset, device, _weights_dtype(device), args.seed)
         if impl == "baton":
             report = patch_model(model, device)
             result.update(kernels=report.path, patched=report.patched)
+        _release(device)  # the build's transient buffers are not the training's peak
         progress.update(task, description=f"{impl}: train")
         losses, seconds = _train(model, args, device, progress, task)
         result.update(losses=losses, **_throughput(seconds, args.batch_size * args.seq_len))
     except torch.cuda.OutOfMemoryError as exc:
         result.update(oom=True, error=str(exc).splitlines()[0])
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        result.update(peak_memory_bytes=peak, peak_memory_gb=round(peak / 2**30, 3))
+    result.update(_memory(device))
     model = None  # noqa: F841  free before the next implementation is built
     _release(device)
     return result
