@@ -6,6 +6,10 @@ with q [batch, heads, seq, head_dim] (any strides; HF passes a transposed view),
 [batch or 1, seq, head_dim]. The kernel does not assume the two halves of cos/sin are equal,
 so scaled RoPE variants that HF builds into cos/sin work unchanged. The backward is the
 transposed rotation, computed by the same kernel.
+
+The result has q's (k's) dtype. HF promotes instead: bf16 q with fp32 cos/sin (an upcast
+embedding under autocast) gives fp32 q_embed there; autocast casts it back to bf16 for SDPA,
+so keeping q's dtype only saves that copy.
 """
 
 from __future__ import annotations
