@@ -32,8 +32,10 @@ def tiny(tmp_path_factory):
 def agent(config: Path, tmp_path: Path, *flags: str, **env: str) -> subprocess.CompletedProcess:
     command = [sys.executable, str(ROOT / "agent.py"), "run", "--config", str(config),
                "--workdir", str(tmp_path / "work"), "--log-every", "0", *flags]
+    full = agent_env(**env)
+    full.update(BATON_RETRY_ATTEMPTS="2", BATON_RETRY_SECONDS="5")  # fail fast, same path
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env=agent_env(BATON_RETRY_ATTEMPTS="2", BATON_RETRY_SECONDS="5", **env))
+                          env=full)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -186,7 +188,8 @@ def test_checkpoint_whose_hash_does_not_match(tiny, tmp_path):
     adapter.write_bytes(os.urandom(2048))
     files = {k: v for k, v in snapshot(tmp_path / "store").items() if "/checkpoints/" in k}
     done = agent(config, tmp_path)
-    refused(done, cid, "does not match its sha256", "Restore the files")
+    # Exit 1, not 2: nothing in the config is wrong, the store's copy is damaged.
+    refused(done, cid, "does not match its sha256", "Restore the files", code=1)
     after = snapshot(tmp_path / "store")
     assert {k: v for k, v in after.items() if "/checkpoints/" in k} == files
     head = json.loads(after[f"{RUN}/HEAD.json"])
@@ -227,8 +230,8 @@ def test_bucket_that_does_not_exist(tiny, tmp_path, s3_server):
 
 
 def test_unreachable_endpoint(tiny, tmp_path, s3_server):
-    """Nothing answers at the endpoint: a typo in AWS_ENDPOINT_URL or no network. The person
-    must fix something before anything can happen, so it is refused like other bad input."""
+    """Nothing answers at the endpoint: a typo in AWS_ENDPOINT_URL or an outage. Exit 1 (run
+    again later), with the endpoint and the variable named, and nothing trained."""
     done = agent(s3_config(tiny, tmp_path, "s3://baton-unreachable/runs"), tmp_path,
                  AWS_ENDPOINT_URL="http://127.0.0.1:9")
-    refused(done, "http://127.0.0.1:9", "AWS_ENDPOINT_URL")
+    refused(done, "http://127.0.0.1:9", "AWS_ENDPOINT_URL", code=1)

@@ -39,8 +39,9 @@ def run(config: Path, tmp_path: Path, *flags: str, **env: str) -> subprocess.Com
     home.mkdir(exist_ok=True)
     command = [sys.executable, str(ROOT / "agent.py"), "-v", "run", "--config", str(config),
                "--workdir", str(tmp_path / "work"), "--log-every", "0", *flags]
-    env = agent_env(HOME=str(home), HF_HOME=str(home / "hf"), XDG_CACHE_HOME=str(home / ".cache"),
-                    BATON_RETRY_ATTEMPTS="2", BATON_RETRY_SECONDS="5", **env)
+    env = agent_env(HOME=str(home), HF_HOME=str(home / "hf"),
+                    XDG_CACHE_HOME=str(home / ".cache"), **env)
+    env.update(BATON_RETRY_ATTEMPTS="2", BATON_RETRY_SECONDS="5")
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
