@@ -3,12 +3,14 @@
 
     python agent.py run    --config run.yaml [--store URI] [--run NAME] [--session-limit 12h]
                            [--session-start ISO|now] [--takeover] [--micro-batch-size N]
+                           [--workdir DIR] [--log-every SECONDS]
     python agent.py status --store URI --run NAME [--json] [--plot loss.png]
     python agent.py plan   --config run.yaml [--json]
 
 The config is read and validated before anything heavy is imported, so a typo costs a second,
 not a minute of loading torch. Exit codes of `run`: 0 finished, 75 paused (run again), 73 the
-lease is held by another agent, 2 invalid input, 1 an unexpected error.
+lease is held by another agent, 2 invalid input, 1 an unexpected error. On a machine with
+several GPUs, `run` starts one process a GPU (data-parallel); rank 0's exit code is returned.
 """
 
 from __future__ import annotations
