@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -46,9 +47,9 @@ def run(config: Path, tmp_path: Path, *flags: str, **env: str) -> subprocess.Com
 
 
 def leaks(secrets: dict[str, str], done: subprocess.CompletedProcess, folder: Path,
-          objects: dict[str, bytes] = {}) -> list[str]:
+          objects: Optional[dict[str, bytes]] = None) -> list[str]:
     """Where any secret (or its first 16 characters) shows up."""
-    places = {"stdout": done.stdout.encode(), "stderr": done.stderr.encode(), **objects}
+    places = {"stdout": done.stdout.encode(), "stderr": done.stderr.encode(), **(objects or {})}
     places.update({str(p): p.read_bytes() for p in folder.rglob("*") if p.is_file()})
     found = []
     for name, value in secrets.items():
