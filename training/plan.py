@@ -271,7 +271,13 @@ def _notes(config: RunConfig, samples: Optional[int], steps: Optional[int]) -> l
 
 
 def _gib(n: Optional[int]) -> str:
-    return "?" if n is None else f"{n / GIB:.2f} GiB"
+    """Bytes for a person: '3.85 GiB', '164.0 MiB', '67.4 KiB'."""
+    if n is None:
+        return "?"
+    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def render(result: dict[str, Any], console=None) -> None:
