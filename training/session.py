@@ -6,12 +6,14 @@ fences every HEAD move, so a session that lost its lease stops without writing; 
 checkpoint is committed synchronously before the deadline or after a signal, and only then is
 the lease released. Heavy modules (torch, the engine) are imported inside functions so that
 `agent.py` can import this module right after validating the config.
+
+The spec lives in spec.py, the ranks of a multi-GPU session in ranks.py, and what the person
+sees in progress.py.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import threading
@@ -20,12 +22,11 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
 from handoff import (
-    ConflictError,
     CorruptCheckpointError,
     FencedError,
     StoreConfigError,
@@ -39,6 +40,9 @@ from state_schema import RunConfig, RunSpec, SchemaError, SessionRecord, parse_d
 
 from .clock import SessionClock, describe, parse_start, resolve_window, utc_iso
 from .data import DataError  # stdlib only: light enough for the CLI's first second
+from .progress import Progress, Say
+from .ranks import Ranks, follow
+from .spec import SpecError, local_inputs, prepare_spec
 
 log = logging.getLogger("baton.session")
 
@@ -69,7 +73,7 @@ def run_session(config: RunConfig, options: SessionOptions) -> int:
     return code
 
 
-def _lead(config: RunConfig, options: SessionOptions, ranks: "Ranks") -> int:
+def _lead(config: RunConfig, options: SessionOptions, ranks: Ranks) -> int:
     agent_start = time.time()
     say = Say(options.scrub)
     try:
@@ -88,7 +92,7 @@ def _lead(config: RunConfig, options: SessionOptions, ranks: "Ranks") -> int:
 
 
 def _run_in(runstore: RunStore, config: RunConfig, options: SessionOptions,
-            agent_start: float, say: "Say", ranks: "Ranks") -> int:
+            agent_start: float, say: Say, ranks: Ranks) -> int:
     spec = prepare_spec(runstore, config)
     head = runstore.read_head()
     if head and head[0].finished:
@@ -110,218 +114,6 @@ def build_clock(config: RunConfig, runstore: RunStore, agent_start: float, say) 
             f"{describe(window.limit)} ({window.limit_source}); stopping with a margin of "
             f"{describe(clock.margin())} that grows with measured steps and commits")
     return clock
-
-
-# -- the spec: created once, matched by every later session ------------------------------
-
-class SpecError(ValueError):
-    """The config does not match the stored run, or its data or model cannot be used."""
-
-
-def prepare_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
-    """The run's spec: the stored one after checking the config against it, or a new one
-    (data uploaded first, then the spec created if still absent)."""
-    stored = runstore.read_spec()
-    if stored is None:
-        spec = new_spec(runstore, config)
-        try:
-            runstore.create_spec(spec)
-            return spec
-        except ConflictError:  # another agent created the run at the same moment
-            stored = runstore.read_spec()
-    differences = spec_differences(stored, config)
-    if differences:
-        raise SpecError(
-            f"the config does not match run {config.run!r} in {config.store}:\n  "
-            + "\n  ".join(differences)
-            + "\nPut the run's values back in the config, or pick a new run name to start "
-            "a new run with these.")
-    return stored
-
-
-def new_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
-    from .data import check_format, detect_format, fingerprint, read_records
-
-    data = config.data
-    train = Path(data.train)
-    try:
-        sha = fingerprint(train)
-        fmt = detect_format(train) if data.format == "auto" else data.format
-        check_format(read_records(train), fmt, source=train)
-        eval_sha = fingerprint(Path(data.eval)) if isinstance(data.eval, str) else None
-    except DataError as exc:
-        raise SpecError(str(exc)) from None
-    revision = pinned_revision(config)
-    key = runstore.upload_data(train, sha, train.suffix.lstrip(".") or "jsonl")
-    eval_key = None
-    if eval_sha is not None:
-        eval_key = runstore.upload_data(Path(data.eval), eval_sha,
-                                        Path(data.eval).suffix.lstrip(".") or "jsonl")
-    t = config.train
-    return RunSpec(
-        run=config.run, model=config.model.model_copy(update={"revision": revision}),
-        lora=config.lora, keep=config.checkpoint.keep, optimizer_state=config.checkpoint.optimizer,
-        data={"source": data.train, "key": key, "sha256": sha, "format": fmt, "eval": data.eval,
-              "eval_key": eval_key, "eval_sha256": eval_sha, "max_seq_len": data.max_seq_len,
-              "packing": data.packing},
-        train=t.model_dump(exclude={"micro_batch_size"}))
-
-
-def pinned_revision(config: RunConfig) -> str:
-    """The model revision as a commit (or a local folder's fingerprint), so that every session
-    trains the same weights even when the branch moves."""
-    from .model import resolve_revision
-
-    try:
-        return resolve_revision(config.model.name, config.model.revision)
-    except Exception as exc:  # noqa: BLE001 - Hub and filesystem errors alike mean "fix model:"
-        raise SpecError(f"model {config.model.name!r} at revision {config.model.revision!r} "
-                        f"cannot be resolved ({type(exc).__name__}: {exc}); check model.name "
-                        "and model.revision, and HF_TOKEN for a gated model") from None
-
-
-def spec_differences(spec: RunSpec, config: RunConfig) -> list[str]:
-    """Each field the config sets differently from the run, as 'key: run has X, config Y'."""
-    pairs = [("model.load_in_4bit", spec.model.load_in_4bit, config.model.load_in_4bit),
-             ("data.max_seq_len", spec.data.max_seq_len, config.data.max_seq_len),
-             ("data.packing", spec.data.packing, config.data.packing),
-             ("checkpoint.keep", spec.keep, config.checkpoint.keep),
-             ("checkpoint.optimizer", spec.optimizer_state, config.checkpoint.optimizer)]
-    pairs += [(f"lora.{k}", v, getattr(config.lora, k)) for k, v in spec.lora]
-    pairs += [(f"train.{k}", v, getattr(config.train, k)) for k, v in spec.train]
-    if config.data.format != "auto":
-        pairs.append(("data.format", spec.data.format, config.data.format))
-    if not same_model(spec, config):
-        pairs.append(("model.name", spec.model.name, config.model.name))
-    differences = [f"{key}: the run has {run!r}, the config says {cfg!r}"
-                   for key, run, cfg in pairs if run != cfg]
-    return differences + data_differences(spec, config)
-
-
-def same_model(spec: RunSpec, config: RunConfig) -> bool:
-    if spec.model.name == config.model.name:
-        return True
-    # The same local folder reached by another path (another machine, a relative path).
-    return spec.model.revision.startswith("local:") and Path(config.model.name).is_dir() \
-        and pinned_revision(config) == spec.model.revision
-
-
-def data_differences(spec: RunSpec, config: RunConfig) -> list[str]:
-    """The data files are compared by content where this machine has them; a fresh machine
-    without them trains on the store's copy."""
-    from .data import fingerprint
-
-    found = []
-    train = Path(config.data.train)
-    if train.is_file() and fingerprint(train) != spec.data.sha256:
-        found.append(f"data.train: {train} has other bytes (sha256 {fingerprint(train)[:12]}…) "
-                     f"than the run's data ({spec.data.sha256[:12]}…, kept in the store at "
-                     f"{spec.data.key})")
-    ours, theirs = config.data.eval, spec.data.eval
-    if isinstance(ours, str) != isinstance(theirs, str) or (
-            not isinstance(ours, str) and ours != theirs):
-        found.append(f"data.eval: the run has {theirs!r}, the config says {ours!r}")
-    elif isinstance(ours, str) and Path(ours).is_file() \
-            and fingerprint(Path(ours)) != spec.data.eval_sha256:
-        found.append(f"data.eval: {ours} has other bytes than the run's eval data")
-    return found
-
-
-def local_inputs(runstore: RunStore, spec: RunSpec, config: RunConfig,
-                 workdir: Path) -> tuple[Path, Optional[Path]]:
-    """Local paths of the training and eval data, fetched from the store when this machine
-    lacks them; every file is checked against the spec's sha256."""
-    train = fetch_data(runstore, spec.data.key, spec.data.sha256, Path(config.data.train),
-                       workdir)
-    evaluation = None
-    if spec.data.eval_key and spec.data.eval_sha256:
-        given = Path(config.data.eval) if isinstance(config.data.eval, str) else Path("-")
-        evaluation = fetch_data(runstore, spec.data.eval_key, spec.data.eval_sha256, given,
-                                workdir)
-    return train, evaluation
-
-
-def fetch_data(runstore: RunStore, key: str, sha256: str, given: Path, workdir: Path) -> Path:
-    from .data import check_fingerprint, fingerprint
-
-    if given.is_file() and fingerprint(given) == sha256:
-        return given
-    cached = workdir / "data" / key.rsplit("/", 1)[-1]
-    if cached.is_file() and fingerprint(cached) == sha256:
-        return cached
-    runstore.store.download(key, cached)
-    check_fingerprint(cached, sha256, what="data downloaded from the store")
-    return cached
-
-
-# -- what the person sees ----------------------------------------------------------------
-
-class Progress:
-    """A live bar on a terminal; a plain line every `log_every` seconds elsewhere (notebook
-    cells running `!python agent.py`, CI logs), where a live display would print nothing."""
-
-    def __init__(self, start: int, total: int, clock: SessionClock,
-                 log_every: Optional[float] = None):
-        from rich.console import Console
-
-        self.start, self.total, self.clock = start, total, clock
-        self.console = Console(highlight=False, soft_wrap=True)
-        self.log_every = 30.0 if log_every is None else log_every
-        self.last_line = float("-inf")
-        self.live = None
-
-    def __enter__(self) -> "Progress":
-        if self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
-            from rich.progress import Progress as RichProgress
-
-            self.live = RichProgress(
-                TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
-                TextColumn("left {task.fields[left]}"), console=self.console)
-            self.task = self.live.add_task("train", total=self.total, completed=self.start,
-                                           loss="-", speed="-", left=self._left())
-            self.live.start()
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        if self.live is not None:
-            self.live.stop()
-
-    def _left(self) -> str:
-        return describe(self.clock.time_left())
-
-    def update(self, result, record: SessionRecord) -> None:
-        loss = "-" if result.loss is None else f"{result.loss:.4f}"
-        speed = f"{record.tokens_per_s:,.0f}"
-        if self.live is not None:
-            self.live.update(self.task, completed=result.step, loss=loss, speed=speed,
-                             left=self._left())
-            return
-        now = time.monotonic()
-        if now - self.last_line >= self.log_every or result.step >= self.total:
-            self.last_line = now
-            self.console.print(f"step {result.step}/{self.total} loss {loss} lr {result.lr:.3g} "
-                               f"{speed} tok/s, session left {self._left()}", markup=False)
-
-
-class Say:
-    """Messages for the person running the session, scrubbed of secrets."""
-
-    def __init__(self, scrub: Callable[[str], str]):
-        from rich.console import Console
-
-        self.scrub = scrub
-        # soft_wrap: a log line stays one line in a notebook cell or a CI log.
-        self.console = Console(highlight=False, soft_wrap=True)
-        self.errors = Console(stderr=True, highlight=False, soft_wrap=True)
-
-    def __call__(self, message: str) -> None:
-        self.console.print(self.scrub(message), markup=False)
-
-    def error(self, message: str, code: int) -> int:
-        self.errors.print(self.scrub(f"baton: {message}"), markup=False)
-        return code
 
 
 @contextmanager
@@ -458,7 +250,7 @@ class Session:
     """The body of `agent.py run` once the spec is settled."""
 
     def __init__(self, config: RunConfig, options: SessionOptions, runstore: RunStore,
-                 spec: RunSpec, clock: SessionClock, say: Say, ranks: "Ranks"):
+                 spec: RunSpec, clock: SessionClock, say: Say, ranks: Ranks):
         self.config, self.options, self.runstore = config, options, runstore
         self.spec, self.clock, self.say, self.ranks = spec, clock, say, ranks
         self.workdir = Path(options.workdir or Path.home() / ".cache" / "baton" / config.run)
@@ -534,16 +326,20 @@ class Session:
         data_path, eval_path = local_inputs(self.runstore, self.spec, self.config, self.workdir)
         self.ranks.plan(self.spec, data_path, eval_path, ref.path if ref else None)
         trainer = self._trainer(device, ref, data_path, eval_path)
+        checkpoints = self._checkpointer(ref)
+        try:
+            return self._loop(trainer, checkpoints)
+        finally:
+            checkpoints.close()
+
+    def _checkpointer(self, ref) -> Checkpointer:
         checkpoints = Checkpointer(self.runstore, self.lease, self.spec, self.workdir,
                                    self.record, self.clock,
                                    parse_duration(self.config.checkpoint.every))
         checkpoints.announce = self.ranks.tell
         if ref is not None:
             checkpoints.committed_step = ref.step
-        try:
-            return self._loop(trainer, checkpoints)
-        finally:
-            checkpoints.close()
+        return checkpoints
 
     def _push_spool(self) -> None:
         """A checkpoint an earlier session here could not upload goes to the store first."""
@@ -615,88 +411,3 @@ class Session:
                  "command in the next session to continue")
         return PAUSED
 
-
-# -- more than one GPU: rank 0 runs the session, the other ranks follow ---------------------
-
-class Ranks:
-    """The ranks of a data-parallel session (agent.py starts one process a GPU). Rank 0 alone
-    talks to the store; it broadcasts the plan (spec, data, checkpoint), then one word before
-    each collective the others must join: "step", "save" (eval is collective), "stop"."""
-
-    def __init__(self):
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.planned = False
-
-    @property
-    def leader(self) -> bool:
-        return self.rank == 0
-
-    def describe(self) -> str:
-        return f" x{self.world} ranks (DDP)" if self.world > 1 else ""
-
-    def start(self) -> None:
-        if self.world == 1:
-            return
-        import torch
-        import torch.distributed as dist
-
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            backend = "nccl"
-        else:  # CPU ranks (tests): share the cores instead of oversubscribing them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
-            backend = "gloo"
-        dist.init_process_group(backend, init_method="env://", timeout=timedelta(minutes=10))
-
-    def tell(self, message) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.broadcast_object_list([message], src=0)
-
-    def hear(self):
-        import torch.distributed as dist
-
-        box = [None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def plan(self, spec: RunSpec, data: Path, evaluation: Optional[Path],
-             checkpoint: Optional[Path]) -> None:
-        self.planned = True
-        self.tell({"spec": spec.model_dump_json(), "data": str(data), "checkpoint":
-                   str(checkpoint) if checkpoint else None,
-                   "eval": str(evaluation) if evaluation else None})
-
-    def close(self, code: int) -> None:
-        """Rank 0 releases the followers (with its exit code if they never got a plan)."""
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        if self.leader:
-            self.tell("stop" if self.planned else {"code": code})
-        dist.destroy_process_group()
-
-
-def follow(config: RunConfig, ranks: Ranks) -> int:
-    """A rank other than 0: train the steps rank 0 announces on this rank's share."""
-    from .engine import Trainer
-
-    for signum in (signal.SIGTERM, signal.SIGINT):  # rank 0 decides when to stop
-        signal.signal(signum, signal.SIG_IGN)
-    plan = ranks.hear()
-    if "code" in plan:
-        return plan["code"]
-    trainer = Trainer(RunSpec.from_json(plan["spec"]), data_path=Path(plan["data"]),
-                      eval_path=Path(plan["eval"]) if plan["eval"] else None,
-                      micro_batch_size=config.train.micro_batch_size)
-    if plan["checkpoint"]:
-        trainer.load(Path(plan["checkpoint"]))
-    while (word := ranks.hear()) != "stop":
-        if word == "step":
-            trainer.train_step()
-        elif word == "save":
-            trainer.evaluate()
-    return FINISHED

@@ -1,0 +1,107 @@
+"""More than one GPU: rank 0 runs the session, the other ranks follow.
+
+Only rank 0 talks to the store and holds the lease, so the store sees one agent whatever the
+number of GPUs; the other ranks train the steps rank 0 announces, each on its share of a batch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from datetime import timedelta
+from pathlib import Path
+from typing import Optional
+
+from state_schema import RunConfig, RunSpec
+
+
+class Ranks:
+    """The ranks of a data-parallel session (agent.py starts one process a GPU). Rank 0 alone
+    talks to the store; it broadcasts the plan (spec, data, checkpoint), then one word before
+    each collective the others must join: "step", "save" (eval is collective), "stop"."""
+
+    def __init__(self):
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.planned = False
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return f" x{self.world} ranks (DDP)" if self.world > 1 else ""
+
+    def start(self) -> None:
+        if self.world == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "nccl"
+        else:  # CPU ranks (tests): share the cores instead of oversubscribing them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
+            backend = "gloo"
+        dist.init_process_group(backend, init_method="env://", timeout=timedelta(minutes=10))
+
+    def tell(self, message) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([message], src=0)
+
+    def hear(self):
+        import torch.distributed as dist
+
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def plan(self, spec: RunSpec, data: Path, evaluation: Optional[Path],
+             checkpoint: Optional[Path]) -> None:
+        self.planned = True
+        self.tell({"spec": spec.model_dump_json(), "data": str(data), "checkpoint":
+                   str(checkpoint) if checkpoint else None,
+                   "eval": str(evaluation) if evaluation else None})
+
+    def close(self, code: int) -> None:
+        """Rank 0 releases the followers (with its exit code if they never got a plan)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        if self.leader:
+            self.tell("stop" if self.planned else {"code": code})
+        dist.destroy_process_group()
+
+
+def follow(config: RunConfig, ranks: Ranks) -> int:
+    """A rank other than 0: train the steps rank 0 announces on this rank's share."""
+    from .session import FINISHED  # imported late: session.py imports this module
+
+    for signum in (signal.SIGTERM, signal.SIGINT):  # rank 0 decides when to stop
+        signal.signal(signum, signal.SIG_IGN)
+    plan = ranks.hear()
+    if "code" in plan:
+        return plan["code"]
+    trainer = planned_trainer(plan, config.train.micro_batch_size)
+    while (word := ranks.hear()) != "stop":
+        if word == "step":
+            trainer.train_step()
+        elif word == "save":
+            trainer.evaluate()
+    return FINISHED
+
+
+def planned_trainer(plan: dict, micro_batch_size: int):
+    """The trainer rank 0 described: the same spec, data and checkpoint."""
+    from .engine import Trainer
+
+    trainer = Trainer(RunSpec.from_json(plan["spec"]), data_path=Path(plan["data"]),
+                      eval_path=Path(plan["eval"]) if plan["eval"] else None,
+                      micro_batch_size=micro_batch_size)
+    if plan["checkpoint"]:
+        trainer.load(Path(plan["checkpoint"]))
+    return trainer
