@@ -218,6 +218,20 @@ def pull_checkpoint(runstore: RunStore, dest: Path) -> Optional[CheckpointRef]:
         + "; ".join(failures) + ". Restore the files from a copy, or start a new run")
 
 
+def pull_named(runstore: RunStore, cid: str, dest: Path) -> CheckpointRef:
+    """Download one named checkpoint into `dest` (replaced) and verify every file; no
+    fallback, since the person asked for this one. CorruptCheckpointError says why not."""
+    try:
+        manifest = _fetch_verified(runstore, cid, Path(dest))
+    except _Unusable as exc:
+        known = ", ".join(runstore.list_checkpoints()) or "none"
+        raise CorruptCheckpointError(
+            f"checkpoint {cid!r} of run {runstore.run!r} cannot be used: {exc}; "
+            f"checkpoints in the store: {known}") from exc
+    return CheckpointRef(id=cid, step=manifest.step, path=Path(dest),
+                         generation=manifest.generation)
+
+
 def _candidates(runstore: RunStore, head: Head) -> list[str]:
     """HEAD's checkpoint, HEAD.previous, then older listed ones, newest first. Checkpoints
     newer than HEAD's were never committed (cut or fenced uploads) and are never used."""

@@ -66,10 +66,10 @@ def _ensure_importable() -> None:
 
 def pull(runstore, checkpoint: Optional[str], dest: Path):
     """(checkpoint id, folder): HEAD's checkpoint with fallback, or the named one, verified."""
-    from handoff.checkpoint import pull_checkpoint
+    from handoff.checkpoint import pull_checkpoint, pull_named
 
     if checkpoint is not None:
-        return checkpoint, pull_named(runstore, checkpoint, dest)
+        return checkpoint, pull_named(runstore, checkpoint, dest).path
     ref = pull_checkpoint(runstore, dest)
     if ref is None:
         raise MergeError(f"run {runstore.run!r} has no checkpoint yet; run a session first")
@@ -77,25 +77,6 @@ def pull(runstore, checkpoint: Optional[str], dest: Path):
         print(f"warning: HEAD's checkpoint {ref.previous_bad} failed verification; merging the "
               f"older {ref.id} (step {ref.step}) instead", file=sys.stderr)
     return ref.id, ref.path
-
-
-def pull_named(runstore, cid: str, dest: Path) -> Path:
-    """Download one named checkpoint and check every file's size and sha256."""
-    from handoff.checkpoint import sha256_file
-
-    manifest = runstore.read_manifest(cid)
-    if manifest is None:
-        known = ", ".join(runstore.list_checkpoints()) or "none"
-        raise MergeError(f"checkpoint {cid!r} of run {runstore.run!r} is absent or incomplete "
-                         f"(no manifest); checkpoints in the store: {known}")
-    dest.mkdir(parents=True, exist_ok=True)
-    for name, entry in manifest.files.items():
-        local = dest / name
-        runstore.store.download(runstore.checkpoint_key(cid, name), local)
-        if local.stat().st_size != entry.size or sha256_file(local) != entry.sha256:
-            raise MergeError(f"{name} of checkpoint {cid} does not match its manifest (altered "
-                             "or cut); name another checkpoint with --checkpoint")
-    return dest
 
 
 def describe_progress(runstore, cid: str, folder: Path) -> str:

@@ -150,4 +150,5 @@ def test_invalid_inputs_exit_2(tmp_path, run_store, capsys):
     store = open_store(run_store)
     store.write(f"{RUN}/checkpoints/00000005-g1/adapter_model.safetensors", b"tampered")
     assert run("--run", RUN, "--checkpoint", "00000005-g1") == 2
-    assert "does not match its manifest" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'00000005-g1'" in err and "cannot be used" in err and "adapter_model" in err
