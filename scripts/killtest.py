@@ -140,6 +140,13 @@ class Agent:
         self.done: "queue.Queue[bool]" = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
+    def wait_steps(self, count: int, timeout: float) -> None:
+        """Return once `count` more step lines have appeared, or the process ended."""
+        seen = lambda: sum(1 for _, line in self.lines if STEP.search(line))  # noqa: E731
+        target, end = seen() + count, time.time() + timeout
+        while seen() < target and self.proc.poll() is None and time.time() < end:
+            time.sleep(0.02)
+
     def _pump(self) -> None:
         for line in self.proc.stdout:
             self.lines.append((time.time(), line.rstrip("\n")))
@@ -164,8 +171,11 @@ def run_trial(config: Path, workdir: Path, kind: str, rng: random.Random,
     trial = Trial(kind=kind, killpoint=killpoint)
     agent = Agent(config, workdir, killpoint=killpoint, takeover=takeover)
     if kind == "random":
+        # A random number of steps, then a random fraction of a step: counted in steps rather
+        # than seconds so the kill lands mid-training however fast or loaded the machine is.
         agent.training.wait(TRIAL_TIMEOUT_S)
-        time.sleep(rng.uniform(0.0, 4.0))
+        agent.wait_steps(rng.randint(1, 3), TRIAL_TIMEOUT_S)
+        time.sleep(rng.uniform(0.0, 0.2))
         if agent.proc.poll() is None:
             agent.proc.send_signal(signal.SIGKILL)
     trial.code = agent.wait(TRIAL_TIMEOUT_S)
