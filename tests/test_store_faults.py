@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -233,6 +234,16 @@ def test_agent_rides_out_transient_faults(tiny, tmp_path, s3_server, proxy):
     assert ref.id == head.checkpoint and not ref.fell_back
 
 
+def _wait_for_a_commit(runstore, timeout: float = 120.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        got = runstore.read_head()
+        if got is not None and got[0].checkpoint is not None:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the agent committed no checkpoint within the timeout")
+
+
 @pytest.mark.slow
 def test_store_down_at_the_deadline_spools_and_next_session_pushes(tiny, tmp_path, s3_server,
                                                                    proxy):
@@ -248,6 +259,7 @@ def test_store_down_at_the_deadline_spools_and_next_session_pushes(tiny, tmp_pat
                           "--session-start", "now", "--session-limit", "60s")
     try:
         agent.wait_for(r"^step 3/")
+        _wait_for_a_commit(open_run(uri))  # the outage must strike after HEAD names one
         proxy.inject("reset", times=-1)  # every request, until cleared
         code = agent.finish(timeout=300)
     finally:

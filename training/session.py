@@ -30,6 +30,7 @@ from handoff import (
     CorruptCheckpointError,
     FencedError,
     StoreConfigError,
+    StoreError,
     StoreUnavailableError,
     open_store,
 )
@@ -308,10 +309,20 @@ class Session:
             return
         self.record.exit_code = code
         self.record.ended = datetime.now(timezone.utc)
+        self._write_record()
+        try:
+            self.lease.release()
+        except StoreError as exc:
+            # The lease expires on its own; the next session waits at most one TTL for it.
+            log.warning("lease not released (%s); it expires at its TTL", exc)
+
+    def _write_record(self) -> None:
+        """The session record is bookkeeping: a store hiccup while writing it must not end a
+        session that can still train and spool its checkpoint."""
         try:
             self.runstore.write_session(self.record)
-        finally:
-            self.lease.release()
+        except StoreError as exc:
+            log.warning("session record not written (%s); retried at the next checkpoint", exc)
 
     def train(self, device) -> int:
         self._push_spool()
@@ -375,7 +386,7 @@ class Session:
                 self._observe(result)
                 bar.update(result, self.record)
                 if checkpoints.poll():
-                    self.runstore.write_session(self.record)
+                    self._write_record()
                 if checkpoints.due() and self.clock.room_for_commit():
                     checkpoints.start(trainer)
         self.lease.check()
