@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -100,40 +101,38 @@ def agent(*args: str) -> int:
     return agent_process(*args).wait()
 
 
+STEP_LINE = re.compile(r"^step (\d+)/\d+")
+
+
 def agent_process(*args: str) -> subprocess.Popen:
     command = [sys.executable, str(ROOT / "agent.py"), *args]
     print("$ " + " ".join(_short(a) for a in command[1:]), flush=True)
     return subprocess.Popen(command, cwd=ROOT)
 
 
-def committed_step(out: Path) -> int:
-    """The step HEAD names, read from the store as any other machine would."""
-    sys.path.insert(0, str(ROOT))
-    from handoff import open_store
-    from handoff.runstore import RunStore
-
-    store = open_store(str(out / "store"))
-    try:
-        got = RunStore(store, RUN).read_head()
-    finally:
-        store.close()
-    return got[0].step if got else 0
-
-
 def first_session(out: Path, config: Path, session_limit: str, total: int) -> int:
     """Session 1 stops at its time limit; on a machine fast enough to pass a third of the run
-    first, the demo sends SIGTERM instead, as a preempted notebook gets. Both exit 75."""
-    proc = agent_process("run", "--config", str(config), "--session-limit", session_limit,
-                         "--session-start", "now", "--workdir", str(out / "machine-a"))
+    first, the demo sends SIGTERM instead, as a preempted notebook gets. Both exit 75.
+
+    The agent logs every step (`--log-every 0`) so the demo sees progress as it happens; it
+    echoes only every 20th step line to keep the screen readable."""
+    command = [sys.executable, str(ROOT / "agent.py"), "run", "--config", str(config),
+               "--session-limit", session_limit, "--session-start", "now",
+               "--workdir", str(out / "machine-a"), "--log-every", "0"]
+    print("$ " + " ".join(_short(a) for a in command[1:]), flush=True)
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
     signalled = False
-    while proc.poll() is None:
-        time.sleep(1.0)
-        if not signalled and committed_step(out) >= total // 3:
-            print("== the run passed a third of its steps before the limit: sending SIGTERM, "
+    for line in proc.stdout:
+        step = STEP_LINE.match(line)
+        if step is None or int(step.group(1)) % 20 == 0:
+            print(line, end="", flush=True)
+        if step and not signalled and int(step.group(1)) >= total // 3:
+            print(f"== step {step.group(1)} of {total} before the limit: sending SIGTERM, "
                   "as a preempted notebook would get", flush=True)
             proc.send_signal(signal.SIGTERM)
             signalled = True
-    return proc.returncode
+    return proc.wait()
 
 
 def _short(arg: str) -> str:
