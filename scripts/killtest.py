@@ -175,7 +175,7 @@ def run_trial(config: Path, workdir: Path, kind: str, rng: random.Random,
         # than seconds so the kill lands mid-training however fast or loaded the machine is.
         agent.training.wait(TRIAL_TIMEOUT_S)
         agent.wait_steps(rng.randint(1, 3), TRIAL_TIMEOUT_S)
-        time.sleep(rng.uniform(0.0, 0.2))
+        time.sleep(rng.uniform(0.0, 0.05))
         if agent.proc.poll() is None:
             agent.proc.send_signal(signal.SIGKILL)
     trial.code = agent.wait(TRIAL_TIMEOUT_S)

@@ -23,7 +23,7 @@ if str(ROOT / "scripts") not in sys.path:
 import killtest  # noqa: E402 - scripts/ is not a package
 
 LOCAL_KILLS, S3_KILLS = 5, 3  # every kind of kill on the folder; the upload ones on S3
-STEPS = 3 * LOCAL_KILLS + 6
+STEPS = 8 * LOCAL_KILLS  # enough that no single trial can run to the end before its kill
 
 
 @pytest.fixture(scope="module")
