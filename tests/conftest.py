@@ -25,7 +25,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 BACKENDS = ["local", "s3", "hub"]
 
-pytest_plugins = ["tests.servers.seaweed", "tests.servers.hub_double"]
+# fixtures_tiny as a plugin, not imported per module: an imported session fixture is built
+# once per importing module, the tiny model six times over.
+pytest_plugins = ["tests.servers.seaweed", "tests.servers.hub_double", "tests.fixtures_tiny"]
 
 
 @pytest.fixture(params=BACKENDS)

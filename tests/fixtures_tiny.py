@@ -1,7 +1,7 @@
 """Shared helpers for training tests: a tiny local Llama, small data files, a RunSpec.
 
-Import explicitly (`from tests.fixtures_tiny import ...`); the tiny model is built once per
-test session (about a second) and reused.
+The fixtures (`tiny_model_dir`, `pairs_file`) come through conftest's `pytest_plugins`, so the
+tiny model is built once per test session (about a second) and reused; import the helpers.
 """
 
 from __future__ import annotations

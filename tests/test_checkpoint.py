@@ -16,22 +16,14 @@ from handoff import ConflictError, CorruptCheckpointError, FencedError, open_sto
 from handoff.checkpoint import checkpoint_id, commit_checkpoint, pull_checkpoint
 from handoff.lease import LeaseLostError, LeaseManager
 from handoff.runstore import RunStore, parse_checkpoint_id
-from state_schema import Cursor, SessionRecord, utcnow
+from state_schema import SessionRecord, utcnow
 from state_schema import DataSpec, LoraConfig, ModelConfig, RunSpec, TrainSpec
+from tests.store_helpers import make_checkpoint
 
 
 @pytest.fixture
 def runstore(store):
     return RunStore(store, "ckpt-run")
-
-
-def make_checkpoint(folder: Path, step: int) -> Path:
-    """A checkpoint folder shaped like the agent's: adapter, its config, the cursor."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_model.safetensors").write_bytes(os.urandom(2048) + step.to_bytes(4, "big"))
-    (folder / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16}')
-    (folder / "cursor.json").write_bytes(Cursor(step=step, total_steps=100).to_json())
-    return folder
 
 
 def digest_tree(folder: Path) -> dict[str, str]:

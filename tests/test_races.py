@@ -20,7 +20,8 @@ import pytest
 from handoff.checkpoint import checkpoint_id, commit_checkpoint, pull_checkpoint
 from handoff.lease import LeaseManager
 from handoff.runstore import RunStore
-from state_schema import Cursor, utcnow
+from state_schema import utcnow
+from tests.store_helpers import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 8
@@ -51,14 +52,6 @@ def wait_for_files(paths: list[Path], procs: list[subprocess.Popen]) -> None:
             pytest.fail(f"workers never reached the barrier: {dead[0].stderr.read()[-3000:]}"
                         if dead else "workers never reached the barrier")
         time.sleep(0.01)
-
-
-def make_checkpoint(folder: Path, step: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_model.safetensors").write_bytes(os.urandom(4096))
-    (folder / "adapter_config.json").write_text('{"r": 8}')
-    (folder / "cursor.json").write_bytes(Cursor(step=step, total_steps=100).to_json())
-    return folder
 
 
 def digest_tree(folder: Path) -> dict[str, str]:

@@ -22,8 +22,9 @@ from handoff.errors import CorruptCheckpointError, FencedError, StoreUnavailable
 from handoff.lease import LeaseManager
 from handoff.runstore import RunStore
 from handoff.spool import pending, push_pending, spool
-from state_schema import Cursor
+
 from tests.servers.fault_proxy import FaultProxy
+from tests.store_helpers import make_checkpoint
 
 RUN = "t"
 
@@ -48,14 +49,6 @@ def proxied(proxy, s3_server, monkeypatch):
     store = open_store(uri)
     yield RunStore(store, RUN)
     store.close()
-
-
-def make_checkpoint(folder: Path, step: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_model.safetensors").write_bytes(os.urandom(4096))
-    (folder / "adapter_config.json").write_text('{"r": 8}')
-    (folder / "cursor.json").write_bytes(Cursor(step=step, total_steps=100).to_json())
-    return folder
 
 
 def on(method: str, fragment: str):

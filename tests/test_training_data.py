@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from tests.fixtures_tiny import (chat_records, make_spec, pairs_file, pairs_records,  # noqa: F401
-                                 text_records, tiny_model_dir, write_jsonl)
+from tests.fixtures_tiny import chat_records, make_spec, pairs_records, text_records, write_jsonl
 from training.data import (DataChangedError, DataError, count_samples, detect_format,
                            fingerprint, read_records)
 from training.encode import IGNORE, Encoder, collate, pack
@@ -16,7 +15,7 @@ from training.order import epoch_permutation, split_eval, step_indices
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):  # noqa: F811
+def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -70,7 +69,7 @@ def test_missing_empty_unknown_and_bad_files(tmp_path):
         count_samples(tmp_path / "d.txt")
 
 
-def test_changed_data_is_refused_before_the_model_loads(tmp_path, tiny_model_dir):  # noqa: F811
+def test_changed_data_is_refused_before_the_model_loads(tmp_path, tiny_model_dir):
     from training.engine import Trainer
 
     data = write_jsonl(tmp_path / "train.jsonl", pairs_records())
@@ -82,7 +81,7 @@ def test_changed_data_is_refused_before_the_model_loads(tmp_path, tiny_model_dir
     assert isinstance(info.value, DataError)
 
 
-def test_format_mismatch_names_the_record(tmp_path, tiny_model_dir):  # noqa: F811
+def test_format_mismatch_names_the_record(tmp_path, tiny_model_dir):
     from training.dataset import RunData
 
     data = write_jsonl(tmp_path / "train.jsonl", pairs_records(3) + text_records(1))
@@ -143,7 +142,7 @@ def test_eval_split_is_deterministic_and_disjoint():
     assert split_eval(40, None, seed=3) == (list(range(40)), [])
 
 
-def test_eval_from_a_separate_file(tmp_path, tiny_model_dir):  # noqa: F811
+def test_eval_from_a_separate_file(tmp_path, tiny_model_dir):
     from training.dataset import RunData
 
     data = write_jsonl(tmp_path / "train.jsonl", pairs_records(10))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.fixtures_tiny import make_spec, pairs_file, tiny_model_dir  # noqa: F401
+from tests.fixtures_tiny import make_spec
 from training.engine import CheckpointError, Trainer, total_steps
 
 
@@ -25,7 +25,7 @@ def run(t: Trainer, until: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_resume_without_optimizer_state_continues_step_lr_and_order(
-        tmp_path, tiny_model_dir, pairs_file):  # noqa: F811
+        tmp_path, tiny_model_dir, pairs_file):
     spec = make_spec(tiny_model_dir, pairs_file, max_steps=8, optimizer_state=False)
     whole = run(trainer(spec, pairs_file, tiny_model_dir), 8)
     first = trainer(spec, pairs_file, tiny_model_dir)
@@ -43,7 +43,7 @@ def test_resume_without_optimizer_state_continues_step_lr_and_order(
         assert got["loss"] == pytest.approx(want["loss"], abs=0.05)
 
 
-def test_gradient_does_not_depend_on_micro_batch_size(tiny_model_dir, pairs_file):  # noqa: F811
+def test_gradient_does_not_depend_on_micro_batch_size(tiny_model_dir, pairs_file):
     spec = make_spec(tiny_model_dir, pairs_file, max_steps=4, batch_size=4)
     grads, losses = [], []
     for micro in (1, 4):
@@ -59,7 +59,7 @@ def test_gradient_does_not_depend_on_micro_batch_size(tiny_model_dir, pairs_file
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
 
-def test_evaluate_uses_no_randomness_and_finishes(tiny_model_dir, pairs_file):  # noqa: F811
+def test_evaluate_uses_no_randomness_and_finishes(tiny_model_dir, pairs_file):
     spec = make_spec(tiny_model_dir, pairs_file, max_steps=2, dropout=0.1)
     t = trainer(spec, pairs_file, tiny_model_dir)
     state = torch.get_rng_state()
@@ -72,25 +72,25 @@ def test_evaluate_uses_no_randomness_and_finishes(tiny_model_dir, pairs_file):  
         t.train_step()
 
 
-def test_no_eval_split_gives_none(tiny_model_dir, pairs_file):  # noqa: F811
+def test_no_eval_split_gives_none(tiny_model_dir, pairs_file):
     spec = make_spec(tiny_model_dir, pairs_file, max_steps=1, eval_=None)
     t = trainer(spec, pairs_file, tiny_model_dir)
     assert t.evaluate() is None
     assert t.data.n_train == 24
 
 
-def test_total_steps_from_epochs_or_max_steps(tiny_model_dir, pairs_file):  # noqa: F811
+def test_total_steps_from_epochs_or_max_steps(tiny_model_dir, pairs_file):
     assert total_steps(make_spec(tiny_model_dir, pairs_file, epochs=2.0), 21) == 11
     assert total_steps(make_spec(tiny_model_dir, pairs_file, max_steps=5), 21) == 5
 
 
-def test_load_refuses_a_folder_that_is_no_checkpoint(tmp_path, tiny_model_dir, pairs_file):  # noqa: F811
+def test_load_refuses_a_folder_that_is_no_checkpoint(tmp_path, tiny_model_dir, pairs_file):
     t = trainer(make_spec(tiny_model_dir, pairs_file, max_steps=2), pairs_file, tiny_model_dir)
     with pytest.raises(CheckpointError, match="cursor.json"):
         t.load(tmp_path)
 
 
-def test_kernel_patching_is_recorded(tiny_model_dir, pairs_file):  # noqa: F811
+def test_kernel_patching_is_recorded(tiny_model_dir, pairs_file):
     t = trainer(make_spec(tiny_model_dir, pairs_file, max_steps=2), pairs_file, tiny_model_dir,
                 use_kernels=True)
     assert t.device_info.kernels in ("triton", "reference", "none")
@@ -99,7 +99,7 @@ def test_kernel_patching_is_recorded(tiny_model_dir, pairs_file):  # noqa: F811
     assert result.step == 1 and torch.isfinite(torch.tensor(result.loss))
 
 
-def test_evaluate_mid_run_does_not_change_training(tiny_model_dir, pairs_file):  # noqa: F811
+def test_evaluate_mid_run_does_not_change_training(tiny_model_dir, pairs_file):
     # bitsandbytes repacks NF4 weights for CPU inference in eval mode unless Baton stops it;
     # the repacked matmul has no autograd, which would silently change later steps.
     spec = make_spec(tiny_model_dir, pairs_file, max_steps=3)
@@ -112,7 +112,7 @@ def test_evaluate_mid_run_does_not_change_training(tiny_model_dir, pairs_file): 
         assert torch.equal(a, b)
 
 
-def test_resume_with_kernels_on_is_bit_identical_too(tmp_path, tiny_model_dir, pairs_file):  # noqa: F811
+def test_resume_with_kernels_on_is_bit_identical_too(tmp_path, tiny_model_dir, pairs_file):
     # The agent trains with use_kernels=True; on the CPU that is the reference path.
     spec = make_spec(tiny_model_dir, pairs_file, max_steps=4, dropout=0.1)
     whole = trainer(spec, pairs_file, tiny_model_dir, use_kernels=True)
@@ -128,7 +128,7 @@ def test_resume_with_kernels_on_is_bit_identical_too(tmp_path, tiny_model_dir, p
         assert torch.equal(a, b)
 
 
-def test_optimizer_state_of_another_optimizer_is_skipped(tmp_path, tiny_model_dir, pairs_file):  # noqa: F811
+def test_optimizer_state_of_another_optimizer_is_skipped(tmp_path, tiny_model_dir, pairs_file):
     from safetensors.torch import save_file
 
     spec = make_spec(tiny_model_dir, pairs_file, max_steps=4)
@@ -144,7 +144,7 @@ def test_optimizer_state_of_another_optimizer_is_skipped(tmp_path, tiny_model_di
 
 
 @pytest.mark.parametrize("fmt,packing", [("chat", False), ("text", True)])
-def test_chat_and_packed_text_train(tmp_path, tiny_model_dir, fmt, packing):  # noqa: F811
+def test_chat_and_packed_text_train(tmp_path, tiny_model_dir, fmt, packing):
     from tests.fixtures_tiny import chat_records, text_records, write_jsonl
 
     records = chat_records(12) if fmt == "chat" else text_records(24)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.fixtures_tiny import make_spec, pairs_file, tiny_model_dir  # noqa: F401
+from tests.fixtures_tiny import make_spec
 from training.devices import detect_device
 from training.model import ModelLoadError, load_model, resolve_revision
 
 
-def test_nf4_with_fp32_lora_on_all_linear_layers(tiny_model_dir, pairs_file):  # noqa: F811
+def test_nf4_with_fp32_lora_on_all_linear_layers(tiny_model_dir, pairs_file):
     import bitsandbytes as bnb
 
     model, tokenizer = load_model(make_spec(tiny_model_dir, pairs_file, max_steps=1),
@@ -25,7 +25,7 @@ def test_nf4_with_fp32_lora_on_all_linear_layers(tiny_model_dir, pairs_file):  #
     assert base.is_gradient_checkpointing and tokenizer.pad_token_id is not None
 
 
-def test_local_revision_is_the_config_fingerprint(tiny_model_dir, tmp_path):  # noqa: F811
+def test_local_revision_is_the_config_fingerprint(tiny_model_dir, tmp_path):
     pinned = resolve_revision(str(tiny_model_dir), "main")
     assert pinned.startswith("local:") and len(pinned) == len("local:") + 64
     (tmp_path / "empty").mkdir()
@@ -33,7 +33,7 @@ def test_local_revision_is_the_config_fingerprint(tiny_model_dir, tmp_path):  # 
         resolve_revision(str(tmp_path / "empty"), "main")
 
 
-def test_hub_id_is_pinned_to_a_commit_and_loads(hub_server, tiny_model_dir, pairs_file,  # noqa: F811
+def test_hub_id_is_pinned_to_a_commit_and_loads(hub_server, tiny_model_dir, pairs_file,
                                                 monkeypatch, tmp_path):
     import huggingface_hub.constants as hf_constants
     from huggingface_hub import HfApi

@@ -6,12 +6,12 @@ import json
 
 import torch
 
-from tests.fixtures_tiny import make_spec, pairs_file, tiny_model_dir  # noqa: F401
+from tests.fixtures_tiny import make_spec
 from training.engine import Trainer
 
 
 def test_saved_adapter_loads_in_plain_peft_with_same_logits(
-        tmp_path, tiny_model_dir, pairs_file):  # noqa: F811
+        tmp_path, tiny_model_dir, pairs_file):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

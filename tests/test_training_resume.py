@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.fixtures_tiny import make_spec, pairs_file, tiny_model_dir  # noqa: F401
+from tests.fixtures_tiny import make_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 N_STEPS = 8
@@ -42,7 +42,7 @@ def adapters_equal(a: Path, b: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def whole_run(tmp_path_factory, tiny_model_dir):  # noqa: F811
+def whole_run(tmp_path_factory, tiny_model_dir):
     """The uninterrupted run, its partial checkpoints taken from a separate run."""
     tmp = tmp_path_factory.mktemp("resume")
     from tests.fixtures_tiny import pairs_records, write_jsonl
@@ -58,7 +58,7 @@ def whole_run(tmp_path_factory, tiny_model_dir):  # noqa: F811
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cut", CUTS)
-def test_resume_with_optimizer_state_is_bit_identical(whole_run, tiny_model_dir, cut):  # noqa: F811
+def test_resume_with_optimizer_state_is_bit_identical(whole_run, tiny_model_dir, cut):
     tmp, spec, data, whole = whole_run
     resumed = run_worker(tmp, f"resume{cut}", spec=spec, data=data, model=tiny_model_dir,
                          micro=2, until=N_STEPS, load=str(tmp / "partial-ckpt" / str(cut)),
@@ -79,7 +79,7 @@ def test_whole_run_crosses_an_epoch_inside_a_step(whole_run):
 
 
 @pytest.mark.slow
-def test_resume_with_other_micro_batch_keeps_samples_and_order(whole_run, tiny_model_dir):  # noqa: F811
+def test_resume_with_other_micro_batch_keeps_samples_and_order(whole_run, tiny_model_dir):
     tmp, spec, data, whole = whole_run
     resumed = run_worker(tmp, "micro1", spec=spec, data=data, model=tiny_model_dir, micro=1,
                          until=N_STEPS, load=str(tmp / "partial-ckpt" / "5"))
@@ -91,7 +91,7 @@ def test_resume_with_other_micro_batch_keeps_samples_and_order(whole_run, tiny_m
 
 
 @pytest.mark.slow
-def test_resume_on_two_ddp_ranks_keeps_samples_and_order(whole_run, tiny_model_dir):  # noqa: F811
+def test_resume_on_two_ddp_ranks_keeps_samples_and_order(whole_run, tiny_model_dir):
     tmp, spec, data, whole = whole_run
     resumed = run_worker(tmp, "ddp", spec=spec, data=data, model=tiny_model_dir, micro=1,
                          world=2, until=N_STEPS, load=str(tmp / "partial-ckpt" / "3"),

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from tests.fixtures_tiny import ROOT, tiny_model_dir  # noqa: F401
+from tests.fixtures_tiny import ROOT
 
 
-def test_build_is_deterministic(tmp_path, tiny_model_dir):  # noqa: F811
+def test_build_is_deterministic(tmp_path, tiny_model_dir):
     from tiny_model import build_tiny
 
     again = build_tiny(tmp_path / "again")
@@ -18,7 +18,7 @@ def test_build_is_deterministic(tmp_path, tiny_model_dir):  # noqa: F811
         assert (again / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
 
 
-def test_tokenizer_and_model_fit_together(tiny_model_dir):  # noqa: F811
+def test_tokenizer_and_model_fit_together(tiny_model_dir):
     from transformers import AutoConfig, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -33,6 +33,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
+from tests.servers.http_body import read_body
+
 TOKEN = "hf_double_fake_token_0123456789"
 USER = "test-user"
 LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub stores files above 10 MB in LFS
@@ -195,18 +197,6 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     # -- plumbing ----------------------------------------------------------------------------
-    def _body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    self.rfile.readline()
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
     def _send(self, status: int, body: bytes = b"", headers: Optional[dict] = None,
               head_only: bool = False) -> None:
         if getattr(self, "muted", False):
@@ -240,7 +230,7 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         path, query = unquote(url.path), parse_qs(url.query)
-        body = self._body() if method in ("POST", "PUT") else b""
+        body = read_body(self) if method in ("POST", "PUT") else b""
         head_only = method == "HEAD"
         fault = self.state.take_fault(f"{method} {path}")
         try:
