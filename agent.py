@@ -18,49 +18,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 import threading
 import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_HELD, EXIT_PAUSED = 0, 1, 2, 73, 75
-
-# Environment variables whose values must never reach a log line, a message or a file.
-SECRET_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID",
-               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-# A Hub token, or 40 base64 characters mixing cases and digits (an AWS secret key; a git
-# commit id is hex, lowercase, and stays readable).
-SECRET_SHAPES = re.compile(
-    r"hf_[A-Za-z0-9]{20,}"
-    r"|(?<![A-Za-z0-9/+])(?=[A-Za-z0-9/+]{0,39}[A-Z])(?=[A-Za-z0-9/+]{0,39}[a-z])"
-    r"(?=[A-Za-z0-9/+]{0,39}[0-9])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
-
+from handoff.secrets import ScrubFilter, scrub
+from session.codes import FAILED, INVALID, PAUSED
 
 class ConfigError(ValueError):
     """The config or the flags are wrong; the message says which key and how to fix it."""
 
 
-# -- secrets -----------------------------------------------------------------------------
-
-def scrub(text: str) -> str:
-    """Replace every known secret, and anything shaped like a token or an AWS secret key."""
-    for name in SECRET_VARS:
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
-            text = text.replace(value, f"<{name}>")
-    return SECRET_SHAPES.sub("<redacted>", text)
-
-
-class ScrubFilter(logging.Filter):
-    """Scrubs log records of every library (boto3, huggingface_hub) before they are written."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = scrub(record.getMessage())
-        record.args = ()
-        return True
-
+# -- output: every path scrubbed of secrets (handoff/secrets.py) ---------------------------
 
 def install_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
@@ -180,7 +151,7 @@ def load_config(args: argparse.Namespace):
 
 
 def check_session_flags(config) -> None:
-    from training.clock import ClockError, parse_start
+    from session.clock import ClockError, parse_start
 
     try:
         parse_start(config.session.start)
@@ -195,10 +166,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     world = ranks_wanted()
     if world > 1:
         return launch_ranks(world, args.argv)
-    from training.session import SessionOptions, run_session  # heavy: only after validation
+    from session.loop import SessionOptions, run_session  # heavy: only after validation
 
     options = SessionOptions(takeover=args.takeover, workdir=args.workdir,
-                             log_every=args.log_every, lease_ttl=args.lease_ttl, scrub=scrub)
+                             log_every=args.log_every)
     return run_session(config, options)
 
 
@@ -246,14 +217,14 @@ def launch_ranks(world: int, argv: list[str]) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from handoff.status import status_main
+    from session.status import status_main
 
     return status_main(args.store, args.run, as_json=args.json, plot=args.plot)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     config = load_config(args)
-    from training.plan import plan_main
+    from session.plan import plan_main
 
     return plan_main(config, as_json=args.json)
 
@@ -275,7 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", type=Path, help="local cache (default ~/.cache/baton/<run>)")
     run.add_argument("--log-every", type=float, default=None,
                      help="seconds between progress lines when not on a terminal (default 30)")
-    run.add_argument("--lease-ttl", type=float, default=None, help=argparse.SUPPRESS)
     run.set_defaults(handler=cmd_run)
 
     status = sub.add_parser("status", help="show a run's progress, lease and sessions")
@@ -303,14 +273,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return args.handler(args)
     except ConfigError as exc:
         fail(str(exc))
-        return EXIT_INPUT
+        return INVALID
     except KeyboardInterrupt:
         fail("interrupted before training started; nothing was committed")
-        return EXIT_PAUSED
+        return PAUSED
     except Exception:  # noqa: BLE001 - the last resort: a scrubbed traceback, never a secret
         fail("unexpected error; the last committed checkpoint is intact\n"
              + traceback.format_exc())
-        return EXIT_ERROR
+        return FAILED
 
 
 if __name__ == "__main__":

@@ -34,11 +34,11 @@ from .errors import (
     StoreError,
     StoreUnavailableError,
 )
-from .retry import RETRYABLE_STATUS, retrying
+from .retry import RETRYABLE_STATUS, RetryPolicy
+from .secrets import scrub
 from .store import ABSENT, Expect, Store, Versioned, check_key
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{8,}")
 PRECONDITION_FAILED = 412
 MOVES = 8  # fresh looks at a moving repo before giving up
 
@@ -110,10 +110,16 @@ def parse_uri(uri: str) -> tuple[str, str]:
 
 
 class HubStore(Store):
-    def __init__(self, uri: str):
+    # The Hub takes about 128 commits an hour a repo and a renewal is a commit: a longer lease
+    # lets the heartbeat (a third of it) beat every 10 minutes.
+    lease_ttl = 1800.0
+
+    def __init__(self, uri: str, *, retry: Optional[RetryPolicy] = None):
         from huggingface_hub import HfApi
 
         self.uri = uri
+        if retry is not None:
+            self.retry = retry
         self.repo_id, self.base = parse_uri(uri)
         self.api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None,
                          token=os.environ.get("HF_TOKEN") or None)
@@ -127,9 +133,7 @@ class HubStore(Store):
         return [s for s in found if isinstance(s, str) and len(s) >= 4]
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets():
-            text = text.replace(secret, "***")
-        return TOKEN_PATTERN.sub("hf_***", text)[:500]
+        return scrub(text, extra=self._secrets())[:500]
 
     def _raise(self, err: StoreError, cause: BaseException):
         """Raise `err`, chaining `cause` only when its text cannot carry the token."""
@@ -169,7 +173,7 @@ class HubStore(Store):
         from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError
 
         try:
-            return retrying(is_transient)(fn)
+            return self.retry.retrying(is_transient)(fn)
         except (StoreError, ValueError):
             raise
         except (RepositoryNotFoundError, RemoteEntryNotFoundError) as exc:

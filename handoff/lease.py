@@ -48,8 +48,9 @@ class LeaseManager:
     """Acquire, renew (by heartbeat) and release the lease of one run, for one agent."""
 
     def __init__(self, runstore: RunStore, *, holder: Optional[str] = None,
-                 host: Optional[str] = None, gpu: str = "cpu", ttl: float = 600.0,
+                 host: Optional[str] = None, gpu: str = "cpu", ttl: Optional[float] = None,
                  clock: Clock = utcnow):
+        ttl = runstore.store.lease_ttl if ttl is None else ttl  # the store knows its budget
         if ttl <= 0:
             raise ValueError(f"lease ttl must be positive seconds, got {ttl}")
         self.runstore = runstore

@@ -14,8 +14,10 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 from .errors import ConflictError, NotFoundError, StoreConfigError
+from .retry import RetryPolicy
 from .store import ABSENT, Expect, Store, Versioned, check_key
 
 LOCK_SUFFIX = ".lock"
@@ -26,8 +28,10 @@ def _token(data: bytes) -> str:
 
 
 class LocalStore(Store):
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, *, retry: Optional[RetryPolicy] = None):
         self.uri = uri
+        if retry is not None:  # kept for a uniform interface: a folder never retries
+            self.retry = retry
         root = uri[len("file://"):] if uri.startswith("file://") else uri
         self.root = Path(root).expanduser().resolve()
         if self.root.exists() and not self.root.is_dir():

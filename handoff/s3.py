@@ -37,7 +37,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from . import retry
+from .retry import RETRYABLE_STATUS, RetryPolicy
 from .errors import (
     ConflictError,
     NotFoundError,
@@ -113,7 +113,7 @@ def is_transient(exc: BaseException) -> bool:
                         ConnectionError, TimeoutError)):
         return True
     return isinstance(exc, ClientError) and (
-        _status(exc) in retry.RETRYABLE_STATUS or _code(exc) in TRANSIENT_CODES)
+        _status(exc) in RETRYABLE_STATUS or _code(exc) in TRANSIENT_CODES)
 
 
 def _condition(expect: Expect) -> dict[str, str]:
@@ -166,8 +166,10 @@ def _require_conditional_writes(client) -> None:
 class S3Store(Store):
     LIST_PAGE_SIZE = 1000  # S3's maximum; tests lower it to walk several pages
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, *, retry: Optional[RetryPolicy] = None):
         self.uri = uri
+        if retry is not None:
+            self.retry = retry
         self.bucket, self.prefix = parse_uri(uri)
         self.endpoint = _endpoint_from_env()
         session = _session()
@@ -193,7 +195,7 @@ class S3Store(Store):
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """One S3 operation under the retry policy; failures become StoreErrors."""
         try:
-            return retry.retrying(is_transient)(fn, *args, **kwargs)
+            return self.retry.retrying(is_transient)(fn, *args, **kwargs)
         except (BotoCoreError, ClientError, Boto3Error, ConnectionError, TimeoutError) as exc:
             error = self._translate(_unwrap(exc), what)
             # Credential failures drop the chain: nothing of the signed request leaks on.
@@ -219,8 +221,8 @@ class S3Store(Store):
                                     f"({code or status}); {CREDENTIALS_HINT}")
         if is_transient(exc):
             return StoreUnavailableError(
-                f"{what}: {self._where} kept failing through {retry.ATTEMPTS} attempts in at "
-                f"most {retry.MAX_SECONDS:.0f} s ({type(exc).__name__}: {str(exc)[:200]}); "
+                f"{what}: {self._where} kept failing through {self.retry.describe()} "
+                f"({type(exc).__name__}: {str(exc)[:200]}); "
                 "check the network, or "
                 "AWS_ENDPOINT_URL if you set one")
         return StoreError(f"{what}: S3 at {self._where} failed: {type(exc).__name__}: "

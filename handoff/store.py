@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .errors import ConflictError, NotFoundError, StoreConfigError
+from .retry import DEFAULT_POLICY, RetryPolicy
 
 
 class _Absent:
@@ -43,9 +44,15 @@ def check_key(key: str) -> str:
 
 
 class Store(ABC):
-    """A place that holds runs: a folder, an S3 prefix or a Hub repo."""
+    """A place that holds runs: a folder, an S3 prefix or a Hub repo.
+
+    `retry` is how hard a networked backend tries before a fault is reported; `lease_ttl` is
+    how long a lease taken in this store lasts between heartbeats (a property of the store:
+    where each renewal costs a rate-limited commit, the lease is longer)."""
 
     uri: str
+    retry: RetryPolicy = DEFAULT_POLICY
+    lease_ttl: float = 600.0
 
     @abstractmethod
     def read(self, key: str) -> Versioned:
@@ -104,8 +111,9 @@ REGISTRY: dict[str, tuple[str, str, Optional[str]]] = {
 }
 
 
-def open_store(uri: str) -> Store:
-    """A store from its URI: a folder path, file://, s3://bucket/prefix or hf://owner/repo."""
+def open_store(uri: str, *, retry: Optional[RetryPolicy] = None) -> Store:
+    """A store from its URI: a folder path, file://, s3://bucket/prefix or hf://owner/repo.
+    `retry` replaces the backend's default retry policy (the local folder never retries)."""
     scheme = uri.split("://", 1)[0] if "://" in uri else "file"
     if scheme not in REGISTRY:
         known = ", ".join(f"{s}://" for s in REGISTRY)
@@ -116,7 +124,7 @@ def open_store(uri: str) -> Store:
     except ImportError as exc:
         hint = f"; install it with `pip install {package}`" if package else ""
         raise StoreConfigError(f"the {scheme}:// store needs {package or module}{hint}") from exc
-    return backend(uri)
+    return backend(uri) if retry is None else backend(uri, retry=retry)
 
 
 __all__ = [

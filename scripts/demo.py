@@ -26,9 +26,13 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python scripts/demo.py` puts scripts/ on the path, not the root
+    sys.path.insert(0, str(ROOT))
+
+from session.codes import FAILED, FINISHED, OK, PAUSED  # noqa: E402 - after the path set-up
+
 RUN = "demo"
 MARKER = ".baton-demo"  # only a folder holding this is ever wiped by the demo
-PAUSED, FINISHED = 75, 0
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -142,7 +146,7 @@ def _short(arg: str) -> str:
 def status_json(out: Path) -> dict:
     sys.path.insert(0, str(ROOT))
     from handoff import open_store
-    from handoff.status import collect_status
+    from session.status import collect_status
 
     store = open_store(str(out / "store"))
     try:
@@ -201,7 +205,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     say("status, readable from any machine")
     agent("status", "--store", str(out / "store"), "--run", RUN, "--plot", str(out / "loss.png"))
     say("merge the adapter into the base model")
-    if merge(out) != 0:
+    if merge(out) != OK:
         raise SystemExit("merge failed; see its message above")
     sample = try_merged(out)
     say("done")
@@ -212,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{sample!r} (a random tiny model trained for a minute: expect no sense, and a loss "
           "that barely moves; the point is the handoff)")
     print(f"demo took {time.monotonic() - started:.0f} s")
-    return 0 if paused_at == resumed_at else 1
+    return OK if paused_at == resumed_at else FAILED
 
 
 if __name__ == "__main__":

@@ -213,6 +213,7 @@ def merge(args: argparse.Namespace) -> int:
     """The whole merge; MergeError for invalid input."""
     from handoff import open_store
     from handoff.runstore import RunStore
+    from session.codes import FAILED, OK
 
     check_out_dir(args.out)
     store = open_store(args.store)
@@ -237,27 +238,28 @@ def merge(args: argparse.Namespace) -> int:
     if not ok:
         print(f"error: the merged model in {args.out} does not reproduce base + adapter; do not "
               "use it (try --dtype float32, or report the difference)", file=sys.stderr)
-        return 1
+        return FAILED
     print(f"merged model saved to {args.out}")
     if args.push_to_hub:
         print(f"pushed to {push(args.out, args.push_to_hub)} (private)")
-    return 0
+    return OK
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     _ensure_importable()
-    from agent import scrub
+    from handoff.secrets import scrub
     from handoff.errors import StoreError, StoreUnavailableError
+    from session.codes import FAILED, INVALID
 
     try:
         return merge(args)
     except StoreUnavailableError as exc:
         print(scrub(f"error: the store stayed unreachable: {exc}; try again"), file=sys.stderr)
-        return 1
+        return FAILED
     except (MergeError, StoreError) as exc:
         print(scrub(f"error: {exc}"), file=sys.stderr)
-        return 2
+        return INVALID
 
 
 if __name__ == "__main__":

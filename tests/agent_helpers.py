@@ -21,7 +21,8 @@ from typing import Optional
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-AGENT = ROOT / "agent.py"
+# agent.py behind the test hooks of tests/faults.py (kill points, quick retries, short leases).
+AGENT = ROOT / "tests" / "agent_entry.py"
 WORDS = ("the quick brown fox jumps over a lazy dog while the model reads each line of data "
          "and learns its next token slowly").split()
 
@@ -67,10 +68,13 @@ def write_config(folder: Path, *, model_dir: Path, train_file: Path, store: str,
     return path
 
 
-def agent_env(**extra: str) -> dict[str, str]:
+def agent_env(*, lease_ttl: Optional[float] = None, **extra: str) -> dict[str, str]:
+    """The environment of an agent under test: quick retries; a short lease when asked."""
     env = dict(os.environ)
-    env.update(PYTHONUNBUFFERED="1", BATON_RETRY_ATTEMPTS="3", BATON_RETRY_SECONDS="20",
-               TOKENIZERS_PARALLELISM="false", **extra)
+    env.update(PYTHONUNBUFFERED="1", BATON_TEST_RETRY="3,20", TOKENIZERS_PARALLELISM="false",
+               **extra)
+    if lease_ttl is not None:
+        env["BATON_TEST_LEASE_TTL"] = str(lease_ttl)
     return env
 
 
@@ -89,9 +93,11 @@ def run_agent(config: Path, *flags: str, workdir: Path, timeout: float = 300,
 class RunningAgent:
     """An agent started in the background whose output the test can wait on, line by line."""
 
-    def __init__(self, config: Path, *flags: str, workdir: Path):
+    def __init__(self, config: Path, *flags: str, workdir: Path,
+                 lease_ttl: Optional[float] = None):
         self.proc = subprocess.Popen(
-            agent_command(config, *flags, workdir=workdir), cwd=ROOT, env=agent_env(),
+            agent_command(config, *flags, workdir=workdir), cwd=ROOT,
+            env=agent_env(lease_ttl=lease_ttl),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self.output: list[str] = []

@@ -10,6 +10,7 @@ the last save or null), world (1 or 2), log (a JSON file of what each step consu
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -30,8 +31,9 @@ def train(job: dict) -> list[dict]:
     from training.engine import Trainer
 
     spec = RunSpec.from_json(job["spec"])
+    os.environ["BATON_KERNELS"] = "none"  # the plain HF modules on every rank
     trainer = Trainer(spec, data_path=Path(job["data"]), micro_batch_size=job["micro"],
-                      device="cpu", use_kernels=False, model_path=Path(job["model"]))
+                      device="cpu")
     if job.get("load"):
         trainer.load(Path(job["load"]))
     steps = []

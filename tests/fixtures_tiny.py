@@ -7,9 +7,12 @@ tiny model is built once per test session (about a second) and reused; import th
 from __future__ import annotations
 
 import json
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
+from unittest import mock
 
 import pytest
 
@@ -77,3 +80,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def pairs_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", pairs_records())
+
+
+@contextmanager
+def kernel_path(choice: str):
+    """BATON_KERNELS for the span of a model build: 'none' trains the plain HF and PEFT
+    modules, 'auto' what the agent picks for the device (the reference path on a CPU)."""
+    with mock.patch.dict(os.environ, {"BATON_KERNELS": choice}):
+        yield
+
+
+def make_trainer(spec, data_path: Path, *, micro: int = 2, kernels: str = "none", **kw):
+    """A CPU trainer of `spec` (its model is the spec's local folder)."""
+    from training.engine import Trainer
+
+    with kernel_path(kernels):
+        return Trainer(spec, data_path=data_path, micro_batch_size=micro, device="cpu", **kw)

@@ -89,7 +89,7 @@ def test_stale_agent_wakes_after_its_lease_was_taken(tiny, tmp_path, s3_server):
     B wait for the frozen A, which no two machines do."""
     uri = s3_server.new_bucket_uri()
     config = long_config(tiny, tmp_path, uri)
-    stale = RunningAgent(config, "--lease-ttl", "4", workdir=tmp_path / "work-a")
+    stale = RunningAgent(config, workdir=tmp_path / "work-a", lease_ttl=4)
     agents = [stale]
     try:
         old_generation = int(stale.wait_for(TRAINING).group(2))

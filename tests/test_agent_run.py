@@ -168,7 +168,7 @@ def test_agent_that_loses_its_lease_stops_without_writing(tiny, tmp_path):
     uri = str(tmp_path / "store")
     config = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"], store=uri,
                           train={"max_steps": 10_000})
-    agent = RunningAgent(config, "--lease-ttl", "3", workdir=tmp_path / "work")
+    agent = RunningAgent(config, workdir=tmp_path / "work", lease_ttl=3)
     try:
         agent.wait_for(r"^step 1/")
         successor = LeaseManager(open_run(uri), holder="successor", ttl=600)
@@ -243,7 +243,7 @@ def test_secrets_never_reach_the_output(tmp_path):
 
 
 def test_spec_mismatch_names_each_field_and_writes_nothing(tiny, tmp_path):
-    from training.session import prepare_spec
+    from session.spec import prepare_spec
 
     import agent
 
@@ -268,12 +268,12 @@ def test_spec_mismatch_names_each_field_and_writes_nothing(tiny, tmp_path):
 
 
 def test_scrub_hides_credentials_but_keeps_commit_ids(monkeypatch):
-    import agent
+    from handoff.secrets import scrub
 
     aws = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws)
     commit = "0123456789abcdef0123456789abcdef01234567"
-    text = agent.scrub(f"auth {aws} failed; token hf_{'a1B2' * 8}; model at {commit}")
+    text = scrub(f"auth {aws} failed; token hf_{'a1B2' * 8}; model at {commit}")
     assert aws not in text and "hf_a1B2" not in text
     assert "<AWS_SECRET_ACCESS_KEY>" in text and commit in text
 
@@ -287,9 +287,10 @@ def test_final_checkpoint_spooled_when_store_is_down_and_pushed_next_session(
     from handoff import StoreUnavailableError
     from handoff.lease import LeaseManager
     from state_schema import SessionRecord
-    from training.clock import SessionClock
+    from session.clock import SessionClock
     from training.engine import Trainer
-    from training.session import Checkpointer, prepare_spec
+    from session.checkpointer import Checkpointer
+    from session.spec import prepare_spec
 
     uri, workdir = str(tmp_path / "store"), tmp_path / "work"
     config_path = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"],

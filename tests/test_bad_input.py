@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_helpers import ROOT, agent_env, build_tiny_model, open_run, write_config, \
+from tests.agent_helpers import AGENT, ROOT, agent_env, build_tiny_model, open_run, write_config, \
     write_data
 
 RUN = "t"
@@ -30,10 +30,10 @@ def tiny(tmp_path_factory):
 
 
 def agent(config: Path, tmp_path: Path, *flags: str, **env: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "agent.py"), "run", "--config", str(config),
+    command = [sys.executable, str(AGENT), "run", "--config", str(config),
                "--workdir", str(tmp_path / "work"), "--log-every", "0", *flags]
     full = agent_env(**env)
-    full.update(BATON_RETRY_ATTEMPTS="2", BATON_RETRY_SECONDS="5")  # fail fast, same path
+    full.update(BATON_TEST_RETRY="2,5")  # fail fast, same path
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
                           env=full)
 
@@ -65,7 +65,7 @@ def refused(done: subprocess.CompletedProcess, *phrases: str, code: int = 2) -> 
 def created_run(tiny, tmp_path: Path) -> tuple[Path, str]:
     """A run whose spec and data are in a local store, as its first session left them."""
     import agent as cli
-    from training.session import prepare_spec
+    from session.spec import prepare_spec
 
     uri = str(tmp_path / "store")
     config = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"], store=uri)
@@ -235,3 +235,14 @@ def test_unreachable_endpoint(tiny, tmp_path, s3_server):
     done = agent(s3_config(tiny, tmp_path, "s3://baton-unreachable/runs"), tmp_path,
                  AWS_ENDPOINT_URL="http://127.0.0.1:9")
     refused(done, "http://127.0.0.1:9", "AWS_ENDPOINT_URL", code=1)
+
+
+def test_hub_that_does_not_answer_while_pinning_the_model(tiny, tmp_path):
+    """Pinning a Hub model's revision when the Hub does not answer is an outage, not a config
+    error: exit 1 (run again later), the endpoint named, nothing written."""
+    config = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"],
+                          store=str(tmp_path / "store"),
+                          model={"name": "someone/some-model", "load_in_4bit": False})
+    done = agent(config, tmp_path, HF_ENDPOINT="http://127.0.0.1:9")
+    refused(done, "127.0.0.1:9", "run again", code=1)
+    assert snapshot(tmp_path / "store") == {}

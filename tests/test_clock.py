@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from state_schema import SessionRecord
-from training.clock import (
+from session.clock import (
     ClockError,
     SessionClock,
     container_start,

@@ -15,10 +15,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-import tenacity
 
 from handoff import ABSENT, ConflictError, NotFoundError, StoreConfigError, StoreUnavailableError
-from handoff import retry
+from handoff.retry import RetryPolicy
+from handoff.store import Store
 from handoff.hub import HubStore
 from tests.servers import hub_double
 
@@ -35,8 +35,7 @@ def hub(hub_server):
 @pytest.fixture
 def fast_retries(monkeypatch):
     """Three attempts, no waiting: the policy's backoff is not what these tests check."""
-    monkeypatch.setattr(retry, "ATTEMPTS", 3)
-    monkeypatch.setattr(retry, "wait_exponential_jitter", lambda **_: tenacity.wait_none())
+    monkeypatch.setattr(Store, "retry", RetryPolicy(attempts=3, max_wait=0))
 
 
 def _checkpoint(tmp_path: Path) -> dict[str, Path]:

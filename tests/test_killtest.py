@@ -1,26 +1,21 @@
-"""The bounded kill test of CI: scripts/killtest.py with a few kills on a folder and on S3.
+"""The bounded kill test of CI: tests/killtest.py with a few kills on a folder and on S3.
 
 The agent is SIGKILLed at each kind of kill point (inside a train step, mid checkpoint upload,
 between the upload and HEAD's move, inside a lease renewal, at a random moment) and restarted
 with --takeover. No committed checkpoint may be lost, every restart must resume from the HEAD
 the kill left (verified, no fallback), and the run's final adapter must be bit-identical to an
-uninterrupted run's (the optimizer state is checkpointed). `python scripts/killtest.py` runs
+uninterrupted run's (the optimizer state is checkpointed). `python tests/killtest.py` runs
 the long version and prints the figures.
 """
 
 from __future__ import annotations
 
 import random
-import sys
 
 import pytest
 
-from tests.agent_helpers import ROOT, build_tiny_model, write_data
-
-if str(ROOT / "scripts") not in sys.path:
-    sys.path.insert(0, str(ROOT / "scripts"))
-
-import killtest  # noqa: E402 - scripts/ is not a package
+from tests import killtest
+from tests.agent_helpers import build_tiny_model, write_data
 
 LOCAL_KILLS, S3_KILLS = 5, 3  # every kind of kill on the folder; the upload ones on S3
 STEPS = 8 * LOCAL_KILLS  # enough that no single trial can run to the end before its kill

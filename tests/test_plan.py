@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from state_schema import RunConfig
-from training import plan as planmod
+from session import plan as planmod
 
 MISTRAL_7B = dict(
     num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
@@ -149,3 +149,20 @@ def test_steps_total_follows_the_engine(tmp_path, n, epochs):
     config = _config(tmp_path, _jsonl(tmp_path / "d.jsonl", n), epochs=epochs)
     n_train = len(split_eval(n, 0.05, config.train.seed)[0])
     assert planmod.steps_total(config, n) == max(1, math.ceil(epochs * n_train / 8))
+
+
+def test_plan_counts_with_the_engines_rules(tmp_path):
+    """plan reads data with the engine's reader (a .tsv, which a session refuses, is not
+    counted) and counts steps with the engine's own rule and eval split."""
+    from types import SimpleNamespace
+
+    from training.engine import total_steps
+    from training.order import split_eval
+
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("text\n" + "".join(f"line {i}\n" for i in range(20)))
+    assert planmod.count_samples(tsv) == (None, None)
+    config = _config(tmp_path, _jsonl(tmp_path / "d.jsonl", 50))
+    n_train = len(split_eval(50, 0.05, config.train.seed)[0])
+    engine_steps = total_steps(SimpleNamespace(train=config.train), n_train)
+    assert planmod.steps_total(config, 50) == engine_steps == 18  # ceil(3 epochs * 47 / 8)

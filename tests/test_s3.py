@@ -15,7 +15,8 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError
 
-from handoff import ABSENT, ConflictError, NotFoundError, retry
+from handoff import ABSENT, ConflictError, NotFoundError, Store
+from handoff.retry import RetryPolicy
 from handoff.errors import StoreConfigError, StoreError, StoreUnavailableError
 from handoff.s3 import MULTIPART_THRESHOLD, S3Store, parse_uri
 
@@ -31,7 +32,7 @@ def s3(s3_server):
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(retry, "ATTEMPTS", 3)
+    monkeypatch.setattr(Store, "retry", RetryPolicy(attempts=3))
 
 
 class _Body:
@@ -233,7 +234,7 @@ def test_transient_faults_outlasting_the_retries(s3, fast_retries):
     sent = _count_sends(s3, "GetObject", _answer(503, "SlowDown"), times=99)
     with pytest.raises(StoreUnavailableError, match=s3.endpoint):
         s3.read("run/HEAD.json")
-    assert len(sent) == retry.ATTEMPTS
+    assert len(sent) == Store.retry.attempts
 
 
 def test_unreachable_endpoint(monkeypatch, fast_retries):

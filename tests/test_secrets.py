@@ -17,7 +17,7 @@ from typing import Optional
 
 import pytest
 
-from tests.agent_helpers import ROOT, agent_env, build_tiny_model, write_config, write_data
+from tests.agent_helpers import AGENT, ROOT, agent_env, build_tiny_model, write_config, write_data
 
 # Shaped like real credentials so that any scrubbing by pattern is exercised too; assembled
 # from parts so that secret scanners reading this file do not take them for leaked ones.
@@ -40,11 +40,11 @@ def run(config: Path, tmp_path: Path, *flags: str, **env: str) -> subprocess.Com
     searched."""
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    command = [sys.executable, str(ROOT / "agent.py"), "-v", "run", "--config", str(config),
+    command = [sys.executable, str(AGENT), "-v", "run", "--config", str(config),
                "--workdir", str(tmp_path / "work"), "--log-every", "0", *flags]
     env = agent_env(HOME=str(home), HF_HOME=str(home / "hf"),
                     XDG_CACHE_HOME=str(home / ".cache"), **env)
-    env.update(BATON_RETRY_ATTEMPTS="2", BATON_RETRY_SECONDS="5")
+    env.update(BATON_TEST_RETRY="2,5")
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 
 from handoff import open_store
-from handoff.status import collect_status, status_main
+from session.status import collect_status, status_main
 from state_schema import (
     Cursor, DataSpec, FileEntry, Head, Lease, LoraConfig, Manifest, ModelConfig, RunSpec,
     SessionRecord, TrainSpec, utcnow,

@@ -9,6 +9,7 @@ local disk and pushed by the next session that reaches the store (handoff/spool.
 from __future__ import annotations
 
 import os
+from typing import Optional
 import signal
 import time
 from pathlib import Path
@@ -16,7 +17,8 @@ from urllib.parse import urlparse
 
 import pytest
 
-from handoff import open_store, retry, s3
+from handoff import Store, open_store, s3
+from handoff.retry import RetryPolicy
 from handoff.checkpoint import commit_checkpoint, pull_checkpoint
 from handoff.errors import CorruptCheckpointError, FencedError, StoreUnavailableError
 from handoff.lease import LeaseManager
@@ -41,8 +43,7 @@ def proxy(s3_server):
 def proxied(proxy, s3_server, monkeypatch):
     """A RunStore on a fresh bucket, reached through the proxy, with quick retries and a read
     timeout short enough for a stall to pass it."""
-    monkeypatch.setattr(retry, "ATTEMPTS", 4)
-    monkeypatch.setattr(retry, "MAX_SECONDS", 30.0)
+    monkeypatch.setattr(Store, "retry", RetryPolicy(attempts=4, max_seconds=30.0))
     monkeypatch.setattr(s3, "READ_TIMEOUT", 1)
     uri = s3_server.new_bucket_uri()
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
@@ -186,13 +187,14 @@ def tiny(tmp_path_factory):
     return {"model": build_tiny_model(folder / "tiny"), "data": write_data(folder / "train.jsonl")}
 
 
-def agent_through(proxy: FaultProxy, config: Path, workdir: Path, *flags: str):
+def agent_through(proxy: FaultProxy, config: Path, workdir: Path, *flags: str,
+                  lease_ttl: Optional[float] = None):
     from tests.agent_helpers import RunningAgent
 
     previous = os.environ.get("AWS_ENDPOINT_URL")
     os.environ["AWS_ENDPOINT_URL"] = proxy.url  # RunningAgent copies os.environ
     try:
-        return RunningAgent(config, *flags, workdir=workdir)
+        return RunningAgent(config, *flags, workdir=workdir, lease_ttl=lease_ttl)
     finally:
         os.environ["AWS_ENDPOINT_URL"] = previous
 
@@ -248,8 +250,8 @@ def test_store_down_at_the_deadline_spools_and_next_session_pushes(tiny, tmp_pat
     uri = s3_server.new_bucket_uri()
     config = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"], store=uri,
                           train={"max_steps": 10_000}, checkpoint={"every": "1s", "keep": 3})
-    agent = agent_through(proxy, config, tmp_path / "work", "--lease-ttl", "6",
-                          "--session-start", "now", "--session-limit", "60s")
+    agent = agent_through(proxy, config, tmp_path / "work", "--session-start", "now",
+                          "--session-limit", "60s", lease_ttl=6)
     try:
         agent.wait_for(r"^step 3/")
         _wait_for_a_commit(open_run(uri))  # the outage must strike after HEAD names one

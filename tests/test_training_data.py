@@ -70,14 +70,13 @@ def test_missing_empty_unknown_and_bad_files(tmp_path):
 
 
 def test_changed_data_is_refused_before_the_model_loads(tmp_path, tiny_model_dir):
-    from training.engine import Trainer
+    from tests.fixtures_tiny import make_trainer
 
     data = write_jsonl(tmp_path / "train.jsonl", pairs_records())
     spec = make_spec(tiny_model_dir, data, max_steps=2)
     write_jsonl(data, pairs_records(25))  # the same path, other bytes
     with pytest.raises(DataChangedError, match="start a new run") as info:
-        Trainer(spec, data_path=data, micro_batch_size=1, device="cpu", use_kernels=False,
-                model_path=tiny_model_dir)
+        make_trainer(spec, data, micro=1)
     assert isinstance(info.value, DataError)
 
 

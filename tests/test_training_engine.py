@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.fixtures_tiny import make_spec
+from tests.fixtures_tiny import make_spec, make_trainer
 from training.engine import CheckpointError, Trainer, total_steps
 
 
-def trainer(spec, data, model, micro=2, **kw) -> Trainer:
-    return Trainer(spec, data_path=data, micro_batch_size=micro, device="cpu",
-                   use_kernels=kw.pop("use_kernels", False), model_path=model, **kw)
+def trainer(spec, data, model, micro=2, kernels="none", **kw) -> Trainer:
+    assert spec.model.name == str(model), "the spec names the model the trainer loads"
+    return make_trainer(spec, data, micro=micro, kernels=kernels, **kw)
 
 
 def run(t: Trainer, until: int) -> list[dict]:
@@ -92,7 +92,7 @@ def test_load_refuses_a_folder_that_is_no_checkpoint(tmp_path, tiny_model_dir, p
 
 def test_kernel_patching_is_recorded(tiny_model_dir, pairs_file):
     t = trainer(make_spec(tiny_model_dir, pairs_file, max_steps=2), pairs_file, tiny_model_dir,
-                use_kernels=True)
+                kernels="auto")
     assert t.device_info.kernels in ("triton", "reference", "none")
     assert t.device_info.precision == "fp32"
     result = t.train_step()
@@ -113,15 +113,15 @@ def test_evaluate_mid_run_does_not_change_training(tiny_model_dir, pairs_file):
 
 
 def test_resume_with_kernels_on_is_bit_identical_too(tmp_path, tiny_model_dir, pairs_file):
-    # The agent trains with use_kernels=True; on the CPU that is the reference path.
+    # The agent trains with kernels="auto"; on the CPU that is the reference path.
     spec = make_spec(tiny_model_dir, pairs_file, max_steps=4, dropout=0.1)
-    whole = trainer(spec, pairs_file, tiny_model_dir, use_kernels=True)
+    whole = trainer(spec, pairs_file, tiny_model_dir, kernels="auto")
     losses = [s["loss"] for s in run(whole, 4)]
-    first = trainer(spec, pairs_file, tiny_model_dir, use_kernels=True)
+    first = trainer(spec, pairs_file, tiny_model_dir, kernels="auto")
     run(first, 2)
     first.save(tmp_path / "ck")
     assert (tmp_path / "ck" / "optimizer.safetensors").is_file()
-    second = trainer(spec, pairs_file, tiny_model_dir, use_kernels=True)
+    second = trainer(spec, pairs_file, tiny_model_dir, kernels="auto")
     second.load(tmp_path / "ck")
     assert [s["loss"] for s in run(second, 4)] == losses[2:]
     for a, b in zip(whole.params, second.params):

@@ -7,7 +7,7 @@ import torch
 
 from tests.fixtures_tiny import make_spec
 from training.devices import detect_device
-from training.model import ModelLoadError, load_model, resolve_revision
+from training.model import ModelLoadError, ModelUnavailableError, load_model, resolve_revision
 
 
 def test_nf4_with_fp32_lora_on_all_linear_layers(tiny_model_dir, pairs_file):
@@ -57,3 +57,16 @@ def test_hub_id_is_pinned_to_a_commit_and_loads(hub_server, tiny_model_dir, pair
     assert list((tmp_path / "hub-cache").glob("models--*/snapshots/" + sha))
     with pytest.raises(ModelLoadError, match="model.revision"):
         resolve_revision(repo, "no-such-branch")
+
+
+def test_a_hub_that_does_not_answer_is_unavailable_not_invalid(hub_server, monkeypatch):
+    """A refused connection and a 503 say "try again", not "fix model.name": the session
+    maps ModelUnavailableError to exit 1 (run again) and ModelLoadError to exit 2."""
+    api_repo = hub_server.new_repo_uri().removeprefix("hf://")
+    hub_server.fail_next(f"/api/models/{api_repo}", status=503, times=20)
+    with pytest.raises(ModelUnavailableError, match="run again"):
+        resolve_revision(api_repo, "main")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(ModelUnavailableError, match="127.0.0.1:9"):
+        resolve_revision("someone/some-model", "main")
+    assert not issubclass(ModelUnavailableError, ModelLoadError)

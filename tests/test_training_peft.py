@@ -6,8 +6,7 @@ import json
 
 import torch
 
-from tests.fixtures_tiny import make_spec
-from training.engine import Trainer
+from tests.fixtures_tiny import make_spec, make_trainer
 
 
 def test_saved_adapter_loads_in_plain_peft_with_same_logits(
@@ -16,8 +15,7 @@ def test_saved_adapter_loads_in_plain_peft_with_same_logits(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     spec = make_spec(tiny_model_dir, pairs_file, max_steps=3)
-    t = Trainer(spec, data_path=pairs_file, micro_batch_size=2, device="cpu",
-                use_kernels=False, model_path=tiny_model_dir)
+    t = make_trainer(spec, pairs_file)
     for _ in range(3):
         t.train_step()
     t.save(tmp_path / "ck")

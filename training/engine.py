@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from .model import load_model, trainable_parameters
 from .optim import (OPTIMIZER_FILE, OptimizerStateError, load_optimizer, make_optimizer,
                     make_scheduler, save_optimizer)
 from .order import shard, step_indices
+from .order import total_steps as order_total_steps
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,13 @@ class StepResult:
 
 def total_steps(spec: RunSpec, n_train: int) -> int:
     """max_steps, or ceil(epochs * n_train / batch_size)."""
-    if spec.train.max_steps:
-        return spec.train.max_steps
-    return max(1, math.ceil((spec.train.epochs or 1) * n_train / spec.train.batch_size))
+    return order_total_steps(spec.train.max_steps, spec.train.epochs, spec.train.batch_size,
+                             n_train)
 
 
 class Trainer:
     def __init__(self, spec: RunSpec, *, data_path: Path, eval_path: Optional[Path] = None,
-                 micro_batch_size: int, device: Optional[str] = None, use_kernels: bool = True,
-                 model_path: Optional[Path] = None):
+                 micro_batch_size: int, device: Optional[str] = None):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
         self.spec = spec
@@ -67,9 +65,9 @@ class Trainer:
         self.device_info: DeviceInfo = detect_device(device)
         # The data is checked before the model loads: a wrong file fails in a second, not minutes.
         self.data = RunData(spec, Path(data_path), Path(eval_path) if eval_path else None)
-        self.model, self.tokenizer = load_model(spec, self.device_info, model_path=model_path)
+        self.model, self.tokenizer = load_model(spec, self.device_info)
         self.data.attach(self.tokenizer)
-        self._patch_kernels(use_kernels)
+        self._patch_kernels()
         self.params = [p for _, p in trainable_parameters(self.model)]
         self.optimizer = make_optimizer(spec, self.params, self.device_info.type)
         self.cursor = Cursor(total_steps=total_steps(spec, self.data.n_train))
@@ -80,15 +78,11 @@ class Trainer:
 
     # -- setup -------------------------------------------------------------------------
 
-    def _patch_kernels(self, use_kernels: bool) -> None:
-        self.device_info.kernels = "none"
-        if not use_kernels:
-            return
-        try:
-            from kernels.patch import patch_model
-        except ImportError:
-            log.info("kernels.patch is not available; training with the plain HF modules")
-            return
+    def _patch_kernels(self) -> None:
+        """Kernels by the device (BATON_KERNELS=none|reference|triton overrides the choice;
+        `none` trains the plain Hugging Face and PEFT modules)."""
+        from kernels.patch import patch_model
+
         report = patch_model(self.model, self.device_info)
         self.device_info.kernels = report.path
         log.info("kernels: %s path, patched %s", report.path, ", ".join(report.patched))

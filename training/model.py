@@ -21,7 +21,17 @@ log = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
-    """The base model or its tokenizer cannot be loaded."""
+    """The base model or its tokenizer cannot be loaded: the config names a model or revision
+    that is not there, or that this token may not read. Fix the input."""
+
+
+class ModelUnavailableError(RuntimeError):
+    """The Hub did not answer (network down, timeout, 5xx, 429): nothing is wrong with the
+    config, and the same command may work in a minute."""
+
+
+# HTTP answers that say "not now" rather than "not there".
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 def is_local(name: str) -> bool:
@@ -37,23 +47,43 @@ def resolve_revision(name: str, revision: str) -> str:
                                  "folder written by save_pretrained, or at a Hub id")
         return "local:" + hashlib.sha256(config.read_bytes()).hexdigest()
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     try:
         # HF_ENDPOINT is read now, not at import, so a mirror set late is still honoured.
         info = HfApi(endpoint=os.environ.get("HF_ENDPOINT")).model_info(name, revision=revision)
+    except OfflineModeIsEnabled as exc:
+        raise ModelLoadError(f"HF_HUB_OFFLINE is set, so model {name!r} cannot be pinned on the "
+                             "Hub; unset it, or name a local folder as model.name") from exc
     except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", None)
+        if status is None or status in TRANSIENT_STATUS:
+            raise _unavailable(name, exc) from exc
         raise ModelLoadError(
             f"cannot find model {name!r} at revision {revision!r} on the Hub ({exc}); check "
             "model.name and model.revision, and HF_TOKEN for a private or gated model"
         ) from exc
+    except (_transport_error(), ConnectionError, TimeoutError) as exc:
+        raise _unavailable(name, exc) from exc
     return info.sha
 
 
-def _source(spec: RunSpec, model_path: Optional[Path]) -> tuple[str, Optional[str]]:
+def _transport_error() -> type:
+    """The HTTP client's base error (httpx in huggingface_hub 1.x and later, requests before)."""
+    from huggingface_hub import errors
+
+    return getattr(errors, "HTTPError", OSError)
+
+
+def _unavailable(name: str, exc: BaseException) -> ModelUnavailableError:
+    endpoint = os.environ.get("HF_ENDPOINT") or "the Hub"
+    return ModelUnavailableError(f"{endpoint} did not answer while pinning model {name!r} "
+                                 f"({type(exc).__name__}: {str(exc)[:200]}); check the network "
+                                 "and run again")
+
+
+def _source(spec: RunSpec) -> tuple[str, Optional[str]]:
     """Where to load from and which revision to pass (none for a local folder)."""
-    if model_path is not None:
-        return str(model_path), None
     revision = spec.model.revision
     if is_local(spec.model.name) or revision.startswith("local:"):
         return spec.model.name, None
@@ -83,10 +113,10 @@ def quantization_config(spec: RunSpec, device_info: DeviceInfo):
     )
 
 
-def load_base(spec: RunSpec, device_info: DeviceInfo, *, model_path: Optional[Path] = None):
+def load_base(spec: RunSpec, device_info: DeviceInfo):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, revision = _source(spec, model_path)
+    source, revision = _source(spec)
     quant = quantization_config(spec, device_info)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
@@ -115,11 +145,11 @@ def lora_config(spec: RunSpec):
     )
 
 
-def load_model(spec: RunSpec, device_info: DeviceInfo, *, model_path: Optional[Path] = None):
+def load_model(spec: RunSpec, device_info: DeviceInfo):
     """(peft_model, tokenizer), NF4 + LoRA, gradient checkpointing on, ready to train."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    model, tokenizer, quantized = load_base(spec, device_info, model_path=model_path)
+    model, tokenizer, quantized = load_base(spec, device_info)
     checkpointing = {"use_reentrant": False}  # reentrant checkpointing breaks with DDP hooks
     if quantized:
         model = prepare_model_for_kbit_training(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -42,6 +42,15 @@ def split_eval(n: int, fraction: Union[float, None], seed: int) -> tuple[list[in
     generator = torch.Generator().manual_seed(seed)
     held = set(torch.randperm(n, generator=generator)[:n_eval].tolist())
     return [i for i in range(n) if i not in held], sorted(held)
+
+
+def total_steps(max_steps: Optional[int], epochs: Optional[float], batch_size: int,
+                n_train: int) -> int:
+    """Optimizer steps of a run: max_steps, else ceil(epochs * n_train / batch_size), one
+    epoch when neither is set. The engine and `plan` both count with this."""
+    if max_steps:
+        return max_steps
+    return max(1, math.ceil((epochs or 1) * n_train / batch_size))
 
 
 def shard(indices: list, rank: int, world: int) -> list:

@@ -14,6 +14,8 @@ from typing import Optional
 
 from state_schema import RunConfig, RunSpec
 
+from .codes import FINISHED
+
 
 class Ranks:
     """The ranks of a data-parallel session (agent.py starts one process a GPU). Rank 0 alone
@@ -79,8 +81,6 @@ class Ranks:
 
 def follow(config: RunConfig, ranks: Ranks) -> int:
     """A rank other than 0: train the steps rank 0 announces on this rank's share."""
-    from .session import FINISHED  # imported late: session.py imports this module
-
     for signum in (signal.SIGTERM, signal.SIGINT):  # rank 0 decides when to stop
         signal.signal(signum, signal.SIG_IGN)
     plan = ranks.hear()
@@ -97,7 +97,7 @@ def follow(config: RunConfig, ranks: Ranks) -> int:
 
 def planned_trainer(plan: dict, micro_batch_size: int):
     """The trainer rank 0 described: the same spec, data and checkpoint."""
-    from .engine import Trainer
+    from training.engine import Trainer
 
     trainer = Trainer(RunSpec.from_json(plan["spec"]), data_path=Path(plan["data"]),
                       eval_path=Path(plan["eval"]) if plan["eval"] else None,

@@ -8,13 +8,16 @@ code and the per-GPU throughput is a guess from peak FLOPs, not a measurement.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 from typing import Any, Optional
 
 from state_schema import RunConfig, parse_duration
+from training.data import DataError, read_records
+from training.order import split_eval, total_steps
+
+from .codes import DEFAULT_SESSION_LIMIT_S, INVALID, OK
 
 GIB = 1024**3
 # NF4 (bitsandbytes, double quantization): 4 bits a weight, one 8-bit absmax per block of 64,
@@ -26,7 +29,6 @@ ADAM_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2}  # two moments: fp32 each, or 8
 LOGITS_CHUNK_TOKENS = 2048
 CUDA_OVERHEAD_BYTES = int(0.75 * GIB)  # CUDA context, cuBLAS workspace, allocator slack
 FRAGMENTATION = 1.10
-DEFAULT_SESSION_LIMIT_S = 12 * 3600  # Kaggle's limit and Colab's best case
 SESSION_SETUP_S = 10 * 60  # install, model download and load, first compile: a guess
 CHARS_PER_TOKEN = 4.0  # a guess for English text and code without loading the tokenizer
 
@@ -153,47 +155,30 @@ def checkpoint_bytes(adapter: int, trainable: int, optimizer: str) -> dict[str, 
 
 
 def count_samples(path: Path) -> tuple[Optional[int], Optional[float]]:
-    """(samples, mean characters a sample) of a JSONL, CSV or Parquet file; (None, None) when
-    the file is absent or of a kind this cannot count without extra packages."""
+    """(samples, mean characters a sample) of the training file, read by the engine's own
+    reader, so plan accepts exactly the files a session accepts; (None, None) when the file is
+    absent or unreadable (the session would refuse it with the reason)."""
     if not path.is_file():
         return None, None
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as fh:
-            lengths = [len(line) for line in fh if line.strip()]
-    elif suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as fh:
-            rows = csv.reader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-            next(rows, None)  # header
-            lengths = [sum(len(c) for c in row) for row in rows]
-    elif suffix == ".parquet":
-        return _count_parquet(path)
-    else:
+    try:
+        records = read_records(path)
+    except DataError:
         return None, None
+    lengths = [sum(len(str(value)) for value in record.values()) for record in records]
     return len(lengths), (sum(lengths) / len(lengths) if lengths else 0.0)
 
 
-def _count_parquet(path: Path) -> tuple[Optional[int], Optional[float]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        return None, None
-    return pq.ParquetFile(path).metadata.num_rows, None
-
-
 def steps_total(config: RunConfig, samples: Optional[int]) -> Optional[int]:
-    """Optimizer steps of the run, by the engine's rule: max_steps, else
-    ceil(epochs * n_train / batch_size), where the eval fraction held out is
-    min(n - 1, max(1, ceil(fraction * n))) (training.order.split_eval)."""
+    """Optimizer steps of the run, by the engine's rule (training.order.total_steps) over the
+    samples left once the engine's eval split (training.order.split_eval) is held out."""
     train = config.train
-    if train.max_steps is not None:
-        return train.max_steps
-    if samples is None:
+    if train.max_steps is None and samples is None:
         return None
-    fraction = config.data.eval if isinstance(config.data.eval, float) else 0.0
-    n_eval = min(samples - 1, max(1, math.ceil(fraction * samples))) \
-        if fraction and samples >= 2 else 0
-    return max(1, math.ceil(train.epochs * (samples - n_eval) / train.batch_size))
+    n_train = 0
+    if samples is not None:
+        fraction = config.data.eval if isinstance(config.data.eval, float) else None
+        n_train = len(split_eval(samples, fraction, train.seed)[0])
+    return total_steps(train.max_steps, train.epochs, train.batch_size, n_train)
 
 
 def tokens_per_step(config: RunConfig, mean_chars: Optional[float]) -> int:
@@ -327,9 +312,9 @@ def plan_main(config: RunConfig, *, as_json: bool) -> int:
         from rich.console import Console
 
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}", highlight=False)
-        return 2
+        return INVALID
     if as_json:
         print(json.dumps(result, indent=2))
     else:
         render(result)
-    return 0
+    return OK

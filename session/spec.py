@@ -14,7 +14,7 @@ from handoff import ConflictError
 from handoff.runstore import RunStore
 from state_schema import RunConfig, RunSpec
 
-from .data import DataError  # stdlib only: light enough for the CLI's first second
+from training.data import DataError  # stdlib only: light enough for the CLI's first second
 
 
 class SpecError(ValueError):
@@ -61,7 +61,7 @@ def new_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
 def inspect_data(config: RunConfig) -> tuple[str, str, Optional[str]]:
     """(train sha256, format, eval sha256 or None), read before anything is uploaded, so
     that bad data is refused with nothing written."""
-    from .data import check_format, detect_format, fingerprint, read_records
+    from training.data import check_format, detect_format, fingerprint, read_records
 
     data = config.data
     train = Path(data.train)
@@ -82,14 +82,15 @@ def upload(runstore: RunStore, path: Path, sha256: str) -> str:
 def pinned_revision(config: RunConfig) -> str:
     """The model revision as a commit (or a local folder's fingerprint), so that every session
     trains the same weights even when the branch moves."""
-    from .model import resolve_revision
+    from training.model import ModelLoadError, resolve_revision
 
+    # A Hub that does not answer (ModelUnavailableError) is not the config's fault: it passes
+    # up to the session, which exits 1, "run again".
     try:
         return resolve_revision(config.model.name, config.model.revision)
-    except Exception as exc:  # noqa: BLE001 - Hub and filesystem errors alike mean "fix model:"
+    except ModelLoadError as exc:
         raise SpecError(f"model {config.model.name!r} at revision {config.model.revision!r} "
-                        f"cannot be resolved ({type(exc).__name__}: {exc}); check model.name "
-                        "and model.revision, and HF_TOKEN for a gated model") from None
+                        f"cannot be resolved: {exc}") from None
 
 
 def spec_differences(spec: RunSpec, config: RunConfig) -> list[str]:
@@ -121,7 +122,7 @@ def same_model(spec: RunSpec, config: RunConfig) -> bool:
 def data_differences(spec: RunSpec, config: RunConfig) -> list[str]:
     """The data files are compared by content where this machine has them; a fresh machine
     without them trains on the store's copy."""
-    from .data import fingerprint
+    from training.data import fingerprint
 
     found = []
     train = Path(config.data.train)
@@ -154,7 +155,7 @@ def local_inputs(runstore: RunStore, spec: RunSpec, config: RunConfig,
 
 
 def fetch_data(runstore: RunStore, key: str, sha256: str, given: Path, workdir: Path) -> Path:
-    from .data import check_fingerprint, fingerprint
+    from training.data import check_fingerprint, fingerprint
 
     if given.is_file() and fingerprint(given) == sha256:
         return given

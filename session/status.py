@@ -17,12 +17,10 @@ from typing import Any, Optional
 
 from state_schema import Cursor, Head, Lease, RunSpec, SchemaError, SessionRecord, utcnow
 
-from .errors import StoreConfigError, StoreError
-from .runstore import RunStore, parse_checkpoint_id
-from .store import Store, open_store
+from handoff import Store, StoreConfigError, StoreError, open_store
+from handoff.runstore import RunStore, parse_checkpoint_id
 
-DEFAULT_SESSION_S = 12 * 3600.0
-PAUSED_EXIT = 75
+from .codes import DEFAULT_SESSION_LIMIT_S, FAILED, INVALID, OK, PAUSED
 
 
 class RunNotFoundError(StoreError):
@@ -101,8 +99,8 @@ def sessions_left(sessions: list[SessionRecord], step: int, total: Optional[int]
     wall = sum((r.ended - r.started).total_seconds() for r in ended)
     if steps <= 0 or train_s <= 0 or wall <= 0:
         return None
-    paused = [(r.ended - r.started).total_seconds() for r in ended if r.exit_code == PAUSED_EXIT]
-    length = session_limit_s or (max(paused) if paused else DEFAULT_SESSION_S)
+    paused = [(r.ended - r.started).total_seconds() for r in ended if r.exit_code == PAUSED]
+    length = session_limit_s or (max(paused) if paused else DEFAULT_SESSION_LIMIT_S)
     per_session = steps / train_s * min(train_s / wall, 1.0) * length
     return math.ceil((total - step) / per_session) if per_session > 0 else None
 
@@ -279,10 +277,10 @@ def status_main(store_uri: str, run: str, *, as_json: bool, plot: Optional[Path]
             status["plot"] = str(plot_losses(view, plot))
     except (RunNotFoundError, StoreConfigError, SchemaError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")
-        return 2
+        return INVALID
     except StoreError as exc:
         err.print(f"[red]error:[/red] cannot read run {run!r} from {store_uri}: {exc}")
-        return 1
+        return FAILED
     finally:
         if store is not None:
             store.close()
@@ -292,4 +290,4 @@ def status_main(store_uri: str, run: str, *, as_json: bool, plot: Optional[Path]
         render(status)
         if plot is not None:
             Console().print(f"loss plot written to {status['plot']}")
-    return 0
+    return OK

@@ -1,4 +1,6 @@
-"""Kill points: let a test SIGKILL the agent at a chosen moment, as a lost VM would die.
+"""Test hooks for an agent in a subprocess: kill points, quick retries, a short lease.
+
+Kill points let a test SIGKILL the agent at a chosen moment, as a lost VM would die.
 
 `BATON_KILLPOINT=name` or `name:N` makes the process SIGKILL itself the N-th time (default
 the first) it passes `killpoint(name)`. SIGKILL, not an exception: no `finally`, no signal
@@ -10,14 +12,16 @@ Names:
     renew        inside a lease renewal, before its write
     step         inside a train step, before it runs
 
-With the variable unset, `killpoint` is a dictionary lookup and a return: cheap enough for
-the training loop. `install_from_env()` wraps the places above when the variable is set, for
-a build of the agent whose code does not call `killpoint` itself (see scripts/killtest.py).
+The product never calls `killpoint`: `install_from_env()` wraps the places above by replacing
+the methods, and tests/agent_entry.py installs it before it runs agent.py's main. The same
+entry point shortens the store's retries (`BATON_TEST_RETRY=attempts,seconds`) and its lease
+(`BATON_TEST_LEASE_TTL=seconds`), settings a test needs and a person never does.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import signal
 import sys
@@ -26,6 +30,8 @@ from collections import Counter
 from typing import Optional
 
 ENV = "BATON_KILLPOINT"
+RETRY_ENV = "BATON_TEST_RETRY"
+LEASE_TTL_ENV = "BATON_TEST_LEASE_TTL"
 NAMES = ("upload", "before_head", "renew", "step")
 ANNOUNCE = "baton-killpoint:"  # the line a killed process writes to stderr just before dying
 
@@ -99,10 +105,24 @@ def install_from_env() -> bool:
     return True
 
 
+def install_test_settings() -> None:
+    """Quick retries and a short lease for every store the agent opens, when asked."""
+    from handoff.retry import RetryPolicy
+    from handoff.store import REGISTRY, Store
+
+    if os.environ.get(RETRY_ENV):
+        attempts, _, seconds = os.environ[RETRY_ENV].partition(",")
+        Store.retry = RetryPolicy(attempts=int(attempts), max_seconds=float(seconds or 120))
+    if os.environ.get(LEASE_TTL_ENV):
+        ttl = float(os.environ[LEASE_TTL_ENV])
+        for module, cls, _package in REGISTRY.values():  # each backend may set its own
+            setattr(getattr(importlib.import_module(module), cls), "lease_ttl", ttl)
+
+
 def _wrap_publish() -> None:
     """Store.publish of the backends that upload files, then write HEAD (local, S3): the
     Hub's publish is one commit, where neither kill point can fall between its parts."""
-    from .store import Store
+    from handoff.store import Store
 
     def publish(self, files, key, data, *, expect):
         for index, (name, path) in enumerate(files.items()):
@@ -116,7 +136,7 @@ def _wrap_publish() -> None:
 
 
 def _wrap_renew() -> None:
-    from .lease import LeaseManager
+    from handoff.lease import LeaseManager
 
     LeaseManager.renew = _before(LeaseManager.renew, "renew")
 

@@ -2,14 +2,14 @@
 """Kill test: SIGKILL the agent again and again over one run, restart it, and count the damage.
 
 The agent trains a tiny model against a local folder and against SeaweedFS (S3). Each trial
-starts `agent.py run` and kills it with SIGKILL at a kill point (handoff/faults.py: inside a
+starts `agent.py run` and kills it with SIGKILL at a kill point (tests/faults.py: inside a
 train step, between the files of a checkpoint upload, between the upload and the move of HEAD,
 inside a lease renewal) or after a random delay; the next trial restarts it with --takeover
 (the script knows the old process is dead, and its lease has not expired yet). At the end a
 last session finishes the run, and its final adapter is compared with an uninterrupted run's
 (bit-identical on CPU when the optimizer state is checkpointed).
 
-    python scripts/killtest.py [--local 12] [--s3 8] [--seed 0] [--json out.json]
+    python tests/killtest.py [--local 12] [--s3 8] [--seed 0] [--json out.json]
 
 Figures printed: trials, kills, resumes that succeeded, committed checkpoints lost (must be 0),
 steps and seconds lost per kill against the checkpoint interval, and whether the final
@@ -46,11 +46,6 @@ from tests.agent_helpers import (  # noqa: E402 - after the path set-up above
     write_data,
 )
 
-# Runs agent.py with the kill sites wrapped (handoff.faults.install_from_env), so the test
-# works whether or not the agent's own code calls killpoint().
-BOOT = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); "
-        "from handoff.faults import install_from_env; install_from_env(); "
-        "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 KINDS = ("step", "upload", "before_head", "renew", "random")
 EVERY_S = 1.0  # checkpoint.every: short, so that every kind of kill point comes up quickly
 LEASE_TTL_S = 3.0  # renewals every second, so `renew` kills come up quickly too
@@ -129,10 +124,10 @@ class Agent:
 
     def __init__(self, config: Path, workdir: Path, *, killpoint: Optional[str],
                  takeover: bool):
-        flags = ["--lease-ttl", str(LEASE_TTL_S)] + (["--takeover"] if takeover else [])
-        command = agent_command(config, *flags, workdir=workdir)
-        command = [command[0], "-c", BOOT, str(ROOT), *command[1:]]
-        env = agent_env(**({"BATON_KILLPOINT": killpoint} if killpoint else {}))
+        # agent_command runs tests/agent_entry.py: the kill sites wrapped, a short lease.
+        command = agent_command(config, *(["--takeover"] if takeover else []), workdir=workdir)
+        env = agent_env(lease_ttl=LEASE_TTL_S,
+                        **({"BATON_KILLPOINT": killpoint} if killpoint else {}))
         self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
         self.lines: list[tuple[float, str]] = []
@@ -194,7 +189,7 @@ def _pick_killpoint(kind: str, rng: random.Random) -> Optional[str]:
 
 
 def _read_output(trial: Trial, lines: list[tuple[float, str]]) -> None:
-    from handoff.faults import ANNOUNCE
+    from tests.faults import ANNOUNCE
 
     for when, line in lines:
         if match := STARTED.search(line):

@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
+from .codes import DEFAULT_SESSION_LIMIT_S
+
 DEFAULT_FLOOR_S = 10.0
 DEFAULT_FACTOR = 1.5
 RECENT = 8  # how many recent steps and commits "recent" means
@@ -28,8 +30,9 @@ RECENT = 8  # how many recent steps and commits "recent" means
 # Kaggle: 12 h per GPU session. Colab free tier: up to 12 h, often less; 12 h is the best case,
 # a person with a shorter one passes --session-limit.
 PLATFORMS: dict[str, tuple[tuple[str, ...], float]] = {
-    "kaggle": (("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE"), 12 * 3600.0),
-    "colab": (("COLAB_RELEASE_TAG", "COLAB_GPU", "COLAB_BACKEND_VERSION"), 12 * 3600.0),
+    "kaggle": (("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE"), DEFAULT_SESSION_LIMIT_S),
+    "colab": (("COLAB_RELEASE_TAG", "COLAB_GPU", "COLAB_BACKEND_VERSION"),
+              DEFAULT_SESSION_LIMIT_S),
 }
 
 

@@ -7,24 +7,21 @@ checkpoint is committed synchronously before the deadline or after a signal, and
 the lease released. Heavy modules (torch, the engine) are imported inside functions so that
 `agent.py` can import this module right after validating the config.
 
-The spec lives in spec.py, the ranks of a multi-GPU session in ranks.py, and what the person
-sees in progress.py.
+The spec lives in spec.py, checkpoints in checkpointer.py, the ranks of a multi-GPU session in
+ranks.py, and what the person sees in progress.py.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
 import threading
 import time
-import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from handoff import (
     CorruptCheckpointError,
@@ -34,22 +31,23 @@ from handoff import (
     StoreUnavailableError,
     open_store,
 )
-from handoff.checkpoint import commit_checkpoint, pull_checkpoint
+from handoff.checkpoint import pull_checkpoint
 from handoff.lease import LeaseHeldError, LeaseLostError, LeaseManager
 from handoff.runstore import RunStore
+from handoff.spool import describe as describe_spool
+from handoff.spool import push_pending
 from state_schema import RunConfig, RunSpec, SchemaError, SessionRecord, parse_duration
+from training.data import DataError  # stdlib only: light enough for the CLI's first second
+from training.model import ModelUnavailableError
 
+from .checkpointer import Checkpointer
 from .clock import SessionClock, describe, parse_start, resolve_window, utc_iso
-from .data import DataError  # stdlib only: light enough for the CLI's first second
+from .codes import FAILED, FINISHED, HELD, INVALID, PAUSED, default_workdir
 from .progress import Progress, Say
 from .ranks import Ranks, follow
 from .spec import SpecError, local_inputs, prepare_spec
 
 log = logging.getLogger("baton.session")
-
-FINISHED, FAILED, INVALID, HELD, PAUSED = 0, 1, 2, 73, 75  # as agent.py documents them
-HUB_LEASE_TTL = 1800.0  # the Hub takes ~128 commits an hour a repo: beat every 10 minutes
-LEASE_TTL = 600.0
 
 
 @dataclass
@@ -57,8 +55,6 @@ class SessionOptions:
     takeover: bool = False
     workdir: Optional[Path] = None
     log_every: Optional[float] = None  # seconds between progress lines off a terminal
-    lease_ttl: Optional[float] = None
-    scrub: Callable[[str], str] = field(default=lambda text: text)
 
 
 def run_session(config: RunConfig, options: SessionOptions) -> int:
@@ -76,7 +72,7 @@ def run_session(config: RunConfig, options: SessionOptions) -> int:
 
 def _lead(config: RunConfig, options: SessionOptions, ranks: Ranks) -> int:
     agent_start = time.time()
-    say = Say(options.scrub)
+    say = Say()
     try:
         store = open_store(config.store)
     except StoreConfigError as exc:
@@ -88,6 +84,8 @@ def _lead(config: RunConfig, options: SessionOptions, ranks: Ranks) -> int:
     except StoreUnavailableError as exc:
         return say.error(f"{exc}\nNothing was trained; run again when the store answers.",
                          FAILED)
+    except ModelUnavailableError as exc:
+        return say.error(f"{exc}\nNothing was written; run again when the Hub answers.", FAILED)
     finally:
         store.close()
 
@@ -134,119 +132,6 @@ def stop_on_signals(flag: threading.Event, say: Say):
             signal.signal(signum, previous)
 
 
-class Checkpointer:
-    """Saves locally in the training thread; uploads in one background thread, one at a time.
-
-    Periodic checkpoints upload while training goes on; the last one is synchronous. A failed
-    background upload is logged and the next checkpoint tries again, except a fence, which
-    means another agent owns the run: it is raised into the training loop at once."""
-
-    def __init__(self, runstore: RunStore, lease: LeaseManager, spec: RunSpec, workdir: Path,
-                 record: SessionRecord, clock: SessionClock, every: float):
-        self.runstore, self.lease, self.spec = runstore, lease, spec
-        self.workdir, self.staging = workdir, workdir / "staging"
-        self.record, self.clock, self.every = record, clock, every
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-upload")
-        self.pending: Optional[Future] = None
-        self.announce: Callable[[str], None] = lambda _message: None
-        self.last = time.monotonic()
-        self.committed_step: Optional[int] = None
-        # No measured commit yet: checkpoint right after the first step to learn its cost.
-        self.measure_first = clock.slowest_commit == 0.0
-
-    def due(self) -> bool:
-        if self.pending is not None:
-            return False
-        return self.measure_first or time.monotonic() - self.last >= self.every
-
-    def save(self, trainer) -> tuple[Path, int, float]:
-        """Eval loss and a local save, in the training thread; returns (folder, step, seconds)."""
-        began = time.monotonic()
-        step = trainer.cursor.step
-        self.announce("save")  # the other ranks evaluate their share with us
-        eval_loss = trainer.evaluate()
-        if eval_loss is not None:
-            self.record.eval_losses.append((step, float(eval_loss)))
-        folder = self.staging / f"{step:08d}-{uuid.uuid4().hex[:6]}"
-        shutil.rmtree(folder, ignore_errors=True)
-        trainer.save(folder)
-        seconds = time.monotonic() - began
-        self.record.save_seconds.append(round(seconds, 3))
-        return folder, step, seconds
-
-    def _upload(self, folder: Path, step: int, finished: bool,
-                cleanup: bool = True) -> tuple[int, float]:
-        """Commit a saved folder (then remove it); (step, seconds)."""
-        began = time.monotonic()
-        try:
-            commit_checkpoint(self.runstore, folder, step=step, generation=self.lease.generation,
-                              finished=finished, keep=self.spec.keep)
-        finally:
-            if cleanup:
-                shutil.rmtree(folder, ignore_errors=True)
-        return step, time.monotonic() - began
-
-    def _upload_or_spool(self, folder: Path, step: int, finished: bool):
-        """The final upload. With the store down past the retries, the checkpoint goes to the
-        local spool, which the next session on this machine pushes first (handoff/spool.py).
-        Returns (upload seconds, None) or (0, Spooled)."""
-        from handoff.spool import spool
-
-        try:
-            return self._upload(folder, step, finished, cleanup=False)[1], None
-        except StoreUnavailableError as exc:
-            log.warning("final checkpoint of step %d did not reach the store: %s", step, exc)
-            return 0.0, spool(folder, self.workdir, self.runstore.run, step,
-                              self.lease.generation, store=self.runstore.store.uri)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    def start(self, trainer) -> None:
-        folder, step, save_s = self.save(trainer)
-        self.pending = self.pool.submit(self._upload, folder, step, False)
-        self.pending.save_seconds = save_s  # type: ignore[attr-defined]
-        self.last, self.measure_first = time.monotonic(), False
-
-    def poll(self, wait: bool = False) -> bool:
-        """Collect a finished background upload; True when one was committed just now."""
-        if self.pending is None or not (wait or self.pending.done()):
-            return False
-        future, self.pending = self.pending, None
-        try:
-            step, upload_s = future.result()
-        except (FencedError, LeaseLostError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - an outage must not end the session
-            log.warning("background checkpoint failed (%s: %s); the next one retries",
-                        type(exc).__name__, exc)
-            return False
-        self._committed(step, future.save_seconds, upload_s)  # type: ignore[attr-defined]
-        return True
-
-    def _committed(self, step: int, save_s: float, upload_s: float) -> None:
-        self.committed_step = step
-        self.record.upload_seconds.append(round(upload_s, 3))
-        self.clock.observe_commit(save_s + upload_s)
-
-    def commit_now(self, trainer, finished: bool):
-        """The last checkpoint: synchronous, after any background upload has landed.
-        Returns the Spooled checkpoint when the store could not take it, else None."""
-        self.poll(wait=True)
-        if trainer.cursor.step == 0 or (self.committed_step == trainer.cursor.step
-                                        and not finished):
-            return None  # nothing trained since the last commit (or at all)
-        folder, step, save_s = self.save(trainer)
-        upload_s, spooled = self._upload_or_spool(folder, step, finished)
-        if spooled is None:
-            self._committed(step, save_s, upload_s)
-        return spooled
-
-    def close(self) -> None:
-        # Let an upload in flight land (or fail on the fence) before the lease is released, so
-        # no commit of ours can race the next agent's start.
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 class Session:
     """The body of `agent.py run` once the spec is settled."""
 
@@ -254,24 +139,19 @@ class Session:
                  spec: RunSpec, clock: SessionClock, say: Say, ranks: Ranks):
         self.config, self.options, self.runstore = config, options, runstore
         self.spec, self.clock, self.say, self.ranks = spec, clock, say, ranks
-        self.workdir = Path(options.workdir or Path.home() / ".cache" / "baton" / config.run)
+        self.workdir = Path(options.workdir or default_workdir(config.run))
         self.stop = threading.Event()
         self.lease: Optional[LeaseManager] = None
         self.record: Optional[SessionRecord] = None
 
-    def ttl(self) -> float:
-        if self.options.lease_ttl:
-            return self.options.lease_ttl
-        return HUB_LEASE_TTL if self.config.store.startswith("hf://") else LEASE_TTL
-
     def run(self, agent_start: float) -> int:
-        from .devices import UnsupportedGPUError, detect_device
+        from training.devices import UnsupportedGPUError, detect_device
 
         try:
             device = detect_device()
         except UnsupportedGPUError as exc:
             return self.say.error(str(exc), INVALID)
-        self.lease = LeaseManager(self.runstore, gpu=device.name, ttl=self.ttl())
+        self.lease = LeaseManager(self.runstore, gpu=device.name)
         try:
             self.lease.acquire(takeover=self.options.takeover)
         except LeaseHeldError as exc:
@@ -354,15 +234,13 @@ class Session:
 
     def _push_spool(self) -> None:
         """A checkpoint an earlier session here could not upload goes to the store first."""
-        from handoff.spool import push_pending
-
         for cid in push_pending(self.runstore, self.workdir, self.lease.generation,
                                 keep=self.spec.keep):
             self.say(f"pushed checkpoint {cid}, kept on this machine by an earlier session "
                      "while the store was down")
 
     def _trainer(self, device, ref, data_path: Path, eval_path: Optional[Path]):
-        from .engine import Trainer
+        from training.engine import Trainer
 
         trainer = Trainer(self.spec, data_path=data_path, eval_path=eval_path,
                           micro_batch_size=self.config.train.micro_batch_size,
@@ -410,8 +288,6 @@ class Session:
         finished = bool(trainer.finished)
         spooled = checkpoints.commit_now(trainer, finished)
         if spooled is not None:
-            from handoff.spool import describe as describe_spool
-
             return self.say.error(describe_spool(spooled), FAILED)
         step, total = trainer.cursor.step, trainer.cursor.total_steps
         if finished:

@@ -1,14 +1,15 @@
 """What the person running a session sees: its progress and its messages.
 
-scripts/killtest.py parses the plain `step N/M` lines printed here (and session.py's
+tests/killtest.py parses the plain `step N/M` lines printed here (and session.py's
 `run '<name>': step N/M`): keep their start as it is.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Optional
 
+from handoff.secrets import scrub
 from state_schema import SessionRecord
 
 from .clock import SessionClock, describe
@@ -66,17 +67,16 @@ class Progress:
 class Say:
     """Messages for the person running the session, scrubbed of secrets."""
 
-    def __init__(self, scrub: Callable[[str], str]):
+    def __init__(self):
         from rich.console import Console
 
-        self.scrub = scrub
         # soft_wrap: a log line stays one line in a notebook cell or a CI log.
         self.console = Console(highlight=False, soft_wrap=True)
         self.errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def __call__(self, message: str) -> None:
-        self.console.print(self.scrub(message), markup=False)
+        self.console.print(scrub(message), markup=False)
 
     def error(self, message: str, code: int) -> int:
-        self.errors.print(self.scrub(f"baton: {message}"), markup=False)
+        self.errors.print(scrub(f"baton: {message}"), markup=False)
         return code

@@ -1,0 +1,27 @@
+#!/usr/bin/env python
+"""agent.py as the subprocess tests run it: the hooks of tests/faults.py first, as the
+environment asks (kill points, quick retries, a short lease), then agent.py's own main.
+
+    python tests/agent_entry.py run --config run.yaml ...   # same arguments as agent.py
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    from tests import faults
+
+    faults.install_test_settings()
+    faults.install_from_env()
+    import agent
+
+    return agent.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
