@@ -62,6 +62,7 @@ class LeaseManager:
         self.generation = 0
         self.lease: Optional[Lease] = None
         self.lost: Optional[LeaseLostError] = None  # set by the heartbeat thread
+        self.failure: Optional[Exception] = None  # a bug in the heartbeat thread, re-raised
         self.renewals = 0
         self._version: Optional[str] = None
         self._lock = threading.Lock()  # heartbeat and main thread share _version
@@ -205,9 +206,11 @@ class LeaseManager:
             self.lease, self._version = None, None
 
     def check(self) -> None:
-        """Raise the loss the heartbeat recorded, so the training loop stops at once."""
+        """Raise the loss (or the bug) the heartbeat recorded, so the training loop stops."""
         if self.lost is not None:
             raise self.lost
+        if self.failure is not None:
+            raise self.failure
 
     # -- heartbeat -----------------------------------------------------------------------
 
@@ -230,6 +233,15 @@ class LeaseManager:
         self._thread, self._stop = None, None
 
     def _beat(self, interval: float, stop: threading.Event) -> None:
+        try:
+            self._beat_until_stopped(interval, stop)
+        except Exception as exc:
+            # A bug, not an outage: hand it to the training thread (check() raises it there),
+            # so the session ends with its traceback instead of training on an expiring lease.
+            self.failure = exc
+            raise
+
+    def _beat_until_stopped(self, interval: float, stop: threading.Event) -> None:
         while not stop.wait(interval):
             try:
                 self.renew()
@@ -237,7 +249,7 @@ class LeaseManager:
                 self.lost = exc
                 log.error("%s", exc)
                 return
-            except Exception as exc:  # noqa: BLE001 - the thread must outlive any one failure
+            except (StoreError, OSError) as exc:
                 # A transient outage: the lease may still be ours; the next beat tries again,
                 # and a successor can only take it once it has expired.
                 log.warning("lease heartbeat failed (%s: %s); retrying in %.0fs",

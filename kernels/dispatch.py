@@ -1,9 +1,12 @@
 """Choose between the Triton kernels and the plain-PyTorch references for one device.
 
 The choice is made once, when a session starts (`select_backend`), and recorded by the caller
-(the session record's `kernels` field). `BATON_KERNELS=reference|triton` overrides it: tests
-force "triton" on the CPU together with `TRITON_INTERPRET=1`, and a user who hits a kernel bug
-can force "reference" without a code change.
+(the session record's `kernels` field). `BATON_KERNELS` overrides it, read at call time:
+- `triton`: tests force it on the CPU together with `TRITON_INTERPRET=1`;
+- `reference`: a user who hits a kernel bug forces the plain-PyTorch ops without a code change;
+- `none`: the model is not patched at all and trains with the plain Hugging Face / PEFT
+  modules (`patching_enabled()` is False), to rule Baton's kernels out entirely;
+- unset or `auto`: the automatic choice by device.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import torch
 
 Backend = Literal["triton", "reference"]
 BACKENDS: tuple[str, ...] = ("triton", "reference")
+NO_PATCHING = "none"  # a kernel path, not a backend: nothing is patched
 ENV_VAR = "BATON_KERNELS"
+ENV_CHOICES: tuple[str, ...] = ("auto", *BACKENDS, NO_PATCHING)
 
 # Triton's own floor: its NVIDIA backend targets sm_75 and newer, so P100 (6.0) and
 # V100 (7.0) run the references.
@@ -41,16 +46,32 @@ def _as_device(device: torch.device | str) -> torch.device:
     return device if isinstance(device, torch.device) else torch.device(device)
 
 
-def _forced_backend() -> Backend | None:
-    raw = os.environ.get(ENV_VAR, "").strip().lower()
-    if not raw or raw == "auto":
-        return None
-    if raw not in BACKENDS:
+def kernels_choice() -> str:
+    """`BATON_KERNELS` as one of ENV_CHOICES ("auto" when unset); read now, not at import."""
+    raw = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    if raw not in ENV_CHOICES:
         raise KernelBackendError(
-            f"{ENV_VAR}={raw!r} is not a kernel backend; "
-            "set it to 'triton', 'reference' or unset it."
+            f"{ENV_VAR}={raw!r} is not a kernel path; set it to 'triton', 'reference', "
+            "'none' (no patching) or unset it (automatic choice)."
         )
-    return raw  # type: ignore[return-value]
+    return raw
+
+
+def patching_enabled() -> bool:
+    """False when `BATON_KERNELS=none`: train with the plain HF / PEFT modules, patch nothing.
+
+    `kernels.patch.patch_model` checks it itself; an invalid value raises KernelBackendError.
+    """
+    return kernels_choice() != NO_PATCHING
+
+
+def _forced_backend() -> Backend | None:
+    choice = kernels_choice()
+    if choice == NO_PATCHING:
+        # Nothing is patched, but an op called directly still needs a backend: the plain-PyTorch
+        # one, so that with "none" no Baton Triton kernel runs anywhere.
+        return "reference"
+    return None if choice == "auto" else choice  # type: ignore[return-value]
 
 
 def _check_forced_triton(device: torch.device) -> None:
@@ -77,7 +98,8 @@ def select_backend(device: torch.device | str) -> Backend:
     """Return "triton" or "reference" for `device`.
 
     Triton on CUDA devices of capability >= 7.5 when triton imports; the reference
-    everywhere else (CPU, P100, V100, MPS). `BATON_KERNELS` forces either.
+    everywhere else (CPU, P100, V100, MPS). `BATON_KERNELS` forces either; with
+    `BATON_KERNELS=none` it is "reference" (nothing is patched; see `patching_enabled`).
     """
     dev = _as_device(device)
     forced = _forced_backend()

@@ -1,4 +1,7 @@
-"""Swap Baton's kernels into HF Llama, Mistral and Qwen2 causal LMs, plain or PEFT-wrapped.
+"""Swap Baton's kernels into HF causal LMs, plain or PEFT-wrapped.
+
+The architectures (Llama, Mistral, Qwen2) and the class names patched in each are the one
+table in `kernels.architectures`.
 
 What is replaced, never by rewriting source text:
 - RMSNorm modules: their `forward` is rebound to the Triton RMSNorm (weights untouched, so
@@ -12,12 +15,16 @@ What is replaced, never by rewriting source text:
 - the causal-LM loss: the model's `forward` is rebound so that, when labels are given, the
   loss comes from the chunked fused linear cross-entropy and no [tokens, vocab] logits are
   built; `logits` is then None. Without labels the original forward runs and returns logits.
-- then `kernels.lora.patch_peft_lora(model, backend)`, when that module exists.
+- then, on the Triton path, `kernels.lora_patch.patch_peft_lora(model, "triton")` for the
+  fused LoRA projections.
 
 On the "reference" path (CPU, P100, V100) only the loss is patched, with the plain-torch
 chunked cross-entropy: it is the one change that saves memory without Triton (a 128k
 vocabulary's fp32 logits are several GiB); the other references would only add overhead
 over HF's own modules.
+
+With `BATON_KERNELS=none` (`kernels.dispatch.patching_enabled()` False) nothing is patched
+and the report's path is "none".
 """
 
 from __future__ import annotations
@@ -33,26 +40,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.dispatch import BACKENDS, launchable, select_backend
+from kernels.architectures import (
+    ARCHITECTURES, SILU_ACTIVATIONS, Architecture, known_architectures,
+)
+from kernels.dispatch import BACKENDS, NO_PATCHING, launchable, patching_enabled, select_backend
 
 log = logging.getLogger(__name__)
 
-# model_type -> (modeling module, RMSNorm class name, MLP class name)
-ARCHITECTURES: dict[str, tuple[str, str, str]] = {
-    "llama": ("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "LlamaMLP"),
-    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm", "MistralMLP"),
-    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", "Qwen2MLP"),
-}
 _ORIGINAL_ROPE: dict[str, Any] = {}
 
 
 @dataclass
 class KernelReport:
-    path: str  # "triton" | "reference": the backend chosen for this session
+    path: str  # "triton" | "reference": the backend chosen; "none": BATON_KERNELS=none
     patched: list[str] = field(default_factory=list)  # ops swapped in, e.g. ["rmsnorm", "rope"]
     modules: dict[str, int] = field(default_factory=dict)  # op -> how many modules it replaced
     architecture: str = ""  # model_type, or "" when the model is not one this file knows
-    lora_modules: list[str] = field(default_factory=list)  # modules kernels.lora fused
+    lora_modules: list[str] = field(default_factory=list)  # modules kernels.lora_patch fused
 
 
 def _device_of(device_info_or_device: Any, model: nn.Module) -> torch.device:
@@ -197,13 +201,12 @@ def restore_rope() -> None:
     _ORIGINAL_ROPE.clear()
 
 
-def _patch_triton_ops(lm: nn.Module, arch: tuple[str, str, str], report: KernelReport) -> None:
-    module_path, norm_cls, mlp_cls = arch
-    report.modules["rmsnorm"] = _rebind(_of_class(lm, norm_cls), _rmsnorm_forward)
-    _patch_rope(module_path)
-    report.modules["rope"] = len(_of_class(lm, norm_cls.replace("RMSNorm", "Attention")))
-    if getattr(lm.config, "hidden_act", None) in ("silu", "swish"):
-        report.modules["swiglu"] = _rebind(_of_class(lm, mlp_cls), _swiglu_mlp_forward)
+def _patch_triton_ops(lm: nn.Module, arch: Architecture, report: KernelReport) -> None:
+    report.modules["rmsnorm"] = _rebind(_of_class(lm, arch.rmsnorm), _rmsnorm_forward)
+    _patch_rope(arch.modeling_module)
+    report.modules["rope"] = len(_of_class(lm, arch.attention))
+    if getattr(lm.config, "hidden_act", None) in SILU_ACTIVATIONS:
+        report.modules["swiglu"] = _rebind(_of_class(lm, arch.mlp), _swiglu_mlp_forward)
     report.patched += [op for op in ("rmsnorm", "rope", "swiglu") if report.modules.get(op)]
 
 
@@ -218,15 +221,26 @@ def _patch_loss(lm: nn.Module, backend: str, report: KernelReport) -> None:
 
 
 def _patch_lora(model: nn.Module, backend: str, report: KernelReport) -> None:
-    # kernels/lora.py is owned elsewhere and may not exist yet: its absence is not an error.
-    try:
-        from kernels.lora import patch_peft_lora
-    except (ImportError, AttributeError):
-        return
+    if backend != "triton":
+        return  # the reference path keeps PEFT's own LoRA layers (patch_peft_lora patches none)
+    # Imported here, like the other kernel modules, so the reference path never imports Triton;
+    # on the Triton path a missing or broken module is an error, not a silent fallback.
+    from kernels.lora_patch import patch_peft_lora
+
     report.lora_modules = list(patch_peft_lora(model, backend))
     if report.lora_modules:
         report.modules["fused_lora"] = len(report.lora_modules)
         report.patched.append("fused_lora")
+
+
+def _model_type(model: nn.Module) -> str:
+    """config.model_type of the causal LM inside `model`, "" when it has none."""
+    return getattr(getattr(_causal_lm(model), "config", None), "model_type", "")
+
+
+def _record_path(device_info_or_device: Any, path: str) -> None:
+    if hasattr(device_info_or_device, "kernels"):
+        device_info_or_device.kernels = path
 
 
 def patch_model(model: nn.Module, device_info_or_device: Any) -> KernelReport:
@@ -234,21 +248,24 @@ def patch_model(model: nn.Module, device_info_or_device: Any) -> KernelReport:
 
     `device_info_or_device`: a torch.device, a device string, or an object (training's
     DeviceInfo) with `.device`; its `.kernels`, when already "triton" or "reference", is
-    used as the choice, and is set to the chosen path otherwise.
+    used as the choice, and is set to the chosen path otherwise. With `BATON_KERNELS=none`
+    nothing is patched, the report's path is "none" and `.kernels` is set to "none".
     """
-    device = _device_of(device_info_or_device, model)
-    backend = _backend_for(device_info_or_device, device)
-    lm = _causal_lm(model)
-    model_type = getattr(getattr(lm, "config", None), "model_type", "")
+    model_type = _model_type(model)
     known = model_type if model_type in ARCHITECTURES else ""
+    if not patching_enabled():
+        _record_path(device_info_or_device, NO_PATCHING)
+        return KernelReport(path=NO_PATCHING, architecture=known)
+    backend = _backend_for(device_info_or_device, _device_of(device_info_or_device, model))
     report = KernelReport(path=backend, architecture=known)
-    if report.architecture:
+    if known:
+        lm = _causal_lm(model)
         if backend == "triton":
-            _patch_triton_ops(lm, ARCHITECTURES[model_type], report)
+            _patch_triton_ops(lm, ARCHITECTURES[known], report)
         _patch_loss(lm, backend, report)
     else:
-        log.warning("model_type %r is not Llama, Mistral or Qwen2: no kernels patched.", model_type)
+        log.warning("model_type %r is not one of %s: no kernels patched.",
+                    model_type, known_architectures())
     _patch_lora(model, backend, report)
-    if hasattr(device_info_or_device, "kernels"):
-        device_info_or_device.kernels = backend
+    _record_path(device_info_or_device, backend)
     return report

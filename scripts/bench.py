@@ -11,7 +11,7 @@ seed and settings:
 - `hf`: transformers + PEFT LoRA (all linear layers) over bitsandbytes NF4 (double quantized),
   SDPA attention, non-reentrant gradient checkpointing, `prepare_model_for_kbit_training`;
 - `baton`: the same, then `kernels.patch.patch_model` (Triton RMSNorm, RoPE, SwiGLU, chunked
-  fused linear cross-entropy, and fused LoRA where kernels/lora.py provides it).
+  fused linear cross-entropy, and the fused LoRA projections of kernels/lora.py).
 
 A 7B model is built on the meta device and materialised one linear layer at a time, each
 quantized to NF4 as soon as it exists, so neither host RAM nor GPU memory ever holds the
@@ -261,7 +261,7 @@ def bench_nf4(args, device: torch.device) -> dict:
     """Time Baton's NF4 dequantization against bitsandbytes on the preset's largest projection."""
     import bitsandbytes.functional as bnbf
 
-    from kernels.dispatch import launchable
+    from kernels.dispatch import launchable, triton_available
 
     config = preset_config(args.preset)
     shape = (config.intermediate_size, config.hidden_size)
@@ -272,12 +272,14 @@ def bench_nf4(args, device: torch.device) -> dict:
                     "dtype": str(dtype).removeprefix("torch.")}
     g = {"bnbf": bnbf, "packed": packed, "state": state}
     result["bitsandbytes_s"] = _time("bnbf.dequantize_4bit(packed, state)", g, args.min_run_time)
-    try:
-        from kernels.nf4 import dequantize_nf4
-    except ImportError as exc:
-        return {**result, "baton_s": None, "note": f"kernels.nf4 is not available: {exc}"}
+    # Triton is an optional third-party package (the reference path runs without it); without
+    # it there is no Baton kernel to time. kernels.nf4 itself is ours: imported unguarded.
+    if not triton_available():
+        return {**result, "baton_s": None, "note": "triton is not installed"}
     if not launchable(packed):
         return {**result, "baton_s": None, "note": "Triton needs CUDA or TRITON_INTERPRET=1"}
+    from kernels.nf4 import dequantize_nf4
+
     g["dequantize_nf4"] = dequantize_nf4
     result["baton_s"] = _time("dequantize_nf4(packed, state, dtype)", {**g, "dtype": dtype},
                               args.min_run_time)

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 
-from handoff import ConflictError
+from handoff import ConflictError, StoreUnavailableError
 from handoff.lease import LeaseHeldError, LeaseLostError, LeaseManager
 from handoff.runstore import RunStore
 from state_schema import utcnow
@@ -147,6 +147,29 @@ def test_heartbeat_records_loss_after_takeover(runstore):
     with pytest.raises(LeaseLostError):
         a.check()
     assert runstore.read_lease()[0].holder == "b"
+
+
+def test_heartbeat_passes_a_bug_to_the_training_thread(runstore, monkeypatch):
+    """An outage is retried at the next beat; a bug is not swallowed: the heartbeat ends and
+    check() raises it where the training loop will see it."""
+    a = agent(runstore, "a", ttl=30)
+    a.acquire()
+    calls = []
+
+    def renew():
+        calls.append(1)
+        if len(calls) == 1:
+            raise StoreUnavailableError("store down (test)")
+        raise TypeError("a bug (test)")
+
+    monkeypatch.setattr(a, "renew", renew)
+    monkeypatch.setattr(threading, "excepthook", lambda _args: None)  # expected: quiet
+    a.start_heartbeat(0.01)
+    wait_for(lambda: a.failure is not None)
+    assert len(calls) == 2 and a.lost is None
+    with pytest.raises(TypeError, match="a bug"):
+        a.check()
+    a.stop_heartbeat()
 
 
 def test_heartbeat_interval_must_be_below_ttl(runstore):

@@ -14,7 +14,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from kernels.dispatch import KernelBackendError, select_backend
+from kernels.architectures import ARCHITECTURES
+from kernels.dispatch import KernelBackendError, patching_enabled, select_backend
 from kernels.patch import KernelReport, patch_model, restore_rope
 
 VOCAB = 301
@@ -81,6 +82,31 @@ def test_unknown_backend_name_is_refused(monkeypatch):
         select_backend("cpu")
 
 
+def test_unknown_kernel_path_is_refused_by_patching_with_every_choice_named(monkeypatch):
+    monkeypatch.setenv("BATON_KERNELS", "off")
+    expected = r"BATON_KERNELS='off' is not a kernel path; .*'triton', 'reference', 'none'"
+    with pytest.raises(KernelBackendError, match=expected):
+        patching_enabled()
+    with pytest.raises(KernelBackendError, match=expected):
+        patch_model(_build("llama"), "cpu")
+
+
+def test_patching_enabled_reads_the_variable_at_call_time(monkeypatch):
+    for value, enabled in (("none", False), (" None ", False), ("triton", True),
+                           ("reference", True), ("auto", True), ("", True)):
+        monkeypatch.setenv("BATON_KERNELS", value)
+        assert patching_enabled() is enabled, value
+    monkeypatch.delenv("BATON_KERNELS")
+    assert patching_enabled() is True
+
+
+def test_none_selects_the_reference_for_ops_called_directly(monkeypatch):
+    # "none" patches nothing; an op that asks for a backend anyway gets no Triton kernel.
+    monkeypatch.setenv("BATON_KERNELS", "none")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # not needed: nothing Triton is chosen
+    assert select_backend("cpu") == "reference"
+
+
 # --- patching ---------------------------------------------------------------------------
 
 
@@ -130,6 +156,52 @@ def test_reference_path_patches_only_the_chunked_loss(monkeypatch):
     assert "rmsnorm" not in report.patched and "rope" not in report.patched
     got, _ = _loss_and_grads(model, ids, labels)
     torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+
+
+def _patched_anything(model) -> bool:
+    """True when any module has an instance forward (how every patch here is installed)."""
+    return any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_none_patches_nothing_and_trains_with_the_plain_hf_modules(monkeypatch, arch):
+    monkeypatch.setenv("BATON_KERNELS", "none")
+    from importlib import import_module
+
+    modeling = import_module(ARCHITECTURES[arch].modeling_module)
+    rope_before = modeling.apply_rotary_pos_emb
+    ids, labels = _batch(seed=7)
+    want, want_grads = _loss_and_grads(_build(arch), ids, labels)
+
+    class Info:  # training's DeviceInfo, as recorded before patching
+        device = "cpu"
+        kernels = "triton"  # even a recorded backend: "none" is the user's override
+
+    info, model = Info(), _build(arch)
+    report = patch_model(model, info)
+    assert report == KernelReport(path="none", architecture=arch)
+    assert info.kernels == "none"
+    assert not _patched_anything(model) and modeling.apply_rotary_pos_emb is rope_before
+    got, got_grads = _loss_and_grads(model, ids, labels)
+    assert got.logits is not None  # HF's own loss, from full logits
+    assert torch.equal(got.loss, want.loss)
+    assert got_grads.keys() == want_grads.keys()
+    assert all(torch.equal(got_grads[n], g) for n, g in want_grads.items())
+
+
+def test_none_leaves_a_peft_model_unpatched(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setenv("BATON_KERNELS", "none")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(_build("llama"), config)
+    report = patch_model(model, torch.device("cpu"))
+    assert report.path == "none" and report.patched == [] and report.lora_modules == []
+    assert report.modules == {} and not _patched_anything(model)
+
+
+def test_every_architecture_of_the_table_is_tested():
+    assert set(MODELS) == set(ARCHITECTURES)
 
 
 def test_recorded_choice_on_device_info_is_used_and_set():
