@@ -3,8 +3,9 @@
 
     python agent.py run    --config run.yaml [--store URI] [--run NAME] [--session-limit 12h]
                            [--session-start ISO|now] [--takeover] [--micro-batch-size N]
-                           [--workdir DIR] [--log-every SECONDS]
-    python agent.py status --store URI --run NAME [--json] [--plot loss.png]
+                           [--precision auto|fp32|fp16|bf16]
+                           [--workdir DIR] [--log-every SECONDS] [--notify URL]
+    python agent.py status --store URI --run NAME [--json] [--plot loss.png] [--html OUT.html]
     python agent.py plan   --config run.yaml [--json]
 
 The config is read and validated before anything heavy is imported, so a typo costs a second,
@@ -26,6 +27,7 @@ from typing import Any, Optional
 
 from handoff.secrets import ScrubFilter, scrub
 from session.codes import FAILED, INVALID, PAUSED
+from session.quiet import silence_bnb_kernel_notice
 
 class ConfigError(ValueError):
     """The config or the flags are wrong; the message says which key and how to fix it."""
@@ -80,7 +82,8 @@ def apply_overrides(doc: dict[str, Any], args: argparse.Namespace) -> dict[str, 
     """Command-line flags win over the file (DESIGN.md: 'command-line flags override')."""
     flat = {("store",): args.store, ("run",): args.run,
             ("session", "limit"): args.session_limit, ("session", "start"): args.session_start,
-            ("train", "micro_batch_size"): args.micro_batch_size}
+            ("train", "micro_batch_size"): args.micro_batch_size,
+            ("train", "precision"): args.precision}
     for path, value in flat.items():
         if value is None:
             continue
@@ -91,6 +94,9 @@ def apply_overrides(doc: dict[str, Any], args: argparse.Namespace) -> dict[str, 
             node = node[part]
         if isinstance(node, dict):  # else validation names the malformed section
             node[path[-1]] = value
+    if getattr(args, "notify", None):  # --notify adds to the file's URLs
+        listed = doc.get("notify")
+        doc["notify"] = [*(listed if isinstance(listed, list) else []), *args.notify]
     return doc
 
 
@@ -147,7 +153,20 @@ def load_config(args: argparse.Namespace):
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc, path)) from None
     check_session_flags(config)
+    check_notify(config)
     return config
+
+
+def check_notify(config) -> None:
+    """Notify URLs hold tokens: registered with the scrubber first, then checked."""
+    if not config.notify:
+        return
+    from session.notify import NotifyConfigError, check_urls
+
+    try:
+        check_urls(config.notify)
+    except NotifyConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_session_flags(config) -> None:
@@ -165,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
     world = ranks_wanted()
     if world > 1:
-        return launch_ranks(world, args.argv)
+        return launch_ranks(world, args.argv, config)
     from session.loop import SessionOptions, run_session  # heavy: only after validation
 
     options = SessionOptions(takeover=args.takeover, workdir=args.workdir,
@@ -187,39 +206,31 @@ def ranks_wanted() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
-def launch_ranks(world: int, argv: list[str]) -> int:
-    """Start `world` copies of this command with torchrun's environment (RANK, LOCAL_RANK,
-    WORLD_SIZE, MASTER_ADDR/PORT) and return rank 0's exit code, which is the session's:
-    unlike torchrun, a paused rank 0 (75) is not turned into a failure."""
-    import signal
-    import socket
-    import subprocess
+def launch_ranks(world: int, argv: list[str], config) -> int:
+    """One process a GPU under torch's elastic launcher (session/launch.py), each running this
+    same command through the same entry script; rank 0's exit code is the session's (a pause
+    stays 75), a dead rank ends the session with 1 and the lease released."""
+    from session.launch import launch
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    base = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port))
-    procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv],
-                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r)))
-             for r in range(world)]
-    forward = lambda signum, _frame: procs[0].send_signal(signum)  # noqa: E731
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, forward)
-    code = procs[0].wait()
-    for proc in procs[1:]:  # followers exit when rank 0 says stop; a stuck one is ended
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return code
+    return launch(world, entry_script(), argv, store=config.store, run=config.run)
+
+
+def entry_script() -> str:
+    """The script the ranks run: the one this process started from when it is agent.py or a
+    wrapper of its main that says so with AGENT_ENTRY = True (tests/agent_entry.py, whose test
+    hooks then reach every rank); agent.py itself when main() was called from elsewhere."""
+    main_module = sys.modules.get("__main__")
+    path = getattr(main_module, "__file__", None)
+    own = Path(__file__).resolve()
+    if path and (Path(path).resolve() == own or getattr(main_module, "AGENT_ENTRY", False)):
+        return str(Path(path).resolve())
+    return str(own)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from session.status import status_main
 
-    return status_main(args.store, args.run, as_json=args.json, plot=args.plot)
+    return status_main(args.store, args.run, as_json=args.json, plot=args.plot, html=args.html)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -243,9 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--takeover", action="store_true",
                      help="take a lease that has not expired (the old session must be dead)")
     run.add_argument("--micro-batch-size", type=int, help="per-GPU batch; may change per session")
+    run.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"),
+                     help="this session's precision (default train.precision: auto, the GPU's "
+                          "policy); may change between sessions")
     run.add_argument("--workdir", type=Path, help="local cache (default ~/.cache/baton/<run>)")
     run.add_argument("--log-every", type=float, default=None,
                      help="seconds between progress lines when not on a terminal (default 30)")
+    run.add_argument("--notify", action="append", metavar="URL",
+                     help="an apprise URL told when the session pauses, finishes or fails "
+                          "(repeatable; added to run.yaml's notify:)")
     run.set_defaults(handler=cmd_run)
 
     status = sub.add_parser("status", help="show a run's progress, lease and sessions")
@@ -253,12 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--run", required=True)
     status.add_argument("--json", action="store_true")
     status.add_argument("--plot", type=Path, help="write the loss curve to this PNG")
+    status.add_argument("--html", type=Path,
+                        help="write the run's page (tables and loss plot) to this HTML file")
     status.set_defaults(handler=cmd_status)
 
     plan = sub.add_parser("plan", help="parameters, adapter size, VRAM and steps, without weights")
     plan.add_argument("--config", required=True, type=Path)
     plan.add_argument("--json", action="store_true")
-    for flag in ("store", "run", "session_limit", "session_start", "micro_batch_size"):
+    for flag in ("store", "run", "session_limit", "session_start", "micro_batch_size",
+                 "precision", "notify"):
         plan.set_defaults(**{flag: None})
     plan.set_defaults(handler=cmd_plan)
     return parser
@@ -269,6 +289,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # the ranks of a multi-GPU session rerun the same command
     install_logging(args.verbose)
+    silence_bnb_kernel_notice()  # a bitsandbytes warning our kernels/ package causes: quiet.py
     try:
         return args.handler(args)
     except ConfigError as exc:

@@ -58,9 +58,12 @@ def sha256_file(path: Path) -> str:
 # -- commit ------------------------------------------------------------------------------
 
 def commit_checkpoint(runstore: RunStore, local_dir: Path, *, step: int, generation: int,
-                      finished: bool = False, keep: int = 3) -> str:
+                      finished: bool = False, keep: int = 3,
+                      extra: Optional[dict[str, Path]] = None) -> str:
     """Upload `local_dir` as checkpoint `<step>-g<generation>`, move HEAD to it, prune old ones.
 
+    `extra` (store key -> local file): more files for the same change, outside the checkpoint
+    and its manifest, such as the run's page on the Hub, which so costs no commit of its own.
     FencedError (nothing moved) when HEAD carries a higher generation than ours."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
@@ -70,12 +73,13 @@ def commit_checkpoint(runstore: RunStore, local_dir: Path, *, step: int, generat
     if head.checkpoint == cid:
         # Same step, same writer: HEAD already names these files; re-uploading over them would
         # put HEAD's own checkpoint at risk, so only the `finished` flag may change.
-        head = _mark_finished(runstore, head, version, finished, cid)
+        head = _mark_finished(runstore, head, version, finished, cid, extra or {})
     else:
         files = _local_files(Path(local_dir))
         with tempfile.TemporaryDirectory(prefix="baton-manifest-") as staging:
             manifest = _write_manifest(Path(staging), files, cid, step, generation)
             uploads = {runstore.checkpoint_key(cid, n): p for n, p in files.items()}
+            uploads.update({check_key(k): Path(p) for k, p in (extra or {}).items()})
             uploads[runstore.checkpoint_key(cid, MANIFEST)] = manifest  # last, by dict order
             head = _move_head(runstore, uploads, cid, step, generation, finished)
     _retain(runstore, keep, protected={head.checkpoint, head.previous})
@@ -147,12 +151,16 @@ def _move_head(runstore: RunStore, uploads: dict[str, Path], cid: str, step: int
 
 
 def _mark_finished(runstore: RunStore, head: Head, version: Expect, finished: bool,
-                   cid: str) -> Head:
+                   cid: str, extra: dict[str, Path]) -> Head:
     if not finished or head.finished:
         return head
     new = head.model_copy(update={"finished": True, "updated_at": utcnow()})
     try:
-        runstore.write_head(new, expect=version)
+        if extra:  # the extra files ride along in the same change (one commit on the Hub)
+            runstore.store.publish({check_key(k): Path(p) for k, p in extra.items()},
+                                   runstore.key("HEAD.json"), new.to_json(), expect=version)
+        else:
+            runstore.write_head(new, expect=version)
     except ConflictError:
         head, _ = _read_head(runstore)
         if head.checkpoint == cid and head.finished:

@@ -113,6 +113,7 @@ class HubStore(Store):
     # The Hub takes about 128 commits an hour a repo and a renewal is a commit: a longer lease
     # lets the heartbeat (a third of it) beat every 10 minutes.
     lease_ttl = 1800.0
+    shows_page = True  # README.md is the repo's page on the Hub
 
     def __init__(self, uri: str, *, retry: Optional[RetryPolicy] = None):
         from huggingface_hub import HfApi

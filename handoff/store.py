@@ -53,6 +53,9 @@ class Store(ABC):
     uri: str
     retry: RetryPolicy = DEFAULT_POLICY
     lease_ttl: float = 600.0
+    # A store whose root README.md is a web page (a Hub repo): each checkpoint commit also
+    # rewrites the run's page there (session/card.py).
+    shows_page: bool = False
 
     @abstractmethod
     def read(self, key: str) -> Versioned:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
+from kernels._triton import tl, triton  # stand-ins when triton is absent
 from kernels.dispatch import check_launchable, next_power_of_2, num_warps_for
 
 IGNORE_INDEX = -100
@@ -141,6 +141,36 @@ class _Grads:
             self.b.add_(grad_logits.sum(0))
 
 
+# weight -> ((version, data_ptr, dtype), the weight cast to that dtype). Weak keys compared
+# by identity (a tensor's == is elementwise): an entry goes with its weight. One entry a
+# weight: the latest compute dtype.
+_WEIGHT_CASTS = WeakIdKeyDictionary()
+
+
+def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` in `dtype`, cast once and reused while the weight is unchanged.
+
+    PEFT's `prepare_model_for_kbit_training` leaves lm_head in fp32 while autocast computes in
+    bf16 or fp16: without this, every forward copied a 128k x 4k lm_head (1 GiB in bf16). The
+    copy is kept beside the weight instead (the same bytes the transient copy took, now held
+    between steps) and made again when the weight changes: the key holds the weight's version
+    counter (bumped by any in-place change autograd can see: an optimizer step,
+    `load_state_dict`, `copy_` under no_grad), its storage address (a new `.data`) and the
+    dtype. A weight already in `dtype` is returned as it is, with nothing cached.
+    """
+    if weight.dtype == dtype:
+        return weight
+    key = (weight._version, weight.data_ptr(), dtype)
+    hit = _WEIGHT_CASTS.get(weight)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    _WEIGHT_CASTS.pop(weight, None)  # free the stale copy before making the new one
+    with torch.no_grad():
+        cast = weight.detach().to(dtype)
+    _WEIGHT_CASTS[weight] = (key, cast)
+    return cast
+
+
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype HF's lm_head matmul runs in: autocast's when it is on, else the weight's."""
     device_type = weight.device.type
@@ -152,13 +182,13 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 def _chunked_loss(hidden, weight, bias, labels, ignore_index, grads, chunk_size, backend):
     """Sum of the token losses; fills `grads` (unscaled) chunk by chunk when given.
 
-    Under autocast the weight is cast once here, not once a chunk (a 128k x 4k lm_head is
-    1 GiB in bf16), and the chunks then run with autocast off in that dtype.
+    Under autocast the weight is cast once (`cast_weight`: not once a chunk, nor once a
+    forward while it is unchanged), and the chunks then run with autocast off in that dtype.
     """
     ce_grad = ce_grad_triton if backend == "triton" else ce_grad_reference
     chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
     dtype = _compute_dtype(weight)
-    w = weight.to(dtype)
+    w = cast_weight(weight, dtype)
     b = None if bias is None else bias.to(dtype)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     with torch.autocast(weight.device.type, enabled=False):

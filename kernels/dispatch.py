@@ -32,9 +32,26 @@ class KernelBackendError(RuntimeError):
     """The requested kernel backend cannot run here."""
 
 
+class KernelChoiceError(KernelBackendError, ValueError):
+    """`BATON_KERNELS` asks for what this machine cannot do: invalid input, not a crash.
+
+    A ValueError, so that an entry point that maps invalid input to exit 2 maps this too; the
+    message says what to set instead.
+    """
+
+
 def triton_available() -> bool:
-    """True when the `triton` package can be imported (without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when the `triton` package imports here.
+
+    A cheap look at the path first (no Triton, no import); when a `triton` is there it is
+    imported (once, through `kernels._triton`), since an install that fails to import (a
+    wheel for another platform, a broken CUDA toolkit) is as good as absent.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from kernels._triton import HAS_TRITON
+
+    return HAS_TRITON
 
 
 def interpreter_enabled() -> bool:
@@ -50,7 +67,7 @@ def kernels_choice() -> str:
     """`BATON_KERNELS` as one of ENV_CHOICES ("auto" when unset); read now, not at import."""
     raw = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
     if raw not in ENV_CHOICES:
-        raise KernelBackendError(
+        raise KernelChoiceError(
             f"{ENV_VAR}={raw!r} is not a kernel path; set it to 'triton', 'reference', "
             "'none' (no patching) or unset it (automatic choice)."
         )
@@ -74,16 +91,34 @@ def _forced_backend() -> Backend | None:
     return None if choice == "auto" else choice  # type: ignore[return-value]
 
 
-def _check_forced_triton(device: torch.device) -> None:
+def check_triton_capability(capability: tuple[int, int] | None) -> None:
+    """Refuse Triton kernels on a CUDA GPU below sm_75 (P100, V100), with what to do instead.
+
+    `capability` is the GPU's compute capability, None for a device that is not a CUDA GPU
+    (the CPU interpreter is checked elsewhere). Raises KernelChoiceError.
+    """
+    if capability is not None and tuple(capability) < MIN_CAPABILITY:
+        major, minor = capability
+        raise KernelChoiceError(
+            f"Triton kernels need a CUDA GPU of compute capability "
+            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (T4 and up); this GPU is "
+            f"sm_{major}{minor}, below Triton's floor. Unset {ENV_VAR} (the automatic choice "
+            f"runs the plain-PyTorch path on it) or set {ENV_VAR}=reference."
+        )
+
+
+def _check_forced_triton(device: torch.device, capability: tuple[int, int] | None) -> None:
+    if device.type == "cuda":
+        check_triton_capability(capability)  # a P100 learns that first, not "install triton"
     if not triton_available():
-        raise KernelBackendError(
-            f"{ENV_VAR}=triton but the triton package is not installed; "
-            "pip install triton, or set BATON_KERNELS=reference."
+        raise KernelChoiceError(
+            f"{ENV_VAR}=triton but the triton package does not import here; "
+            f"pip install triton (Linux), or set {ENV_VAR}=reference."
         )
     if device.type == "cpu" and not interpreter_enabled():
-        raise KernelBackendError(
+        raise KernelChoiceError(
             f"{ENV_VAR}=triton on the CPU needs Triton's interpreter: set TRITON_INTERPRET=1 "
-            "before Python starts, or set BATON_KERNELS=reference."
+            f"before Python starts, or set {ENV_VAR}=reference."
         )
 
 
@@ -100,22 +135,39 @@ def select_backend(device: torch.device | str) -> Backend:
     Triton on CUDA devices of capability >= 7.5 when triton imports; the reference
     everywhere else (CPU, P100, V100, MPS). `BATON_KERNELS` forces either; with
     `BATON_KERNELS=none` it is "reference" (nothing is patched; see `patching_enabled`).
+    A forced "triton" that cannot run here (a GPU below sm_75, no triton, the CPU without
+    the interpreter) raises KernelChoiceError, a ValueError: invalid input, exit 2.
     """
     dev = _as_device(device)
     forced = _forced_backend()
+    capability = cuda_capability(dev)
     if forced == "triton":
-        _check_forced_triton(dev)
+        _check_forced_triton(dev, capability)
         return "triton"
     if forced == "reference":
         return "reference"
-    return backend_for_capability(cuda_capability(dev), triton_available())
+    return backend_for_capability(capability, triton_available)
 
 
-def backend_for_capability(capability: tuple[int, int] | None, has_triton: bool) -> Backend:
-    """The automatic choice: Triton on CUDA capability >= 7.5 (T4 and newer) when it imports."""
-    if capability is not None and tuple(capability) >= MIN_CAPABILITY and has_triton:
+def backend_for_capability(
+    capability: tuple[int, int] | None, has_triton, forced: str | None = None
+) -> Backend:
+    """The choice for a CUDA `capability` (None: not a CUDA GPU), without touching a device.
+
+    Automatic (`forced` None or "auto"): Triton on capability >= 7.5 (T4 and newer) when
+    Triton imports, the reference elsewhere. `forced="triton"` on a CUDA GPU below 7.5 raises
+    KernelChoiceError (exit 2 at the session); `forced="reference"` is the reference.
+    `has_triton` is a bool, or a callable asked only when the answer matters (importing
+    Triton takes a while, and the CPU never needs it).
+    """
+    if forced == "reference":
+        return "reference"
+    if forced == "triton":
+        check_triton_capability(capability)
         return "triton"
-    return "reference"
+    if capability is None or tuple(capability) < MIN_CAPABILITY:
+        return "reference"
+    return "triton" if (has_triton() if callable(has_triton) else has_triton) else "reference"
 
 
 def next_power_of_2(n: int) -> int:

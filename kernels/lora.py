@@ -10,7 +10,9 @@ W is dequantized (`kernels.nf4.dequantize_nf4`) when it is needed and dropped at
 forward keeps only x and the small [tokens, r] product x A^T, and the backward dequantizes W
 again. The QKV function shares x between the three projections and sums one dx; the MLP
 function (gate, up, SwiGLU, down) keeps only x and the three [tokens, r] products, and
-recomputes gate, up and the SwiGLU output in the backward.
+recomputes gate, up and the SwiGLU output in the backward. Every dx is summed in fp32,
+whatever the compute dtype, and then cast to x's dtype, as autograd sums the unfused
+model's branches into the fp32 residual stream.
 
 Everything is computed in one "compute dtype": autocast's when autocast is on, else x's. The
 adapters' gradients come back in the adapters' own dtype (fp32 in Baton).
@@ -91,19 +93,36 @@ def _adapter_grads(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, p: Proj
     return dyb, d_a, d_b
 
 
-def _input_grad(dy: torch.Tensor, dyb: torch.Tensor, p: Projection, dx: torch.Tensor | None):
-    """Adds dy W + s (dy B) A into `dx` (None: starts it); W is dequantized again and dropped."""
+def _input_grad(dy: torch.Tensor, dyb: torch.Tensor, p: Projection, dx: torch.Tensor | None,
+                acc_dtype: torch.dtype):
+    """Adds dy W + s (dy B) A into `dx` (None: starts it in `acc_dtype`).
+
+    Each matmul runs in dy's (compute) dtype and is rounded once; the terms are added in
+    `acc_dtype`. W is dequantized again and dropped.
+    """
     w = dense_weight(p, dy.dtype)
-    dx = dy @ w if dx is None else dx.addmm_(dy, w)
+    base = dy @ w
     del w
-    return dx.addmm_(dyb, p.lora_A.to(dy.dtype), alpha=p.scaling)
+    dx = base.to(acc_dtype) if dx is None else dx.add_(base)  # .to: no copy if same dtype
+    del base
+    a = p.lora_A.to(dy.dtype)
+    if dx.dtype == dy.dtype:
+        return dx.addmm_(dyb, a, alpha=p.scaling)
+    return dx.add_(dyb @ a, alpha=p.scaling)
+
+
+# The input gradient of projections that share one x (Q, K, V; gate and up) is a sum of
+# several matmuls. It is summed in fp32, as autograd sums the branches of the unfused model
+# into the fp32 residual stream; summed in fp16, every partial sum would round again (a
+# large Q term swallows small K and V terms), and the error would grow with each projection.
+_ACC_DTYPE = torch.float32
 
 
 def _backward_one(dy, x2, xa, p: Projection, dx: torch.Tensor | None, need_dx: bool):
-    """Gradients of one projection; adds its share of dx into `dx` (None: start it)."""
+    """Gradients of one projection; adds its share of dx into `dx` (None: start it, fp32)."""
     dyb, d_a, d_b = _adapter_grads(dy, x2, xa, p)
     if need_dx:
-        dx = _input_grad(dy, dyb, p, dx)
+        dx = _input_grad(dy, dyb, p, dx, _ACC_DTYPE)
     return dx, d_a, d_b
 
 
@@ -222,7 +241,9 @@ class LoRAMLPFunction(_FusedLoRA):
             # [tokens, intermediate] buffers (g, u, dh) are alive at once.
             dyb, d_ad, d_bd = _adapter_grads(dy2, h, ha_d, down)
             del h
-            dh = _input_grad(dy2, dyb, down, None)
+            # dh feeds the SwiGLU backward alone: it stays in the compute dtype (one
+            # [tokens, intermediate] buffer, not an fp32 one twice its size).
+            dh = _input_grad(dy2, dyb, down, None, dy2.dtype)
             dg, du = swiglu_bwd(dh, g, u, inplace=True)
             del dh
             dx, d_ag, d_bg = _backward_one(dg, x2, xa_g, gate, None, ctx.needs_input_grad[0])

@@ -23,9 +23,8 @@ length (in_features 32, 48, 80, 96, 160...); real models' widths are multiples o
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from kernels._triton import tl, triton  # stand-ins when triton is absent
 from kernels.dispatch import check_launchable
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

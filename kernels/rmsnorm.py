@@ -10,9 +10,8 @@ The backward treats the cast to the input dtype as identity (as autograd does).
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from kernels._triton import tl, triton  # stand-ins when triton is absent
 from kernels.dispatch import check_launchable, next_power_of_2, num_warps_for
 
 _MAX_FUSED = 65536  # widest row one program holds in registers

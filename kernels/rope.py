@@ -15,9 +15,8 @@ so keeping q's dtype only saves that copy.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from kernels._triton import tl, triton  # stand-ins when triton is absent
 from kernels.dispatch import check_launchable, next_power_of_2, num_warps_for
 
 _TILE = 4096

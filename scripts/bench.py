@@ -2,8 +2,8 @@
 
     python scripts/bench.py --preset llama-3.1-8b|mistral-7b|qwen2.5-1.5b|tiny --impl hf|baton|both
                             [--seq-len N] [--steps N] [--batch-size N] [--memory-cap-gb 15]
-                            [--device cuda|cpu] [--json OUT]
-    python scripts/bench.py --kernel nf4 --preset NAME [--json OUT]
+                            [--precision auto|fp32|fp16|bf16] [--device cuda|cpu] [--json OUT]
+    python scripts/bench.py --kernel nf4 --preset NAME [--precision ...] [--json OUT]
 
 Both implementations get the same random-initialised model built from the architecture's real
 config (no weights are downloaded), the same random tokens from a seeded generator, the same
@@ -17,6 +17,15 @@ A 7B model is built on the meta device and materialised one linear layer at a ti
 quantized to NF4 as soon as it exists, so neither host RAM nor GPU memory ever holds the
 whole bf16 model. `--kernel nf4` times Baton's NF4 dequantization kernel against
 bitsandbytes' `dequantize_4bit` on the preset's largest projection.
+
+Precision follows the agent's policy (`training.devices.precision_for`): bf16 autocast on
+compute capability 8.0 and newer, fp16 autocast with a loss scaler on 6.x and 7.x (T4, P100),
+fp32 on the CPU; `--precision` forces one. (`torch.cuda.is_bf16_supported()` is True on a
+T4 by emulation, where the agent trains in fp16: a bench that asked it would not measure
+what a T4 session runs.) The NF4 kernel bench dequantizes to that dtype too. On a GPU below
+sm_75, `--kernel nf4` exits 2: Triton does not run there.
+
+Exit codes: 0 done; 2 invalid input (a kernel path this device cannot run).
 """
 
 from __future__ import annotations
@@ -161,10 +170,28 @@ def _batches(vocab: int, steps: int, batch: int, seq: int, seed: int, device):
         yield torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
     if device.type != "cuda":
-        return None  # fp32 on the CPU, as Baton trains there
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def resolve_precision(requested: str, capability: tuple[int, int] | None) -> str:
+    """`--precision`: "auto" is the agent's own choice for the device, else as asked."""
+    from training.devices import precision_for
+
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {requested!r}")
+    return precision_for(capability) if requested == "auto" else requested
+
+
+def _autocast_dtype(args) -> torch.dtype | None:
+    """The autocast dtype of args.precision (resolved), None for fp32 (no autocast)."""
+    return None if args.precision == "fp32" else _DTYPES[args.precision]
 
 
 def _sync(device: torch.device) -> None:
@@ -173,8 +200,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _train(model, args, device, progress, task) -> tuple[list[float], list[float]]:
-    amp = _autocast_dtype(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    amp = _autocast_dtype(args)
+    # fp16 trains with a dynamic loss scaler, as the agent does (on the CPU too).
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
     losses, seconds = [], []
@@ -211,8 +239,8 @@ def _throughput(seconds: list[float], tokens_per_step: int) -> dict:
     }
 
 
-def _weights_dtype(device: torch.device) -> torch.dtype:
-    amp = _autocast_dtype(device)
+def _weights_dtype(args) -> torch.dtype:
+    amp = _autocast_dtype(args)
     return amp if amp is not None else torch.float32
 
 
@@ -232,7 +260,7 @@ def run_impl(impl: str, args, device: torch.device, progress) -> dict:
     task = progress.add_task(f"{impl}: build", total=args.steps)
     result: dict = {"impl": impl}
     try:
-        model = build_model(args.preset, device, _weights_dtype(device), args.seed)
+        model = build_model(args.preset, device, _weights_dtype(args), args.seed)
         if impl == "baton":
             report = patch_model(model, device)
             result.update(kernels=report.path, patched=report.patched)
@@ -257,15 +285,23 @@ def _time(stmt, globals_: dict, min_run_time: float) -> float:
     return Timer(stmt=stmt, globals=globals_).blocked_autorange(min_run_time=min_run_time).median
 
 
+def check_kernel_device(capability: tuple[int, int] | None) -> None:
+    """`--kernel` times a Triton kernel: refuse a CUDA GPU below sm_75 (KernelChoiceError)."""
+    from kernels.dispatch import check_triton_capability
+
+    check_triton_capability(capability)
+
+
 def bench_nf4(args, device: torch.device) -> dict:
     """Time Baton's NF4 dequantization against bitsandbytes on the preset's largest projection."""
+    check_kernel_device(device_capability(device))
     import bitsandbytes.functional as bnbf
 
     from kernels.dispatch import launchable, triton_available
 
     config = preset_config(args.preset)
     shape = (config.intermediate_size, config.hidden_size)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = _weights_dtype(args)  # the dtype a session of this precision dequantizes to
     w = torch.randn(shape, device=device, dtype=dtype) * INIT_STD
     packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     result: dict = {"kernel": "nf4", "shape": list(shape),
@@ -354,6 +390,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=3407)
     p.add_argument("--memory-cap-gb", type=float, default=None,
                    help="cap this process's GPU memory, e.g. 15 for a T4-sized budget")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: the agent's policy (bf16 on sm_80+, fp16 on 6.x/7.x, fp32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per --kernel timing")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -364,17 +402,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from kernels.dispatch import KernelChoiceError
+
     args = parse_args(argv)
     device = torch.device(args.device)
+    args.precision = resolve_precision(args.precision, device_capability(device))
     _apply_memory_cap(args.memory_cap_gb, device)
     result = {"preset": args.preset, "seq_len": args.seq_len, "steps": args.steps,
               "batch_size": args.batch_size, "seed": args.seed, "memory_cap_gb": args.memory_cap_gb,
-              **_environment(device)}
-    if args.kernel:
-        result["nf4"] = bench_nf4(args, device)
-        console.print(result["nf4"])
-    else:
-        result.update(run_training(args, device))
+              "precision": args.precision, **_environment(device)}
+    try:
+        if args.kernel:
+            result["nf4"] = bench_nf4(args, device)
+            console.print(result["nf4"])
+        else:
+            result.update(run_training(args, device))
+    except KernelChoiceError as exc:  # e.g. a Triton path on a GPU below sm_75
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

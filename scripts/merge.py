@@ -251,7 +251,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from handoff.secrets import scrub
     from handoff.errors import StoreError, StoreUnavailableError
     from session.codes import FAILED, INVALID
+    from session.quiet import silence_bnb_kernel_notice
 
+    silence_bnb_kernel_notice()
     try:
         return merge(args)
     except StoreUnavailableError as exc:

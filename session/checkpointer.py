@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from handoff import FencedError, StoreError, StoreUnavailableError
-from handoff.checkpoint import commit_checkpoint
+from handoff.checkpoint import checkpoint_id, commit_checkpoint
 from handoff.lease import LeaseLostError, LeaseManager
 from handoff.runstore import RunStore
 from handoff.spool import Spooled, spool
@@ -42,6 +42,9 @@ class Checkpointer:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-upload")
         self.pending: Optional[Future] = None
         self.announce: Callable[[str], None] = lambda _message: None
+        # The run's page (card.HubPage) on a store that shows one: its files ride in each
+        # checkpoint's commit. None elsewhere.
+        self.page = None
         self.last = time.monotonic()
         self.committed_step: Optional[int] = None
         # No measured commit yet: checkpoint right after the first step to learn its cost.
@@ -60,6 +63,8 @@ class Checkpointer:
         eval_loss = trainer.evaluate()
         if eval_loss is not None:
             self.record.eval_losses.append((step, float(eval_loss)))
+        if trainer.cursor.base_eval_loss is not None:  # for status, beside HEAD's cursor
+            self.record.base_eval_loss = trainer.cursor.base_eval_loss
         folder = self.staging / f"{step:08d}-{uuid.uuid4().hex[:6]}"
         shutil.rmtree(folder, ignore_errors=True)
         trainer.save(folder)
@@ -68,23 +73,50 @@ class Checkpointer:
         return folder, step, seconds
 
     def _upload(self, folder: Path, step: int, finished: bool,
-                cleanup: bool = True) -> tuple[int, float]:
-        """Commit a saved folder (then remove it); (step, seconds)."""
+                cleanup: bool = True, last: bool = False) -> tuple[int, float]:
+        """Commit a saved folder (then remove it); (step, seconds). `last`: the session's
+        final commit, after which the run is paused (or finished)."""
         began = time.monotonic()
         try:
-            commit_checkpoint(self.runstore, folder, step=step, generation=self.lease.generation,
-                              finished=finished, keep=self.spec.keep)
+            self._commit_with_page(folder, step, finished, last)
         finally:
             if cleanup:
                 shutil.rmtree(folder, ignore_errors=True)
         return step, time.monotonic() - began
+
+    def _commit_with_page(self, folder: Path, step: int, finished: bool, last: bool) -> None:
+        extra = self._page_files(folder, step, finished, last)
+        commit = lambda files: commit_checkpoint(  # noqa: E731
+            self.runstore, folder, step=step, generation=self.lease.generation,
+            finished=finished, keep=self.spec.keep, extra=files)
+        try:
+            commit(extra)
+        except ValueError as exc:  # the Hub refused the card's metadata: commit without it
+            if not extra:
+                raise
+            log.warning("the store refused the run's page (%s); checkpoint %d is committed "
+                        "without it", exc, step)
+            commit({})
+
+    def _page_files(self, folder: Path, step: int, finished: bool, last: bool) -> dict:
+        """The page's files for this commit; a page that cannot be drawn costs the page,
+        never the checkpoint."""
+        if self.page is None:
+            return {}
+        try:
+            return self.page.files(folder, checkpoint_id(step, self.lease.generation),
+                                   finished, last)
+        except Exception as exc:  # noqa: BLE001 - any fault of the page is only logged
+            log.warning("the run's page was not updated with checkpoint %d (%s: %s)", step,
+                        type(exc).__name__, exc)
+            return {}
 
     def _upload_or_spool(self, folder: Path, step: int,
                          finished: bool) -> tuple[float, Optional[Spooled]]:
         """The final upload. With the store down past the retries, the checkpoint goes to the
         local spool. Returns (upload seconds, None) or (0, Spooled)."""
         try:
-            return self._upload(folder, step, finished, cleanup=False)[1], None
+            return self._upload(folder, step, finished, cleanup=False, last=True)[1], None
         except StoreUnavailableError as exc:
             log.warning("final checkpoint of step %d did not reach the store: %s", step, exc)
             return 0.0, spool(folder, self.workdir, self.runstore.run, step,

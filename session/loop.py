@@ -43,6 +43,7 @@ from training.model import ModelUnavailableError
 from .checkpointer import Checkpointer
 from .clock import SessionClock, describe, parse_start, resolve_window, utc_iso
 from .codes import FAILED, FINISHED, HELD, INVALID, PAUSED, default_workdir
+from .notify import Report, notify_end
 from .progress import Progress, Say
 from .ranks import Ranks, follow
 from .spec import SpecError, local_inputs, prepare_spec
@@ -71,14 +72,31 @@ def run_session(config: RunConfig, options: SessionOptions) -> int:
 
 
 def _lead(config: RunConfig, options: SessionOptions, ranks: Ranks) -> int:
+    """The session, then one notification of how it ended (never changing the code)."""
+    say, report = Say(), Report(config.run)
+    code: Optional[int] = None
+    try:
+        code = _open_and_run(config, options, ranks, say, report)
+        return code
+    except Exception as exc:
+        code = FAILED  # agent.py reports the traceback; the notification says what it was
+        say.last_error = f"unexpected error: {type(exc).__name__}: {exc}"
+        raise
+    finally:
+        if code is not None:  # None: KeyboardInterrupt before the session began
+            notify_end(config.notify, report, code, say.last_error)
+
+
+def _open_and_run(config: RunConfig, options: SessionOptions, ranks: Ranks, say: Say,
+                  report: Report) -> int:
     agent_start = time.time()
-    say = Say()
     try:
         store = open_store(config.store)
     except StoreConfigError as exc:
         return say.error(str(exc), INVALID)
     try:
-        return _run_in(RunStore(store, config.run), config, options, agent_start, say, ranks)
+        return _run_in(RunStore(store, config.run), config, options, agent_start, say, ranks,
+                       report)
     except (SpecError, StoreConfigError, SchemaError) as exc:
         return say.error(str(exc), INVALID)
     except StoreUnavailableError as exc:
@@ -91,15 +109,18 @@ def _lead(config: RunConfig, options: SessionOptions, ranks: Ranks) -> int:
 
 
 def _run_in(runstore: RunStore, config: RunConfig, options: SessionOptions,
-            agent_start: float, say: Say, ranks: Ranks) -> int:
+            agent_start: float, say: Say, ranks: Ranks, report: Report) -> int:
     spec = prepare_spec(runstore, config)
     head = runstore.read_head()
+    report.step = head[0].step if head else None
     if head and head[0].finished:
         say(f"run {config.run!r} is finished (step {head[0].step}, checkpoint "
             f"{head[0].checkpoint}); merge it with scripts/merge.py")
         return FINISHED
     clock = build_clock(config, runstore, agent_start, say)
-    return Session(config, options, runstore, spec, clock, say, ranks).run(agent_start)
+    session = Session(config, options, runstore, spec, clock, say, ranks)
+    session.report = report
+    return session.run(agent_start)
 
 
 def build_clock(config: RunConfig, runstore: RunStore, agent_start: float, say) -> SessionClock:
@@ -143,15 +164,16 @@ class Session:
         self.stop = threading.Event()
         self.lease: Optional[LeaseManager] = None
         self.record: Optional[SessionRecord] = None
+        self.report = Report(config.run)  # what the end-of-session notification tells
 
     def run(self, agent_start: float) -> int:
-        from training.devices import UnsupportedGPUError, detect_device
+        from training.devices import PrecisionError, UnsupportedGPUError, detect_device
 
         try:
-            device = detect_device()
-        except UnsupportedGPUError as exc:
+            device = detect_device(precision=self.config.train.precision)
+        except (UnsupportedGPUError, PrecisionError) as exc:
             return self.say.error(str(exc), INVALID)
-        self.lease = LeaseManager(self.runstore, gpu=device.name)
+        self.lease = LeaseManager(self.runstore, gpu=device.name, holder=self.ranks.holder)
         try:
             self.lease.acquire(takeover=self.options.takeover)
         except LeaseHeldError as exc:
@@ -184,6 +206,9 @@ class Session:
         return code
 
     def _finish(self, code: int, lost: bool) -> None:
+        if self.report.total is not None:  # the trainer loaded: the record knows the step
+            self.report.step = self.record.end_step
+        self.report.loss = self.record.losses[-1][1] if self.record.losses else None
         if lost:
             self.lease.stop_heartbeat()
             return
@@ -228,6 +253,10 @@ class Session:
                                    self.record, self.clock,
                                    parse_duration(self.config.checkpoint.every))
         checkpoints.announce = self.ranks.tell
+        if self.runstore.store.shows_page:
+            from .page import HubPage
+
+            checkpoints.page = HubPage(self.runstore, self.spec, self.record, self.workdir)
         if ref is not None:
             checkpoints.committed_step = ref.step
         return checkpoints
@@ -244,10 +273,11 @@ class Session:
 
         trainer = Trainer(self.spec, data_path=data_path, eval_path=eval_path,
                           micro_batch_size=self.config.train.micro_batch_size,
-                          device=device.device)
+                          device=device.device, precision=device.precision)
         if ref is not None:
             trainer.load(ref.path)
         self.record.start_step = self.record.end_step = trainer.cursor.step
+        self.report.total = trainer.cursor.total_steps
         self.record.kernels = getattr(trainer.device_info, "kernels", "none")
         self.say(f"run {self.config.run!r}: step {trainer.cursor.step}/"
                  f"{trainer.cursor.total_steps} on {device.name}{self.ranks.describe()} "
@@ -277,6 +307,7 @@ class Session:
     def _observe(self, result) -> None:
         self.clock.observe_step(result.seconds)
         rec = self.record
+        rec.skipped_steps += int(result.skipped)
         rec.end_step = result.step
         rec.tokens += int(result.tokens)
         rec.train_seconds += result.seconds

@@ -73,10 +73,12 @@ class Say:
         # soft_wrap: a log line stays one line in a notebook cell or a CI log.
         self.console = Console(highlight=False, soft_wrap=True)
         self.errors = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.last_error = ""  # the reason a notification gives (session/notify.py)
 
     def __call__(self, message: str) -> None:
         self.console.print(scrub(message), markup=False)
 
     def error(self, message: str, code: int) -> int:
+        self.last_error = scrub(message)
         self.errors.print(scrub(f"baton: {message}"), markup=False)
         return code

@@ -2,10 +2,12 @@
 
 Only rank 0 talks to the store and holds the lease, so the store sees one agent whatever the
 number of GPUs; the other ranks train the steps rank 0 announces, each on its share of a batch.
+launch.py starts the ranks (torch's elastic launcher) and stops them all when one dies.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from datetime import timedelta
@@ -15,6 +17,9 @@ from typing import Optional
 from state_schema import RunConfig, RunSpec
 
 from .codes import FINISHED
+from .launch import HOLDER_ENV
+
+log = logging.getLogger("baton.session")
 
 
 class Ranks:
@@ -25,7 +30,8 @@ class Ranks:
     def __init__(self):
         self.rank = int(os.environ.get("RANK", "0"))
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.planned = False
+        # The launcher's holder id, so that it can release the lease if rank 0 is killed.
+        self.holder: Optional[str] = os.environ.get(HOLDER_ENV) if self.world > 1 else None
 
     @property
     def leader(self) -> bool:
@@ -63,20 +69,25 @@ class Ranks:
 
     def plan(self, spec: RunSpec, data: Path, evaluation: Optional[Path],
              checkpoint: Optional[Path]) -> None:
-        self.planned = True
         self.tell({"spec": spec.model_dump_json(), "data": str(data), "checkpoint":
                    str(checkpoint) if checkpoint else None,
                    "eval": str(evaluation) if evaluation else None})
 
     def close(self, code: int) -> None:
-        """Rank 0 releases the followers (with its exit code if they never got a plan)."""
+        """Rank 0 releases the followers. After a rank died the word cannot reach it: that is
+        said, not raised, so the session's own error stays the one reported."""
         if self.world == 1:
             return
         import torch.distributed as dist
 
-        if self.leader:
-            self.tell("stop" if self.planned else {"code": code})
-        dist.destroy_process_group()
+        try:
+            if self.leader:
+                self.tell("stop")
+        except RuntimeError as exc:  # torch's DistBackendError and gloo's errors
+            log.warning("could not tell the other ranks to stop (%s); the launcher stops them "
+                        "(session code %s)", exc, code)
+        finally:
+            dist.destroy_process_group()
 
 
 def follow(config: RunConfig, ranks: Ranks) -> int:
@@ -84,9 +95,9 @@ def follow(config: RunConfig, ranks: Ranks) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):  # rank 0 decides when to stop
         signal.signal(signum, signal.SIG_IGN)
     plan = ranks.hear()
-    if "code" in plan:
-        return plan["code"]
-    trainer = planned_trainer(plan, config.train.micro_batch_size)
+    if plan == "stop":  # rank 0 ended before training; its exit code is the session's
+        return FINISHED
+    trainer = planned_trainer(plan, config.train.micro_batch_size, config.train.precision)
     while (word := ranks.hear()) != "stop":
         if word == "step":
             trainer.train_step()
@@ -95,13 +106,13 @@ def follow(config: RunConfig, ranks: Ranks) -> int:
     return FINISHED
 
 
-def planned_trainer(plan: dict, micro_batch_size: int):
+def planned_trainer(plan: dict, micro_batch_size: int, precision: str = "auto"):
     """The trainer rank 0 described: the same spec, data and checkpoint."""
     from training.engine import Trainer
 
     trainer = Trainer(RunSpec.from_json(plan["spec"]), data_path=Path(plan["data"]),
                       eval_path=Path(plan["eval"]) if plan["eval"] else None,
-                      micro_batch_size=micro_batch_size)
+                      micro_batch_size=micro_batch_size, precision=precision)
     if plan["checkpoint"]:
         trainer.load(Path(plan["checkpoint"]))
     return trainer

@@ -55,7 +55,7 @@ def new_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
         data={"source": data.train, "key": key, "sha256": sha, "format": fmt, "eval": data.eval,
               "eval_key": eval_key, "eval_sha256": eval_sha, "max_seq_len": data.max_seq_len,
               "packing": data.packing},
-        train=t.model_dump(exclude={"micro_batch_size"}))
+        train=t.model_dump(exclude={"micro_batch_size", "precision"}))
 
 
 def inspect_data(config: RunConfig) -> tuple[str, str, Optional[str]]:

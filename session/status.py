@@ -71,7 +71,8 @@ def session_row(rec: SessionRecord) -> dict[str, Any]:
         "gpu_count": rec.gpu_count, "started": _iso(rec.started), "ended": _iso(rec.ended),
         "start_step": rec.start_step, "end_step": rec.end_step, "steps": rec.steps,
         "tokens_per_s": round(rec.tokens_per_s, 1), "kernels": rec.kernels,
-        "precision": rec.precision, "exit_code": rec.exit_code,
+        "precision": rec.precision, "skipped_steps": rec.skipped_steps,
+        "exit_code": rec.exit_code,
     }
 
 
@@ -129,6 +130,13 @@ class RunView:
     def eval_losses(self) -> list[tuple[int, float]]:
         return [tuple(p) for r in self.sessions for p in r.eval_losses]
 
+    def base_eval_loss(self) -> Optional[float]:
+        """The base model's eval loss, measured before step 1 (cursor, else a session record)."""
+        if self.cursor is not None and self.cursor.base_eval_loss is not None:
+            return self.cursor.base_eval_loss
+        found = [r.base_eval_loss for r in self.sessions if r.base_eval_loss is not None]
+        return found[0] if found else None
+
 
 def gather(store: Store, run: str) -> RunView:
     """Read the run's documents; RunNotFoundError when the store has no such run."""
@@ -161,6 +169,7 @@ def summarize(view: RunView, *, session_limit_s: Optional[float] = None) -> dict
         "epoch_position": cursor.epoch_position if cursor else 0,  # its samples consumed
         "samples_seen": cursor.samples_seen if cursor else 0,
         "tokens_seen": cursor.tokens_seen if cursor else 0,
+        "skipped_steps": cursor.skipped_steps if cursor else 0,  # fp16 overflows, no update
         "checkpoint": head.checkpoint if head else None,
         "generation": head.generation if head else 0,
         "lease": lease_row(view.lease),
@@ -168,6 +177,7 @@ def summarize(view: RunView, *, session_limit_s: Optional[float] = None) -> dict
         "loss": (cursor.loss if cursor and cursor.loss is not None else _last(view.losses())),
         "eval_loss": (cursor.eval_loss if cursor and cursor.eval_loss is not None
                       else _last(view.eval_losses())),
+        "base_eval_loss": view.base_eval_loss(),
         "checkpoints": view.checkpoints,
         "sessions_left_estimate": sessions_left(view.sessions, step, total, session_limit_s),
         "checked_at": _iso(utcnow()),
@@ -195,6 +205,10 @@ def plot_losses(view: RunView, path: Path) -> Path:
         evals = view.eval_losses()
         if evals:
             ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
+        base = view.base_eval_loss()
+        if base is not None:  # the yardstick: below it, the adapter helps on held-out data
+            ax.axhline(base, color="tab:red", linestyle=":", linewidth=1.0,
+                       label=f"base model eval loss ({base:.3f})")
         for i, rec in enumerate(view.sessions[1:], start=2):
             ax.axvline(rec.start_step, color="grey", linestyle="--", linewidth=0.8)
             ax.annotate(f"session {i}", (rec.start_step, 1), xycoords=("data", "axes fraction"),
@@ -228,7 +242,7 @@ def render(status: dict[str, Any], console=None) -> None:
         ("state", status["state"]), ("model", status["model"] or "-"),
         ("step", f"{status['step']:,} / {_num(total)}{done}"), ("epoch (from 0)", f"{status['epoch']}, {status['epoch_position']:,} samples in"),
         ("samples seen", _num(status["samples_seen"])), ("tokens seen", _num(status["tokens_seen"])),
-        ("loss", _num(status["loss"], "{:.4f}")), ("eval loss", _num(status["eval_loss"], "{:.4f}")),
+        ("loss", _num(status["loss"], "{:.4f}")), ("eval loss", _eval_text(status)),
         ("checkpoint", status["checkpoint"] or "-"),
         ("lease", "-" if lease is None else
          f"{lease['host']} ({lease['gpu']}) until {_when(lease['expires_at'])} UTC"
@@ -239,6 +253,12 @@ def render(status: dict[str, Any], console=None) -> None:
     console.print(summary)
     if status["sessions"]:
         console.print(_sessions_table(status["sessions"]))
+
+
+def _eval_text(status: dict[str, Any]) -> str:
+    """'1.4900, base 1.7000': an eval loss means little without the base model's."""
+    text, base = _num(status["eval_loss"], "{:.4f}"), status.get("base_eval_loss")
+    return text if base is None else f"{text}, base {base:.4f}"
 
 
 def _when(iso: Optional[str]) -> str:
@@ -252,17 +272,31 @@ def _sessions_table(rows: list[dict[str, Any]]):
     from rich.table import Table
 
     table = Table(title="Sessions (times in UTC)", box=box.SIMPLE, pad_edge=False)
-    for col in ("machine", "started", "ended", "steps", "tok/s", "kernels", "exit"):
+    for col in ("machine", "started", "ended", "steps", "tok/s", "precision", "kernels", "exit"):
         table.add_column(col, no_wrap=True)
     for s in rows:
         gpu = f"{s['gpu']} x{s['gpu_count']}" if s["gpu_count"] > 1 else s["gpu"]
         table.add_row(f"{s['host']} {gpu}", _when(s["started"]), _when(s["ended"]) or "running",
-                      f"{s['start_step']}->{s['end_step']}", f"{s['tokens_per_s']:,.0f}",
+                      f"{s['start_step']}->{s['end_step']}"
+                      + (f" ({s['skipped_steps']} skipped)" if s["skipped_steps"] else ""),
+                      f"{s['tokens_per_s']:,.0f}", s["precision"],
                       s["kernels"], _num(s["exit_code"]))
     return table
 
 
-def status_main(store_uri: str, run: str, *, as_json: bool, plot: Optional[Path]) -> int:
+def _write_html(store: Store, view: RunView, status: dict[str, Any], out: Path) -> Path:
+    """`--html`: the run's page (session/card.py) with this view's loss plot inlined."""
+    import tempfile
+
+    from .card import write_page
+
+    with tempfile.TemporaryDirectory(prefix="baton-page-") as tmp:
+        plot_png = plot_losses(view, Path(tmp) / "loss.png").read_bytes()
+    return write_page(store, status, plot_png, out)
+
+
+def status_main(store_uri: str, run: str, *, as_json: bool, plot: Optional[Path],
+                html: Optional[Path] = None) -> int:
     """Entry point of `agent.py status`: 0, or 2 when the store or run cannot be found or read,
     1 when the store stays unreachable."""
     from rich.console import Console
@@ -275,6 +309,8 @@ def status_main(store_uri: str, run: str, *, as_json: bool, plot: Optional[Path]
         status = summarize(view)
         if plot is not None:
             status["plot"] = str(plot_losses(view, plot))
+        if html is not None:
+            status["html"] = str(_write_html(store, view, status, html))
     except (RunNotFoundError, StoreConfigError, SchemaError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         return INVALID
@@ -290,4 +326,6 @@ def status_main(store_uri: str, run: str, *, as_json: bool, plot: Optional[Path]
         render(status)
         if plot is not None:
             Console().print(f"loss plot written to {status['plot']}")
+        if html is not None:
+            Console().print(f"the run's page written to {status['html']}")
     return OK

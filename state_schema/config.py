@@ -86,6 +86,10 @@ class TrainConfig(Strict):
     max_grad_norm: Optional[float] = Field(0.3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 3407
+    # auto: bf16 on sm_80+, fp16 with a loss scaler on sm_6x/7x, fp32 on the CPU. Like the
+    # micro-batch, it may change between sessions (a T4 session, then an A100 one): it is
+    # not part of the spec.
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
 
     @model_validator(mode="after")
     def _length(self):
@@ -133,6 +137,9 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     session: SessionConfig = SessionConfig()
+    # apprise URLs told when a session pauses, finishes or fails. They hold tokens: they are
+    # never part of the spec, the store or status (session/notify.py).
+    notify: list[str] = []
 
     @field_validator("run")
     @classmethod

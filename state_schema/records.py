@@ -29,10 +29,14 @@ class Cursor(Stored):
     tokens_seen: int = 0
     rng: dict[str, str] = Field(default_factory=dict)  # name -> base64 of the RNG state
     scaler: Optional[dict[str, Any]] = None  # torch GradScaler.state_dict() under fp16
-    scheduler_step: int = 0
+    scheduler_step: int = 0  # optimizer steps applied: step minus the steps the scaler skipped
+    skipped_steps: int = 0  # fp16 steps whose gradients overflowed: data consumed, no update
     training_seconds: float = 0.0
     loss: Optional[float] = None  # last logged training loss
     eval_loss: Optional[float] = None
+    # The base model's eval loss, measured before the first optimizer step (the adapter is
+    # still zero then): every later eval loss is read against it.
+    base_eval_loss: Optional[float] = None
     losses: list[tuple[int, float]] = Field(default_factory=list)  # (step, loss), whole run
 
     @property
@@ -97,8 +101,10 @@ class SessionRecord(Stored):
     save_seconds: list[float] = Field(default_factory=list)
     upload_seconds: list[float] = Field(default_factory=list)
     exit_code: Optional[int] = None
+    skipped_steps: int = 0  # steps the fp16 loss scaler skipped in this session
     losses: list[tuple[int, float]] = Field(default_factory=list)
     eval_losses: list[tuple[int, float]] = Field(default_factory=list)
+    base_eval_loss: Optional[float] = None  # measured by the session that took step 0
 
     @property
     def steps(self) -> int:

@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# agent.py's launcher starts each rank of a multi-rank session from this script, not from
+# agent.py, so the hooks below reach every rank (agent.entry_script reads this flag).
+AGENT_ENTRY = True
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

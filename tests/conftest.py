@@ -27,7 +27,9 @@ BACKENDS = ["local", "s3", "hub"]
 
 # fixtures_tiny as a plugin, not imported per module: an imported session fixture is built
 # once per importing module, the tiny model six times over.
-pytest_plugins = ["tests.servers.seaweed", "tests.servers.hub_double", "tests.fixtures_tiny"]
+pytest_plugins = ["tests.servers.seaweed", "tests.servers.hub_double", "tests.fixtures_tiny",
+                  "tests.servers.notify_sink", "tests.servers.kaggle_double",
+                  "tests.fixtures_real"]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -42,7 +42,8 @@ def train(job: dict) -> list[dict]:
         shares = dist.gather_objects(trainer.last_rank_indices)
         steps.append({"step": result.step, "loss": result.loss, "lr": result.lr,
                       "indices": trainer.last_indices, "shares": shares,
-                      "epoch": trainer.cursor.epoch, "position": trainer.cursor.epoch_position})
+                      "epoch": trainer.cursor.epoch, "position": trainer.cursor.epoch_position,
+                      "ddp": trainer.ddp is not None})
         if result.step in job.get("save_at", []):
             trainer.save(Path(job["out"]) / str(result.step))
     if job.get("final"):

@@ -11,6 +11,10 @@ Names:
     before_head  files and manifest uploaded, HEAD not moved yet
     renew        inside a lease renewal, before its write
     step         inside a train step, before it runs
+    load         when the trainer loads the model (as an out-of-memory kill would)
+
+`BATON_KILLPOINT_RANK=r` limits the kill to the rank whose RANK is r in a multi-rank session
+(the agent's ranks run this same entry point, so every rank has the hooks): a dead rank 1.
 
 The product never calls `killpoint`: `install_from_env()` wraps the places above by replacing
 the methods, and tests/agent_entry.py installs it before it runs agent.py's main. The same
@@ -32,7 +36,8 @@ from typing import Optional
 ENV = "BATON_KILLPOINT"
 RETRY_ENV = "BATON_TEST_RETRY"
 LEASE_TTL_ENV = "BATON_TEST_LEASE_TTL"
-NAMES = ("upload", "before_head", "renew", "step")
+RANK_ENV = "BATON_KILLPOINT_RANK"
+NAMES = ("upload", "before_head", "renew", "step", "load")
 ANNOUNCE = "baton-killpoint:"  # the line a killed process writes to stderr just before dying
 
 _passes: Counter = Counter()
@@ -70,7 +75,7 @@ def killpoint(name: str) -> None:
     if not spec:
         return
     wanted, nth = parse(spec)
-    if wanted != name:
+    if wanted != name or not _this_rank():
         return
     with _lock:
         _passes[name] += 1
@@ -79,6 +84,12 @@ def killpoint(name: str) -> None:
         # One line so that a test can tell a kill point's death from any other.
         os.write(sys.stderr.fileno(), f"{ANNOUNCE} {name}:{count}\n".encode())
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _this_rank() -> bool:
+    """True unless BATON_KILLPOINT_RANK names another rank than this process's."""
+    only = os.environ.get(RANK_ENV)
+    return only is None or os.environ.get("RANK") == only
 
 
 def passes(name: str) -> int:
@@ -101,6 +112,8 @@ def install_from_env() -> bool:
     _wrap_renew()
     if wanted[0] == "step":
         _wrap_train_step()
+    if wanted[0] == "load":
+        _wrap_load_model()
     _installed = True
     return True
 
@@ -145,6 +158,12 @@ def _wrap_train_step() -> None:
     from training.engine import Trainer
 
     Trainer.train_step = _before(Trainer.train_step, "step")
+
+
+def _wrap_load_model() -> None:
+    from training import engine
+
+    engine.load_model = _before(engine.load_model, "load")  # the name Trainer calls
 
 
 def _before(method, name: str):

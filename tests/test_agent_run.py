@@ -112,8 +112,9 @@ def test_signal_pause_lease_resume_finish(tiny, tmp_path, agent_store):
     uri = agent_store
     config = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"], store=uri)
 
-    # 1. SIGTERM mid-run: the step finishes, a checkpoint is committed, exit 75.
-    agent = RunningAgent(config, workdir=tmp_path / "work1")
+    # 1. SIGTERM mid-run: the step finishes, a checkpoint is committed, exit 75. A T4-like
+    # session: fp16 with a loss scaler.
+    agent = RunningAgent(config, "--precision", "fp16", workdir=tmp_path / "work1")
     try:
         agent.wait_for(r"^step 2/6 ")
         agent.proc.send_signal(signal.SIGTERM)
@@ -124,7 +125,7 @@ def test_signal_pause_lease_resume_finish(tiny, tmp_path, agent_store):
     first = sessions_of(uri)[-1]
     assert 2 <= head.step < 6 and not head.finished
     assert head.checkpoint.startswith(f"{head.step:08d}-g"), "HEAD names the step it paused at"
-    assert first.end_step == head.step and first.exit_code == 75
+    assert first.end_step == head.step and first.exit_code == 75 and first.precision == "fp16"
     assert "SIGTERM received" in agent.text()
 
     # 2. Another live agent holds the lease: exit 73, nothing changed.
@@ -142,14 +143,21 @@ def test_signal_pause_lease_resume_finish(tiny, tmp_path, agent_store):
     other.release()
 
     # 3. Released: the next session resumes at that step and finishes, on a "fresh machine"
-    # without the data file (fetched from the store) and with another micro-batch size.
+    # without the data file (fetched from the store), with another micro-batch size and in
+    # another precision (an A100-like bf16 session).
     fresh = write_config(tmp_path, model_dir=tiny["model"], train_file=tmp_path / "absent.jsonl",
                          store=uri)
-    done = run_agent(fresh, "--micro-batch-size", "1", workdir=tmp_path / "work3")
+    done = run_agent(fresh, "--micro-batch-size", "1", "--precision", "bf16",
+                     workdir=tmp_path / "work3")
     assert done.returncode == 0, done.stdout + done.stderr
     assert list((tmp_path / "work3" / "data").glob("*.jsonl")), "data came from the store"
     second = sessions_of(uri)[-1]
     assert second.start_step == head.step and second.end_step == 6
+    from handoff import open_store
+    from session.status import collect_status
+
+    shown = collect_status(open_store(uri), "t")["sessions"]
+    assert [s["precision"] for s in shown] == ["fp16", "bf16"], "status shows each precision"
     final = head_of(uri)
     assert final.finished and final.step == 6 and final.generation == other.generation + 1
 

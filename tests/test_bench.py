@@ -31,6 +31,7 @@ def test_tiny_both_impls_report_throughput_and_matching_losses(tmp_path):
     result = _run_bench(tmp_path, "--preset", "tiny", "--impl", "both", "--steps", "2",
                         "--seq-len", "32", BATON_KERNELS="triton", TRITON_INTERPRET="1")
     assert result["preset"] == "tiny" and result["device"] == "cpu" and result["steps"] == 2
+    assert result["precision"] == "fp32"  # the agent's policy on the CPU
     hf, baton = result["runs"]["hf"], result["runs"]["baton"]
     assert "kernels" not in hf
     assert baton["kernels"] == "triton"
@@ -47,8 +48,9 @@ def test_tiny_both_impls_report_throughput_and_matching_losses(tmp_path):
 
 def test_nf4_kernel_mode_times_both_and_matches_bitsandbytes(tmp_path):
     result = _run_bench(tmp_path, "--kernel", "nf4", "--preset", "tiny", "--min-run-time", "0.05",
-                        TRITON_INTERPRET="1")
+                        "--precision", "bf16", TRITON_INTERPRET="1")
     nf4 = result["nf4"]
+    assert result["precision"] == "bf16" and nf4["dtype"] == "bfloat16"  # as forced
     assert nf4["shape"] == [192, 64] and nf4["bitsandbytes_s"] > 0
     assert "note" not in nf4, nf4["note"]  # kernels/nf4.py is ours: it must run, not be skipped
     assert nf4["baton_s"] > 0 and nf4["max_abs_diff"] == 0.0
@@ -77,3 +79,54 @@ def test_max_loss_diff_needs_both_runs():
     assert bench.max_loss_diff({"hf": {"losses": [1.0, 2.0]}}) is None
     runs = {"hf": {"losses": [1.0, 2.0]}, "baton": {"losses": [1.5, 1.75]}}
     assert bench.max_loss_diff(runs) == 0.5
+
+
+@pytest.mark.parametrize("capability, expected", [
+    (None, "fp32"),  # CPU
+    ((6, 0), "fp16"),  # P100
+    ((7, 5), "fp16"),  # T4: is_bf16_supported() says True there (emulated); the agent says fp16
+    ((8, 0), "bf16"),  # A100
+    ((9, 0), "bf16"),  # H100
+])
+def test_auto_precision_is_the_agents_policy(capability, expected):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+    from training.devices import precision_for
+
+    assert bench.resolve_precision("auto", capability) == expected == precision_for(capability)
+    for forced in ("fp32", "fp16", "bf16"):
+        assert bench.resolve_precision(forced, capability) == forced
+
+
+def test_forced_fp16_trains_with_a_loss_scaler_on_the_cpu(tmp_path):
+    result = _run_bench(tmp_path, "--preset", "tiny", "--impl", "hf", "--steps", "2",
+                        "--seq-len", "16", "--precision", "fp16")
+    assert result["precision"] == "fp16"
+    losses = result["runs"]["hf"]["losses"]
+    assert len(losses) == 2 and all(4.0 < loss < 7.0 for loss in losses)
+
+
+def test_nf4_kernel_bench_refuses_a_gpu_below_sm75():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+    from kernels.dispatch import KernelChoiceError
+
+    for capability in ((6, 0), (7, 0)):
+        with pytest.raises(KernelChoiceError, match=r"sm_\d\d, below Triton's floor"):
+            bench.check_kernel_device(capability)
+    for capability in (None, (7, 5), (9, 0)):
+        bench.check_kernel_device(capability)  # the CPU (interpreter) and T4 and newer run it
+
+
+def test_a_kernel_path_the_device_cannot_run_exits_2(tmp_path):
+    # BATON_KERNELS=triton on the CPU without the interpreter: the same KernelChoiceError a
+    # P100 raises, and the bench answers it with exit 2 and the fix, not a traceback.
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "BATON_KERNELS": "triton", "TRITON_INTERPRET": "0"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--preset", "tiny", "--impl", "baton", "--steps", "1",
+         "--seq-len", "8", "--device", "cpu", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "TRITON_INTERPRET=1" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()

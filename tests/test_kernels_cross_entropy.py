@@ -6,7 +6,7 @@ Both sides compute logits in the input dtype and the softmax in fp32, as HF does
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported by the kernel module
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported; gpu_check sets 0
 
 import pytest
 import torch
@@ -162,3 +162,82 @@ def test_autocast_matches_hf_under_autocast():
         assert a.dtype == b.dtype, name
         torch.testing.assert_close(a, b, atol=2e-2 * max(1.0, b.abs().max().item()), rtol=2e-2,
                                    msg=lambda m: f"{name}: {m}")
+
+
+# --- lm_head is cast to the compute dtype once, not on every forward ---------------------
+
+
+class _WeightCasts(TorchDispatchMode):
+    """Counts the casts of an fp32 tensor of the weight's shape to bf16 (a cast of lm_head)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        src = args[0] if args else None
+        if (func.overloadpacket is torch.ops.aten._to_copy and isinstance(src, torch.Tensor)
+                and src.dtype == torch.float32 and tuple(src.shape) == self.shape
+                and out.dtype == torch.bfloat16):
+            self.count += 1
+        return out
+
+
+def _bf16_losses(x, w, labels, calls: int = 1):
+    """(fused loss, full-logits reference loss) under CPU bf16 autocast, `calls` times."""
+    out = []
+    for _ in range(calls):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fused_linear_cross_entropy(x, w, labels, chunk_size=8, backend="reference")
+            want = linear_cross_entropy_reference(x, w, labels)
+        out.append((got.detach(), want.detach()))
+    return out
+
+
+def test_lm_head_is_cast_once_and_again_only_when_it_changes():
+    import gc
+    import weakref
+
+    from kernels.cross_entropy import _WEIGHT_CASTS
+
+    x, w, _, labels = _problem(torch.float32, bias=False)
+    w = w.detach().requires_grad_()  # fp32, trainable: a changed weight must be seen
+    casts = _WeightCasts(w.shape)
+    with casts:
+        first = _bf16_losses(x, w, labels, calls=3)
+    # The fused path cast once for three forwards; the reference (full logits, HF's way)
+    # casts on each of its three calls.
+    assert casts.count == 1 + 3
+    for got, want in first:
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+    # An optimizer step changes the weight in place (its version counter moves): recast.
+    loss = fused_linear_cross_entropy(x, w, labels, chunk_size=8, backend="reference")
+    loss.backward()
+    torch.optim.SGD([w], lr=50.0).step()
+    casts.count = 0
+    with casts:
+        ((got, want),) = _bf16_losses(x, w, labels)
+    assert casts.count == 1 + 1
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    assert abs(got.item() - first[0][0].item()) > 0.1, "the step must change the loss"
+
+    # A new storage under the same Parameter (`.data = ...`): recast too.
+    w.data = w.data * 0.5
+    ((got, want),) = _bf16_losses(x, w, labels)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+    # The copy lives no longer than its weight.
+    cached = weakref.ref(_WEIGHT_CASTS[w][1])
+    del w, loss  # loss's graph holds the weight's AccumulateGrad node
+    gc.collect()
+    assert cached() is None
+
+
+def test_weight_already_in_the_compute_dtype_is_not_copied():
+    from kernels.cross_entropy import _WEIGHT_CASTS, cast_weight
+
+    w = torch.randn(V, H).to(torch.bfloat16)
+    assert cast_weight(w, torch.bfloat16) is w
+    assert w not in _WEIGHT_CASTS

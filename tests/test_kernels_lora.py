@@ -159,3 +159,58 @@ def test_forward_saves_no_dense_weight_and_no_intermediate():
     assert not any(tuple(s) in {(inter, hidden), (hidden, inter)} for s in saved)
     y.sum().backward()
     assert all(p.lora_A.grad is not None for p in projs)
+
+
+# --- the input gradient of Q, K and V is summed in fp32 -----------------------------------
+
+
+def _dense(weight: torch.Tensor, d_in: int, d_out: int, seed: int, b_scale: float = 1.0):
+    gen = torch.Generator().manual_seed(seed)
+    a = (torch.randn(R, d_in, generator=gen) / d_in**0.5).requires_grad_()
+    b = (torch.randn(d_out, R, generator=gen) / R**0.5 * b_scale).requires_grad_()
+    return Projection(weight.half(), None, None, a, b, 2.0)
+
+
+def _dx_exact(dys, projs) -> torch.Tensor:
+    """sum_i dy_i W_i + s (dy_i B_i) A_i in fp64, from the same fp16 dy and W."""
+    return sum(dy.double() @ p.weight.double()
+               + p.scaling * (dy.double() @ p.lora_B.double()) @ p.lora_A.double()
+               for dy, p in zip(dys, projs))
+
+
+def test_qkv_input_gradient_is_summed_in_fp32_not_fp16():
+    # Q's term is 1000, K's 0.3, V's -1000 on every element (B = 0: no LoRA term). Summed
+    # in fp16, 1000 + 0.3 rounds to 1000.5 (fp16's step at 1000 is 0.5) and dx comes out 0.5;
+    # summed in fp32, it is K's term, 0.2998 (0.3 in fp16), as autograd gives for the
+    # unfused model, whose three branches meet in the fp32 residual stream.
+    d = 8
+    eye = torch.eye(d)
+    projs = [_dense(c * eye, d, d, seed, b_scale=0.0) for seed, c in ((1, 1000.0), (2, 0.3),
+                                                                       (3, -1000.0))]
+    x = torch.randn(4, d).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        outs = lora_qkv(x, *projs)
+    dys = [torch.ones(o.shape, dtype=torch.float16) for o in outs]
+    torch.autograd.backward(outs, dys)
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, torch.full((4, d), float(torch.tensor(0.3).half())),
+                               rtol=0, atol=1e-6)
+
+
+def test_qkv_fp16_input_gradient_error_against_fp64():
+    # Random Llama-like shapes under fp16 autocast: each matmul is rounded to fp16 once (as in
+    # the unfused model); the sum adds no rounding of its own. Measured here (max error
+    # relative to max |dx|): 9.3e-4 with the six terms summed in fp16, 5.1e-4 summed in fp32,
+    # about one fp16 rounding (2^-11 = 4.9e-4).
+    d_in, tokens = 256, 64
+    gen = torch.Generator().manual_seed(0)
+    projs = [_dense(torch.randn(d_out, d_in, generator=gen) / d_in**0.5, d_in, d_out, seed)
+             for seed, d_out in ((1, d_in), (2, d_in // 4), (3, d_in // 4))]
+    x = torch.randn(tokens, d_in, generator=gen).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        outs = lora_qkv(x, *projs)
+    dys = [torch.randn(o.shape, generator=gen).half() for o in outs]
+    torch.autograd.backward(outs, dys)
+    want = _dx_exact(dys, projs)
+    err = ((x.grad.double() - want).abs().max() / want.abs().max()).item()
+    assert err < 7e-4, f"dx relative error {err:.2e} (summed in fp16: 9.3e-4)"

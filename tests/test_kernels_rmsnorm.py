@@ -6,7 +6,7 @@ last place: the kernel rounds once where the reference rounds after each op).
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported by the kernel module
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported; gpu_check sets 0
 
 import pytest
 import torch

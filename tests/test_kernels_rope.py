@@ -5,7 +5,7 @@ Tolerances (absolute and relative): fp32 1e-5; fp16 1e-2; bf16 3e-2.
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported by the kernel module
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported; gpu_check sets 0
 
 import pytest
 import torch

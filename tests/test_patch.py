@@ -261,7 +261,7 @@ _COMPILE_ALL = r'''
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import cross_entropy, rmsnorm, rope, swiglu
+from kernels import cross_entropy, nf4, rmsnorm, rope, swiglu
 
 def kernels(dt):
     p, i, c = f"*{dt}", "i32", "constexpr"
@@ -285,14 +285,21 @@ def kernels(dt):
         (cross_entropy._ce_grad_kernel, dict(LOGITS="*fp32", LABELS="*i64", LOSS="*fp32",
          stride_row=i, n_rows=i, n_cols=i, scale="fp32", ignore_index=i, BLOCK_R=c, BLOCK_V=c),
          dict(BLOCK_R=1, BLOCK_V=4096)),
+        # NF4 with double quantization (uint8 absmax codes), as a QLoRA model is loaded; the
+        # launcher's options: 4 warps (the default) and no FMA contraction.
+        (nf4._nf4_dequant_kernel, dict(OUT=p, PACKED="*u8", ABSMAX="*u8", CODE="*fp32",
+         ABSMAX2="*fp32", CODE2="*fp32", OFFSET="*fp32", n_elements=i, n_bytes=i, HALF_BLOCK=c,
+         BLOCKSIZE2=c, NESTED=c, OUT_BF16=c, BLOCK=c),
+         dict(HALF_BLOCK=32, BLOCKSIZE2=256, NESTED=True, OUT_BF16=dt == "bf16", BLOCK=1024),
+         dict(num_warps=4, enable_fp_fusion=False)),
     ]
 
 for cap, dt in ((75, "fp16"), (90, "bf16")):
-    for fn, signature, consts in kernels(dt):
+    for fn, signature, consts, *options in kernels(dt):
         target = GPUTarget("cuda", cap, 32)
         # 8 warps: what the launchers pick for their 4096-element tiles.
         compiled = triton.compile(ASTSource(fn, signature, consts), target=target,
-                                  options={"num_warps": 8})
+                                  options={"num_warps": 8, **(options[0] if options else {})})
         assert compiled.asm["cubin"], fn
 print("compiled", 2 * len(kernels("fp16")))
 '''
@@ -300,7 +307,8 @@ print("compiled", 2 * len(kernels("fp16")))
 
 def test_kernels_compile_to_cubin_for_t4_and_h100(tmp_path):
     # No GPU in CI: the interpreter checks the arithmetic, this checks that Triton's real
-    # compiler (down to ptxas) accepts every kernel for sm_75 (T4, fp16) and sm_90 (bf16).
+    # compiler (down to ptxas) accepts every kernel, NF4 dequantization included, for sm_75
+    # (T4, fp16) and sm_90 (bf16).
     import subprocess
     import sys
     from pathlib import Path
@@ -311,7 +319,7 @@ def test_kernels_compile_to_cubin_for_t4_and_h100(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _COMPILE_ALL], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 14" in proc.stdout
+    assert "compiled 16" in proc.stdout
 
 
 @pytest.mark.parametrize("capability, has_triton, expected", [
@@ -327,3 +335,45 @@ def test_automatic_choice_by_capability(capability, has_triton, expected):
     from kernels.dispatch import backend_for_capability
 
     assert backend_for_capability(capability, has_triton) == expected
+
+
+@pytest.mark.parametrize("capability", [(6, 0), (6, 1), (7, 0), (7, 2)])
+def test_forced_triton_below_sm75_is_refused_as_invalid_input(capability):
+    # P100 (6.0), P40 (6.1), V100 (7.0), Xavier (7.2): BATON_KERNELS=triton there is a user
+    # error the session answers with exit 2 (a ValueError), and the message says what to do.
+    from kernels.dispatch import KernelChoiceError, backend_for_capability
+
+    with pytest.raises(KernelChoiceError) as info:
+        backend_for_capability(capability, True, forced="triton")
+    assert isinstance(info.value, ValueError) and isinstance(info.value, KernelBackendError)
+    message = str(info.value)
+    assert f"sm_{capability[0]}{capability[1]}" in message and "7.5 or newer" in message
+    assert "BATON_KERNELS=reference" in message
+    # The automatic choice on the same GPU is the reference, not an error.
+    assert backend_for_capability(capability, True) == "reference"
+
+
+@pytest.mark.parametrize("capability, forced, expected", [
+    ((7, 5), "triton", "triton"),
+    ((9, 0), "triton", "triton"),
+    ((6, 0), "reference", "reference"),
+    ((9, 0), "reference", "reference"),
+    ((8, 0), "auto", "triton"),
+])
+def test_forced_choice_by_capability(capability, forced, expected):
+    from kernels.dispatch import backend_for_capability
+
+    assert backend_for_capability(capability, True, forced=forced) == expected
+
+
+def test_triton_is_only_looked_for_when_the_gpu_could_use_it():
+    # Importing Triton takes seconds: the CPU and old GPUs never ask.
+    from kernels.dispatch import backend_for_capability
+
+    def never() -> bool:
+        raise AssertionError("triton availability was asked for")
+
+    assert backend_for_capability(None, never) == "reference"
+    assert backend_for_capability((6, 0), never) == "reference"
+    assert backend_for_capability((8, 6), lambda: False) == "reference"
+    assert backend_for_capability((8, 6), lambda: True) == "triton"

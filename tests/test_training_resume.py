@@ -97,10 +97,13 @@ def test_resume_on_two_ddp_ranks_keeps_samples_and_order(whole_run, tiny_model_d
                          world=2, until=N_STEPS, load=str(tmp / "partial-ckpt" / "3"),
                          final=str(tmp / "ddp"))
     assert [s["indices"] for s in resumed] == [s["indices"] for s in whole[3:]]
+    assert all(s["ddp"] for s in resumed) and not any(s["ddp"] for s in whole)
     for step in resumed:
         rank0, rank1 = step["shares"]
         assert len(rank0) == len(rank1) == spec.train.batch_size // 2
         assert sorted(rank0 + rank1) == sorted(step["indices"])
+    gap = max(abs(got["loss"] - want["loss"]) for got, want in zip(resumed, whole[3:]))
+    print(f"2 DDP ranks vs 1: largest loss difference {gap:.2e}")
     for got, want in zip(resumed, whole[3:]):
         assert got["lr"] == want["lr"]
         # Same samples, same normalisation; LoRA dropout (0.1) draws other masks per rank.

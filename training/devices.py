@@ -1,7 +1,8 @@
 """Which device this session trains on, and the precision policy that follows from it.
 
 bf16 on compute capability >= 8.0; fp16 with dynamic loss scaling on 7.x (T4) and 6.x (P100);
-fp32 on the CPU. A GPU the installed torch has no kernels for (a P100, sm_60, under a torch built
+fp32 on the CPU. `train.precision` (or `--precision`) forces one: the CPU runs fp16 and bf16
+under its own autocast, which is how the GPU's mixed-precision paths are tested without a GPU. A GPU the installed torch has no kernels for (a P100, sm_60, under a torch built
 for sm_70 and up) is refused at start, before any download, with the torch build that fits it.
 """
 
@@ -18,8 +19,15 @@ import torch
 ARCH = re.compile(r"^(sm|compute)_(\d+)(\d)[a-z]?$")  # sm_86, sm_90a, compute_70
 
 
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
 class UnsupportedGPUError(RuntimeError):
     """The installed torch was not built for this GPU's compute capability."""
+
+
+class PrecisionError(ValueError):
+    """A precision this device cannot train in."""
 
 
 @dataclass
@@ -47,9 +55,25 @@ class DeviceInfo:
 
 
 def precision_for(capability: Optional[tuple[int, int]]) -> str:
+    """The automatic policy: what the fastest QLoRA trainers use on each GPU generation."""
     if capability is None:
         return "fp32"
     return "bf16" if capability >= (8, 0) else "fp16"
+
+
+def resolve_precision(requested: str, capability: Optional[tuple[int, int]]) -> str:
+    """`auto` by the policy, else the requested one. bf16 below sm_80 is refused: torch says
+    such a GPU "supports" bf16, but by emulation, several times slower than fp16."""
+    if requested == "auto":
+        return precision_for(capability)
+    if requested not in PRECISIONS:
+        raise PrecisionError(f"precision {requested!r} is not one of auto, "
+                             f"{', '.join(PRECISIONS)}; fix train.precision or --precision")
+    if requested == "bf16" and capability is not None and capability < (8, 0):
+        raise PrecisionError(
+            f"bf16 needs compute capability 8.0 or newer; this GPU is sm_{capability[0]}"
+            f"{capability[1]}. Use --precision fp16 (or auto) on it")
+    return requested
 
 
 def arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
@@ -99,13 +123,15 @@ def _cuda_index(requested: Optional[str]) -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def detect_device(requested: Optional[str] = None) -> DeviceInfo:
-    """The device to train on ("cpu", "cuda", "cuda:N" or None for the best available)."""
+def detect_device(requested: Optional[str] = None, precision: str = "auto") -> DeviceInfo:
+    """The device to train on ("cpu", "cuda", "cuda:N" or None for the best available), in
+    `precision` ("auto" for the policy)."""
     want_cuda = requested.startswith("cuda") if requested else torch.cuda.is_available()
     if not want_cuda:
         if requested and requested != "cpu":
             raise ValueError(f"device {requested!r} is not 'cpu', 'cuda' or 'cuda:N'")
-        return DeviceInfo(name="cpu", device="cpu", capability=None, precision="fp32")
+        return DeviceInfo(name="cpu", device="cpu", capability=None,
+                          precision=resolve_precision(precision, None))
     if not torch.cuda.is_available():
         raise UnsupportedGPUError(
             f"device {requested!r} was asked for but torch {torch.__version__} sees no CUDA GPU; "
@@ -115,6 +141,6 @@ def detect_device(requested: Optional[str] = None) -> DeviceInfo:
     capability = check_gpu(index)
     return DeviceInfo(
         name=torch.cuda.get_device_name(index), device=f"cuda:{index}",
-        capability=capability, precision=precision_for(capability),
+        capability=capability, precision=resolve_precision(precision, capability),
         gpu_count=torch.cuda.device_count(),
     )

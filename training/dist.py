@@ -1,14 +1,21 @@
 """Data-parallel helpers over torch.distributed; a no-op when no process group is running.
 
-The caller (the agent under torchrun, or a test with gloo) initialises the process group.
-Gradients of the LoRA weights are summed across ranks by one all-reduce per optimizer step:
-each rank's loss is already divided by the step's global token count, so a sum is the mean.
+The caller (the agent's ranks under torch's elastic launcher, or a test with gloo) initialises
+the process group. Gradients are reduced by DistributedDataParallel: bucketed all-reduces that
+overlap the backward pass, once per optimizer step (the other micro-batches run under
+`no_sync`). Each rank's loss is its summed token loss divided by the step's GLOBAL label-token
+count, so the gradient the step needs is the SUM over ranks; DDP averages, so the engine
+multiplies the loss by `loss_factor()` (the world size) before backward.
 """
 
 from __future__ import annotations
 
+import contextlib
+from typing import Optional
+
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 def active() -> bool:
@@ -30,18 +37,33 @@ def sum_scalar(value: float, device: torch.device) -> float:
     return float(tensor.item())
 
 
-def sum_gradients(params: list[torch.nn.Parameter]) -> None:
-    """All-reduce (sum) every gradient in one flat buffer; a missing gradient counts as zero."""
-    if not active():
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for param, grad in zip(params, grads):
-        count = grad.numel()
-        param.grad = flat[offset: offset + count].view_as(param).clone()
-        offset += count
+def wrap(model: torch.nn.Module, device: torch.device) -> Optional[DistributedDataParallel]:
+    """`model` under DDP when more than one rank runs, else None (train the model itself).
+
+    Only the trainable (LoRA) weights are DDP's business: the frozen base, 4-bit or not, is
+    loaded from the same files on every rank, so broadcasting gigabytes of it at start (DDP's
+    init sync) would only cost time; buffers are identical for the same reason. The LoRA
+    weights are still broadcast from rank 0 once, so every rank starts from the same adapter."""
+    if not active() or dist.get_world_size() == 1:
+        return None
+    skip = [name for name, param in model.named_parameters() if not param.requires_grad]
+    skip += [name for name, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, skip)
+    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def loss_factor() -> int:
+    """What a rank's loss is multiplied by before backward so that DDP's mean is our sum."""
+    return rank_and_world()[1]
+
+
+def sync_unless(ddp: Optional[DistributedDataParallel], last: bool):
+    """DDP's `no_sync` for every micro-batch of a step but the last: one all-reduce a step."""
+    if ddp is None or last:
+        return contextlib.nullcontext()
+    return ddp.no_sync()
 
 
 def gather_objects(obj) -> list:

@@ -8,7 +8,7 @@ each prefix of the conversation, so any prefix-stable template works without spe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -21,6 +21,9 @@ IGNORE = -100
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    # Set on packed blocks only: positions restart at 0 at each sample, which is how
+    # transformers tells the samples apart and keeps them from attending to each other.
+    position_ids: Optional[list[int]] = None
 
     @property
     def label_tokens(self) -> int:
@@ -41,6 +44,11 @@ class Encoder:
         encode = {"text": self._text, "pairs": self._pairs, "chat": self._chat}[self.fmt]
         enc = encode(record)
         return Encoded(enc.input_ids[: self.max_seq_len], enc.labels[: self.max_seq_len])
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A pairs or text prompt as training saw it (bos, when the tokenizer adds one, then
+        the text), for generating an answer to it."""
+        return self._bos() + self._ids(text)
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -97,22 +105,43 @@ class Encoder:
 
 
 def pack(samples: list[Encoded], max_seq_len: int) -> list[Encoded]:
-    """Concatenate samples (each ends with eos) and cut the stream into max_seq_len blocks."""
-    ids = [t for s in samples for t in s.input_ids]
-    labels = [t for s in samples for t in s.labels]
-    return [Encoded(ids[i: i + max_seq_len], labels[i: i + max_seq_len])
-            for i in range(0, len(ids), max_seq_len)]
+    """Whole samples, in order, into blocks of at most max_seq_len tokens (a sample that does
+    not fit starts the next block: none is cut in two), with per-sample position_ids.
+
+    Each sample's first token carries no label: in a block the token before it is the end of
+    another sample, and predicting across that seam would teach noise. So a packed sample's
+    loss is exactly its loss alone, where the first token predicts nothing either."""
+    blocks: list[Encoded] = []
+    for s in samples:
+        if not blocks or len(blocks[-1].input_ids) + len(s.input_ids) > max_seq_len:
+            blocks.append(Encoded([], [], []))
+        block = blocks[-1]
+        block.input_ids += s.input_ids
+        block.labels += [IGNORE] + s.labels[1:]
+        block.position_ids += list(range(len(s.input_ids)))
+    return blocks
 
 
 def collate(samples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample of the micro-batch."""
+    """Right-pad to the longest sample of the micro-batch.
+
+    Packed blocks get position_ids and no attention_mask: transformers (5.x, SDPA, eager and
+    flex alike) builds a block-diagonal causal mask from restarting positions only when no 2D
+    mask and no KV cache are given (the trainer sets use_cache=False). Right padding needs no mask there: causal attention never looks right, and
+    padding carries no label."""
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
+    positions = torch.zeros((len(samples), width), dtype=torch.long)
     for row, s in enumerate(samples):
         n = len(s.input_ids)
         ids[row, :n] = torch.tensor(s.input_ids)
         labels[row, :n] = torch.tensor(s.labels)
         mask[row, :n] = 1
+        own = s.position_ids if s.position_ids is not None else range(n)
+        positions[row, :n] = torch.tensor(list(own))
+        positions[row, n:] = torch.arange(width - n)  # padding: a segment of its own
+    if any(s.position_ids is not None for s in samples):
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}

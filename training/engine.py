@@ -46,6 +46,7 @@ class StepResult:
     lr: float
     tokens: int
     seconds: float
+    skipped: bool = False  # the fp16 loss scaler skipped it: samples consumed, no update
 
 
 def total_steps(spec: RunSpec, n_train: int) -> int:
@@ -56,23 +57,28 @@ def total_steps(spec: RunSpec, n_train: int) -> int:
 
 class Trainer:
     def __init__(self, spec: RunSpec, *, data_path: Path, eval_path: Optional[Path] = None,
-                 micro_batch_size: int, device: Optional[str] = None):
+                 micro_batch_size: int, device: Optional[str] = None,
+                 precision: str = "auto"):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
         self.spec = spec
         self.micro_batch_size = micro_batch_size
         self.rank, self.world = dist.rank_and_world()
-        self.device_info: DeviceInfo = detect_device(device)
+        self.device_info: DeviceInfo = detect_device(device, precision)
         # The data is checked before the model loads: a wrong file fails in a second, not minutes.
         self.data = RunData(spec, Path(data_path), Path(eval_path) if eval_path else None)
         self.model, self.tokenizer = load_model(spec, self.device_info)
         self.data.attach(self.tokenizer)
         self._patch_kernels()
         self.params = [p for _, p in trainable_parameters(self.model)]
+        # More than one rank: DDP reduces the LoRA gradients (None on one rank). self.model
+        # stays the PEFT model for eval, save and load; only the training forward goes via DDP.
+        self.ddp = dist.wrap(self.model, self.device)
         self.optimizer = make_optimizer(spec, self.params, self.device_info.type)
         self.cursor = Cursor(total_steps=total_steps(spec, self.data.n_train))
         self.scheduler = make_scheduler(spec, self.optimizer, self.cursor.total_steps, 0)
-        self.scaler = torch.amp.GradScaler("cuda") if self.device_info.uses_scaler else None
+        self.scaler = (torch.amp.GradScaler(self.device_info.type)
+                       if self.device_info.uses_scaler else None)
         self.last_indices: list[int] = []  # the step's samples, all ranks, in data order
         self.last_rank_indices: list[int] = []  # this rank's share of them
 
@@ -96,8 +102,9 @@ class Trainer:
         return torch.device(self.device_info.device)
 
     def _autocast(self):
-        if self.device_info.type == "cuda" and self.device_info.precision != "fp32":
-            return torch.autocast("cuda", dtype=self.device_info.dtype)
+        # The CPU has its own autocast for fp16 and bf16: the GPU's precision paths run there.
+        if self.device_info.precision != "fp32":
+            return torch.autocast(self.device_info.type, dtype=self.device_info.dtype)
         return contextlib.nullcontext()
 
     # -- the step ----------------------------------------------------------------------
@@ -107,6 +114,8 @@ class Trainer:
         if self.finished:
             raise RuntimeError(f"the run is finished ({self.cursor.step} of "
                                f"{self.cursor.total_steps} steps); nothing left to train")
+        if self.cursor.step == 0 and self.cursor.base_eval_loss is None:
+            self.measure_base()  # on every rank: evaluate() sums over them
         started = time.perf_counter()
         picks = step_indices(self.spec.train.seed, self.data.n_train, self.cursor.epoch,
                              self.cursor.epoch_position, self.spec.train.batch_size)
@@ -115,56 +124,84 @@ class Trainer:
         samples = [self.data.sample(i) for i in self.last_rank_indices]
         lr = float(self.optimizer.param_groups[0]["lr"])
         loss, tokens = self._accumulate(samples)
-        dist.sum_gradients(self.params)
-        self._optimizer_step()
+        applied = self._optimizer_step()
         seconds = time.perf_counter() - started
-        self._advance(picks, loss, tokens, seconds)
-        return StepResult(self.cursor.step, loss, lr, tokens, seconds)
+        self._advance(picks, loss, tokens, seconds, applied)
+        return StepResult(self.cursor.step, loss, lr, tokens, seconds, skipped=not applied)
 
     def _count_label_tokens(self, samples: list[Encoded]) -> float:
         return dist.sum_scalar(float(sum(s.label_tokens for s in samples)), self.device)
 
-    def _forward(self, chunk: list[Encoded], label_total: torch.Tensor):
+    def _forward(self, chunk: list[Encoded], label_total: torch.Tensor, module=None):
         batch = {k: v.to(self.device) for k, v in
                  collate(chunk, self.tokenizer.pad_token_id).items()}
         with self._autocast():
             # HF's causal-LM loss with num_items_in_batch = sum of token losses / that count.
-            out = self.model(**batch, num_items_in_batch=label_total)
-        return out.loss, int(batch["attention_mask"].sum())
+            model = self.model if module is None else module  # DDP's forward when training
+            out = model(**batch, num_items_in_batch=label_total)
+        # Tokens without padding (a packed batch has no attention_mask to count them from).
+        return out.loss, sum(len(s.input_ids) for s in chunk)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        # DDP averages gradients over ranks; the global-token loss needs their sum.
+        loss = loss * dist.loss_factor() if self.ddp is not None else loss
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def _accumulate(self, samples: list[Encoded]) -> tuple[float, int]:
         self.model.train()
         label_total = torch.tensor(max(self._count_label_tokens(samples), 1.0),
                                    device=self.device)
         loss_sum, tokens = torch.zeros((), device=self.device), 0
-        for start in range(0, len(samples), self.micro_batch_size):
-            loss, n = self._forward(samples[start: start + self.micro_batch_size], label_total)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        starts = range(0, len(samples), self.micro_batch_size)
+        for start in starts:
+            # One all-reduce a step: every micro-batch but the last accumulates locally.
+            with dist.sync_unless(self.ddp, last=start == starts[-1]):
+                loss, n = self._forward(samples[start: start + self.micro_batch_size],
+                                        label_total, self.ddp)
+                self._backward(loss)
             loss_sum += loss.detach().float()
             tokens += n
+        if not samples and self.ddp is not None:
+            self._join_reduce(label_total)
         total_loss = dist.sum_scalar(float(loss_sum), self.device)
         return total_loss, int(dist.sum_scalar(float(tokens), self.device))
 
-    def _optimizer_step(self) -> None:
+    def _join_reduce(self, label_total: torch.Tensor) -> None:
+        """A rank with no sample this step (batch_size below the rank count) still joins DDP's
+        all-reduce, or the others would wait for it: one of the step's samples at weight zero."""
+        loss, _ = self._forward([self.data.sample(self.last_indices[0])], label_total, self.ddp)
+        self._backward(loss * 0.0)
+
+    def _optimizer_step(self) -> bool:
+        """Clip, step, schedule; False when the loss scaler skipped the step (inf/NaN grads).
+
+        A skipped step consumed its samples but changed no weight, so, as Accelerate does, the
+        schedule does not move for it: the learning rate stays where the weights are."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.spec.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.spec.train.max_grad_norm)
+        applied = True
         if self.scaler:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            applied = self.scaler.get_scale() >= scale  # the scaler backs off only on a skip
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if applied:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return applied
 
-    def _advance(self, picks, loss: float, tokens: int, seconds: float) -> None:
+    def _advance(self, picks, loss: float, tokens: int, seconds: float, applied: bool) -> None:
         c = self.cursor
         _, c.epoch, c.epoch_position = picks[-1]
         if c.epoch_position >= self.data.n_train:
             c.epoch, c.epoch_position = c.epoch + 1, 0
         c.step += 1
-        c.scheduler_step = c.step
+        c.skipped_steps += 0 if applied else 1
+        c.scheduler_step = c.step - c.skipped_steps
         c.samples_seen += len(picks)
         c.tokens_seen += tokens
         c.training_seconds += seconds
@@ -191,6 +228,15 @@ class Trainer:
         self.cursor.eval_loss = dist.sum_scalar(loss_sum, self.device)
         return self.cursor.eval_loss
 
+    def measure_base(self) -> Optional[float]:
+        """The eval loss before the first optimizer step, kept in the cursor. LoRA's B starts
+        at zero, so this is the base model's own loss in the run's configuration (4-bit as
+        trained, same template and masking): the yardstick of every later eval loss."""
+        previous = self.cursor.eval_loss
+        self.cursor.base_eval_loss = self.evaluate()
+        self.cursor.eval_loss = previous
+        return self.cursor.base_eval_loss
+
     # -- save and load -----------------------------------------------------------------
 
     def save(self, out_dir: Path) -> None:
@@ -202,7 +248,8 @@ class Trainer:
         self.model.save_pretrained(out_dir)
         (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card: not checkpoint data
         self.cursor.rng = rng.capture()
-        self.cursor.scaler = self.scaler.state_dict() if self.scaler else None
+        if self.scaler:  # else keep the last fp16 session's state for the next fp16 session
+            self.cursor.scaler = self.scaler.state_dict()
         (out_dir / CURSOR_FILE).write_bytes(self.cursor.to_json())
         if self.spec.optimizer_state:
             save_optimizer(self.optimizer, out_dir)

@@ -154,6 +154,7 @@ def load_model(spec: RunSpec, device_info: DeviceInfo):
     if quantized:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=checkpointing)
+        embeddings_in_compute_dtype(model, device_info.dtype)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         model.enable_input_require_grads()
@@ -166,6 +167,18 @@ def load_model(spec: RunSpec, device_info: DeviceInfo):
     model.config.use_cache = False
     keep_training_layout(model)
     return model, tokenizer
+
+
+def embeddings_in_compute_dtype(model, dtype: torch.dtype) -> None:
+    """Undo PEFT's upcast of the embeddings and lm_head to fp32.
+
+    prepare_model_for_kbit_training upcasts every parameter that is not 4-bit: for a 128k
+    vocabulary that is about 2 GB more for an 8B model and an fp32 residual stream. They are
+    frozen, so 16 bits lose nothing; the norms (tiny) stay fp32, as the fastest trainers keep
+    them. Tied weights are one tensor, so casting the input embedding casts lm_head too."""
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None and module.weight.dtype != dtype:
+            module.to(dtype)
 
 
 def keep_training_layout(model) -> None:

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,18 +21,31 @@ log = logging.getLogger(__name__)
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
+# bitsandbytes' 8-bit optimizers run on CUDA and, since 0.48, on the CPU.
+EIGHT_BIT_DEVICES = ("cuda", "cpu")
+
+
 def make_optimizer(spec: RunSpec, params: list[torch.nn.Parameter], device_type: str):
     train = spec.train
     kwargs = dict(lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    if train.optimizer == "adamw_8bit" and device_type == "cuda":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, **kwargs)
     if train.optimizer == "adamw_8bit":
-        log.warning("adamw_8bit runs on CUDA only; using torch AdamW (fp32 states) on %s",
-                 device_type)
+        eight_bit = _adamw_8bit(device_type)
+        if eight_bit is not None:
+            return eight_bit(params, **kwargs)
+        log.warning("adamw_8bit is not available on %s (bitsandbytes missing or without "
+                    "support there); using torch AdamW (fp32 states)", device_type)
     # foreach=False: one code path on every device keeps CPU resumes bit-identical.
     return torch.optim.AdamW(params, foreach=False, **kwargs)
+
+
+def _adamw_8bit(device_type: str):
+    if device_type not in EIGHT_BIT_DEVICES:
+        return None
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # a third-party package: the run goes on with torch's AdamW
+        return None
+    return bnb.optim.AdamW8bit
 
 
 def warmup_steps(spec: RunSpec, total: int) -> int:
@@ -57,17 +71,38 @@ def make_scheduler(spec: RunSpec, optimizer, total: int, step: int):
     return make(optimizer, warmup, total, last_epoch=last)
 
 
+def _flatten(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """'<param index>.<name>' keys; a nested dict (bitsandbytes keeps its 8-bit state, qmaps
+    and absmax in one) one level down as '<index>.<name>.<key>'."""
+    tensors, scalars = {}, {}
+    for index, values in state.items():
+        for name, value in values.items():
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, item in items:
+                key = f"{index}.{name}" if sub is None else f"{index}.{name}.{sub}"
+                if isinstance(item, torch.Tensor):
+                    tensors[key] = item.detach().cpu().contiguous()
+                else:
+                    scalars[key] = item
+    return tensors, scalars
+
+
+def _unflatten(entries: dict[str, Any]) -> dict[int, dict]:
+    state: dict[int, dict] = {}
+    for key, value in entries.items():
+        index, name, *sub = key.split(".", 2)
+        slot = state.setdefault(int(index), {})
+        if sub:
+            slot.setdefault(name, {})[sub[0]] = value
+        else:
+            slot[name] = value
+    return state
+
+
 def save_optimizer(optimizer, out_dir: Path) -> Path:
     """Tensors to safetensors; hyper-parameters and scalars in its JSON metadata."""
     state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, values in state["state"].items():
-        for name, value in values.items():
-            key = f"{index}.{name}"
-            if isinstance(value, torch.Tensor):
-                tensors[key] = value.detach().cpu().contiguous()
-            else:
-                scalars[key] = value
+    tensors, scalars = _flatten(state["state"])
     meta = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars),
             "optimizer": type(optimizer).__name__}
     path = Path(out_dir) / OPTIMIZER_FILE
@@ -88,11 +123,5 @@ def load_optimizer(optimizer, path: Path) -> None:
         raise OptimizerStateError(
             f"{path} holds {meta.get('optimizer')} state but this session uses "
             f"{type(optimizer).__name__} (the run moved between CPU and GPU)")
-    state: dict[int, dict] = {}
-    for key, value in load_file(str(path)).items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for key, value in json.loads(meta["scalars"]).items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+    state = _unflatten({**load_file(str(path)), **json.loads(meta["scalars"])})
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})

@@ -266,6 +266,8 @@ class Handler(BaseHTTPRequestHandler):
         self._authorize()
         if path == "/api/repos/create":
             return self._create(json.loads(body))
+        if path == "/api/validate-yaml":
+            return self._validate_yaml(json.loads(body))
         if parts[0] == "_lfs" and parts[-1] == "verify":
             return self._lfs_verify("/".join(parts[1:3]), parts[3])
         if parts[0] == "api" and parts[1] == "models":
@@ -296,6 +298,13 @@ class Handler(BaseHTTPRequestHandler):
         if rest[0] == "commit" and method == "POST":
             return self._commit(repo_id, body)
         raise HubError(404, f"no route for {method} /api/models/{repo_id}/{'/'.join(rest)}")
+
+    def _validate_yaml(self, payload: dict) -> None:
+        """The client checks a root README.md's metadata before committing it: 400 with the
+        errors for YAML that does not parse or fields of the wrong type, as the Hub."""
+        errors = card_metadata_errors(payload.get("content", ""))
+        self._json(400 if errors else 200,
+                   {"errors": [{"message": e} for e in errors], "warnings": []})
 
     def _create(self, payload: dict) -> None:
         repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
@@ -378,6 +387,28 @@ class Handler(BaseHTTPRequestHandler):
         if entry.lfs:
             headers.update({"X-Linked-Etag": f'"{entry.lfs}"', "X-Linked-Size": str(entry.size)})
         self._send(200, data, headers, head_only)
+
+
+def card_metadata_errors(content: str) -> list[str]:
+    import yaml
+
+    if not content.startswith("---\n"):
+        return []  # no metadata block: the Hub only warns
+    block = content[4:].split("\n---", 1)[0]
+    try:
+        meta = yaml.safe_load(block)
+    except yaml.YAMLError as exc:
+        return [f"invalid YAML: {exc}"]
+    if not isinstance(meta, dict):
+        return ["metadata must be a mapping"]
+    errors = [f'"{k}" must be a string' for k in ("library_name", "license")
+              if k in meta and not isinstance(meta[k], str)]
+    for key in ("tags", "base_model"):
+        value = meta.get(key)
+        if value is not None and not (isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            errors.append(f'"{key}" must be a string or a list of strings')
+    return errors
 
 
 def _tree_entries(files: dict[str, Entry], prefix: str, recursive: bool) -> list[dict]:

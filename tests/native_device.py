@@ -1,0 +1,72 @@
+"""pytest plugin: run the CPU kernel tests on a GPU, natively, without editing them.
+
+    BATON_TEST_DEVICE=cuda TRITON_INTERPRET=0 python -m pytest -p tests.native_device tests/test_kernels_*.py
+
+(`scripts/gpu_check.py` runs it so.) The kernel tests build their inputs on the CPU from seeded
+CPU generators; with this plugin every tensor factory call without an explicit device makes its
+tensor on BATON_TEST_DEVICE instead, and one drawn from a CPU generator is drawn on the CPU
+(the same numbers as in CI) and then moved. So the same tests, with the same tolerances and
+the same values, compare every Triton kernel on the GPU with its plain-PyTorch reference.
+Tests about the CPU itself (the interpreter flag, a CPU fallback) may fail here by design;
+the GPU check reports each failure by name. Without BATON_TEST_DEVICE the plugin does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+try:  # the list torch's own `with torch.device(...)` mode uses
+    from torch.utils._device import _device_constructors
+except ImportError:  # pragma: no cover - older or newer torch: the common factories
+    def _device_constructors():
+        return {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn,
+                torch.randint, torch.randperm, torch.arange, torch.linspace, torch.tensor,
+                torch.eye, torch.as_tensor}
+
+
+class OnDevice(TorchFunctionMode):
+    """Tensor factories without a device make their tensors on `device`."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        self.device = torch.device(device)
+        self.constructors = _device_constructors()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func not in self.constructors or kwargs.get("device") is not None:
+            return func(*args, **kwargs)
+        generator = kwargs.get("generator")
+        if generator is not None and generator.device.type != self.device.type:
+            grad = kwargs.pop("requires_grad", False)
+            return func(*args, **kwargs).to(self.device).requires_grad_(grad)
+        kwargs["device"] = self.device
+        return func(*args, **kwargs)
+
+
+_MODE: OnDevice | None = None
+
+
+def pytest_configure(config) -> None:
+    global _MODE
+    device = os.environ.get("BATON_TEST_DEVICE", "").strip()
+    if device and _MODE is None:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"BATON_TEST_DEVICE={device} but torch sees no CUDA GPU")
+        _MODE = OnDevice(device)
+        _MODE.__enter__()
+
+
+def pytest_unconfigure(config) -> None:
+    global _MODE
+    if _MODE is not None:
+        _MODE.__exit__(None, None, None)
+        _MODE = None
+
+
+def pytest_report_header(config) -> str:
+    device = os.environ.get("BATON_TEST_DEVICE", "")
+    return f"baton native device: {device or 'off'} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')})"

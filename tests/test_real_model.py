@@ -1,0 +1,181 @@
+"""A real pretrained model end to end: SmolLM2-135M-Instruct (Llama, 30 layers, grouped-query
+attention 9/3 heads, tied embeddings, a ChatML template), from the PyPI cache of
+scripts/real_model.py.
+
+One short run (chat data, seq 64, 6 steps) is handed from session to session in fresh processes
+with another micro-batch; the tests then read it as a user would: status, scripts/eval.py,
+scripts/merge.py and plain PEFT. Every model load costs seconds on a CPU, so each is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.agent_helpers import RunningAgent, open_run, write_config
+from tests.fixtures_tiny import make_spec, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+RUN = "real"
+
+
+def sums(n: int = 32) -> list[dict]:
+    """Chat records with a fixed answer shape the base model does not use: learnable in a few
+    steps, so the held-out loss must fall below the base's."""
+    return [{"messages": [
+        {"role": "user", "content": f"What is {a} plus {b}?"},
+        {"role": "assistant", "content": f"SUM[{a}+{b}] = {a + b}. Done."},
+    ]} for a, b in ((i * 7 % 50, i * 3 % 40) for i in range(n))]
+
+
+@pytest.fixture(scope="module")
+def handoff_run(real_model_dir, tmp_path_factory) -> dict:
+    """Session 1 pauses on SIGTERM after step 2; session 2, a fresh process with a fresh
+    workdir and another micro-batch size, resumes and finishes the run."""
+    folder = tmp_path_factory.mktemp("real-run")
+    data = write_jsonl(folder / "sums.jsonl", sums())
+    store = str(folder / "store")
+    config = write_config(
+        folder, model_dir=real_model_dir, train_file=data, store=store, run=RUN,
+        model={"name": str(real_model_dir), "load_in_4bit": True},
+        lora={"r": 8, "alpha": 16}, data={"format": "chat", "eval": 0.125, "max_seq_len": 64},
+        train={"max_steps": 6, "batch_size": 4, "micro_batch_size": 4, "lr": 3e-3,
+               "warmup": 0.0, "schedule": "constant"},
+        checkpoint={"every": "30m", "keep": 3, "optimizer": True})
+    first = RunningAgent(config, workdir=folder / "work1")
+    try:
+        first.wait_for(r"^step 2/6 ", timeout=600)
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.finish(timeout=600) == 75, first.text()
+    finally:
+        first.kill()
+    second = RunningAgent(config, "--micro-batch-size", "2", workdir=folder / "work2")
+    try:
+        assert second.finish(timeout=600) == 0, second.text()
+    finally:
+        second.kill()
+    return {"store": store, "data": data, "folder": folder, "model": real_model_dir}
+
+
+def test_real_tokenizer_and_chat_template_in_all_three_formats(real_model_dir):
+    from transformers import AutoTokenizer
+
+    from training.encode import IGNORE, Encoder
+
+    tok = AutoTokenizer.from_pretrained(real_model_dir)
+    learned = lambda enc: tok.decode([t for t in enc.labels if t != IGNORE])  # noqa: E731
+    chat = Encoder(tok, "chat", 128)({"messages": [
+        {"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."},
+        {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Eleven."}]})
+    text = tok.decode(chat.input_ids)
+    assert text.startswith("<|im_start|>system\n")  # the template's own default system turn
+    assert learned(chat) == "Seven.<|im_end|>\nEleven.<|im_end|>\n"  # assistant turns only
+    pairs = Encoder(tok, "pairs", 128)({"prompt": "2+2=", "completion": "4"})
+    assert learned(pairs) == "4<|im_end|>" and tok.decode(pairs.input_ids) == "2+2=4<|im_end|>"
+    plain = Encoder(tok, "text", 128)({"text": "import os"})
+    assert plain.labels == plain.input_ids and tok.decode(plain.input_ids) == "import os<|im_end|>"
+
+
+def test_two_session_handoff_ends_below_the_base_eval_loss(handoff_run):
+    from session.status import collect_status
+    from handoff import open_store
+
+    status = collect_status(open_store(handoff_run["store"]), RUN)
+    assert status["state"] == "finished" and status["step"] == 6
+    first, second = status["sessions"]
+    assert (first["exit_code"], second["exit_code"]) == (75, 0)
+    assert second["start_step"] == first["end_step"] >= 2
+    assert status["base_eval_loss"] is not None and status["eval_loss"] is not None
+    assert status["eval_loss"] < status["base_eval_loss"], status
+
+
+def test_eval_script_prints_and_stores_the_before_after(handoff_run, tmp_path, capsys):
+    from scripts.eval import main
+
+    out = tmp_path / "eval.json"
+    assert main(["--store", handoff_run["store"], "--run", RUN, "--prompts", "1",
+                 "--max-new-tokens", "12", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) >= {"checkpoint", "eval_records", "base", "tuned", "samples"}
+    assert result["tuned"]["loss"] < result["base"]["loss"]
+    assert result["base"]["tokens"] == result["tuned"]["tokens"] > 0
+    assert set(result["samples"][0]) == {"prompt", "reference", "base", "tuned"}
+    assert "SUM[" in result["samples"][0]["tuned"]  # the tuned model answers in the new shape
+    printed = capsys.readouterr().out
+    assert "verdict: the fine-tune helps" in printed
+    stored = open_run(handoff_run["store"], RUN).store.read(
+        f"{RUN}/evals/{result['checkpoint']}.json")
+    assert json.loads(stored.data)["tuned"] == result["tuned"]
+
+
+def test_eval_script_refuses_a_run_with_nothing_held_out(real_model_dir, tmp_path, capsys):
+    from handoff.runstore import RunStore
+    from handoff import open_store
+    from scripts.eval import main
+
+    data = write_jsonl(tmp_path / "d.jsonl", sums(4))
+    spec = make_spec(real_model_dir, data, fmt="chat", eval_=0.0, max_steps=1)
+    RunStore(open_store(str(tmp_path / "store")), spec.run).create_spec(spec)
+    assert main(["--store", str(tmp_path / "store"), "--run", spec.run]) == 2
+    assert "data.eval" in capsys.readouterr().err
+
+
+def test_merge_keeps_the_embeddings_tied_and_plain_transformers_reloads(handoff_run, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from scripts.merge import main
+
+    assert main(["--store", handoff_run["store"], "--run", RUN, "--out", str(tmp_path / "m"),
+                 "--dtype", "float32"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    # The adapter never touched the shared matrix: LoRA on the linear layers only.
+    ckpt = Path(handoff_run["folder"]) / "pulled"
+    from handoff.checkpoint import pull_checkpoint
+
+    pull_checkpoint(open_run(handoff_run["store"], RUN), ckpt)
+    with safe_open(ckpt / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and not [k for k in keys if "embed" in k or "lm_head" in k]
+
+
+def test_baton_model_matches_plain_transformers_and_peft(handoff_run, tmp_path):
+    """Baton's model (patched RoPE, RMSNorm, SwiGLU, fused loss: the reference kernels on a CPU)
+    with the run's adapter gives the logits and loss of plain transformers + plain PEFT on the
+    same 4-bit base: grouped-query attention (9 query heads over 3 KV heads) included."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from handoff.checkpoint import pull_checkpoint
+    from tests.fixtures_tiny import make_trainer
+    from training.encode import collate
+
+    ckpt = pull_checkpoint(open_run(handoff_run["store"], RUN), tmp_path / "ckpt").path
+    spec = open_run(handoff_run["store"], RUN).read_spec()
+    trainer = make_trainer(spec, handoff_run["data"], micro=4, kernels="auto")
+    assert trainer.device_info.kernels == "reference"
+    trainer.load(ckpt)
+    base = trainer.model.get_base_model()
+    assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(handoff_run["model"], quantization_config=quant,
+                                                 dtype=torch.float32)
+    plain = PeftModel.from_pretrained(plain, ckpt).eval()
+    batch = collate(trainer.data.eval_samples()[:2], trainer.tokenizer.pad_token_id)
+    trainer.model.eval()
+    with torch.no_grad():
+        ours = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        theirs = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        our_loss = trainer.model(**batch).loss
+        their_loss = plain(**batch).loss
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(ours.logits[real], theirs.logits[real], atol=2e-3, rtol=1e-3)
+    assert float(our_loss) == pytest.approx(float(their_loss), abs=1e-4)
