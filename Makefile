@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo setup clean
+.PHONY: test demo setup clean gpu-check
 
 setup: $(STAMP)
 
@@ -23,6 +23,13 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+# The first command on a machine with a GPU (docs/BENCHMARKS.md): the platform's own Python,
+# no venv and no network (bitsandbytes and pytest come from .whl/ when missing); ends within
+# 8 minutes. Results in $(GPU_CHECK_OUT)/gpu_check.json and gpu_check.md.
+GPU_CHECK_OUT ?= gpu-check-out
+gpu-check:
+	$(PY) scripts/gpu_check.py $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -16,11 +16,7 @@ is itself imported only by kernel modules, never by `kernels/__init__.py` or `di
 
 from __future__ import annotations
 
-from kernels.dispatch import KernelBackendError
-
-
-class TritonMissingError(KernelBackendError):
-    """A Triton kernel was launched, but the triton package does not import here."""
+from kernels.errors import TritonMissingError
 
 
 def _missing_message(what: str) -> str:

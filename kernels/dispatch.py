@@ -17,6 +17,9 @@ from typing import Literal
 
 import torch
 
+# The errors live in kernels.errors (kernels._triton raises them too); callers import them here.
+from kernels.errors import KernelBackendError, KernelChoiceError, TritonMissingError  # noqa: F401
+
 Backend = Literal["triton", "reference"]
 BACKENDS: tuple[str, ...] = ("triton", "reference")
 NO_PATCHING = "none"  # a kernel path, not a backend: nothing is patched
@@ -26,18 +29,6 @@ ENV_CHOICES: tuple[str, ...] = ("auto", *BACKENDS, NO_PATCHING)
 # Triton's own floor: its NVIDIA backend targets sm_75 and newer, so P100 (6.0) and
 # V100 (7.0) run the references.
 MIN_CAPABILITY = (7, 5)
-
-
-class KernelBackendError(RuntimeError):
-    """The requested kernel backend cannot run here."""
-
-
-class KernelChoiceError(KernelBackendError, ValueError):
-    """`BATON_KERNELS` asks for what this machine cannot do: invalid input, not a crash.
-
-    A ValueError, so that an entry point that maps invalid input to exit 2 maps this too; the
-    message says what to set instead.
-    """
 
 
 def triton_available() -> bool:

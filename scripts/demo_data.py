@@ -92,6 +92,25 @@ def write_jsonl(out: Path, count: int = 400, root: Optional[Path] = None) -> Pat
     return out
 
 
+def as_chat(record: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """A pair as a one-turn conversation, for models with a chat template."""
+    return {"messages": [{"role": "user", "content": record["prompt"].strip()},
+                         {"role": "assistant", "content": record["completion"]}]}
+
+
+def write_chat_jsonl(out: Path, count: int = 400, root: Optional[Path] = None) -> Path:
+    """The same records as write_jsonl, in chat format ({"messages": [user, assistant]})."""
+    pairs = build_pairs(count, root)
+    if not pairs:
+        raise ValueError(f"no documented functions found under {root or 'the stdlib'}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8", newline="\n") as fh:
+        for record in pairs:
+            fh.write(json.dumps(as_chat(record), ensure_ascii=False, sort_keys=True) + "\n")
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the JSONL file to write")

@@ -5,8 +5,9 @@
 
 Parts, in this order, each in its own process with its own time budget (a part is cut at its
 budget or at the overall deadline, and one that cannot start in time is skipped, saying so):
-1. bitsandbytes: imported, or installed offline from the wheel folder (`.whl/`, filled
-   beforehand with `pip download bitsandbytes==0.50.2 --no-deps -d .whl`);
+1. bitsandbytes (and pytest): imported, or installed offline from the wheel folder (`.whl/`,
+   filled beforehand: `pip download bitsandbytes==0.50.2 --no-deps -d .whl` and
+   `pip download pytest -d .whl`);
 2. kernel tests, natively: `tests/test_kernels_*.py` on the GPU with TRITON_INTERPRET=0
    (through the `tests.native_device` pytest plugin), every op's forward and gradients against
    its plain-PyTorch reference in fp32, fp16 and bf16;
@@ -108,22 +109,37 @@ class Check:
 # --- the parts ----------------------------------------------------------------------------
 
 
+def _install_offline(check: Check, requirement: str) -> None:
+    args = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links",
+            str(check.wheels), requirement]
+    name = requirement.split("=")[0]
+    if check.command(f"install_{name}", args, 120).returncode != 0:
+        raise PartFailed(f"pip could not install {requirement} from {check.wheels}; see "
+                         f"logs/install_{name}.log. On a machine with internet: {FILL_WHEELS}")
+    importlib.invalidate_caches()
+
+
+FILL_WHEELS = (f"pip download bitsandbytes=={BNB_VERSION} --no-deps -d .whl && "
+               "pip download pytest -d .whl")
+
+
 def ensure_bitsandbytes(check: Check, allowed: float) -> dict:
+    """bitsandbytes (and pytest, for the kernel tests) importable, from `.whl/` if need be."""
+    done = {}
+    if importlib.util.find_spec("pytest") is None:
+        _install_offline(check, "pytest")
+        done["pytest"] = "installed from .whl"
     if importlib.util.find_spec("bitsandbytes") is not None:
         import bitsandbytes
 
-        return {"bitsandbytes": bitsandbytes.__version__, "installed_now": False}
+        return {"bitsandbytes": bitsandbytes.__version__, "installed_now": False, **done}
     wheels = sorted(check.wheels.glob(f"bitsandbytes-{BNB_VERSION}-*.whl"))
     if not wheels:
         raise PartFailed(f"bitsandbytes is not installed and {check.wheels} holds no "
                          f"bitsandbytes-{BNB_VERSION} wheel; on a machine with internet run "
-                         f"pip download bitsandbytes=={BNB_VERSION} --no-deps -d .whl")
-    args = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
-            "--find-links", str(check.wheels), f"bitsandbytes=={BNB_VERSION}"]
-    if check.command("bitsandbytes", args, allowed).returncode != 0:
-        raise PartFailed(f"pip could not install {wheels[0].name}; see logs/bitsandbytes.log")
-    importlib.invalidate_caches()
-    return {"bitsandbytes": BNB_VERSION, "installed_now": True, "wheel": wheels[0].name}
+                         f"{FILL_WHEELS}")
+    _install_offline(check, f"bitsandbytes=={BNB_VERSION}")
+    return {"bitsandbytes": BNB_VERSION, "installed_now": True, "wheel": wheels[0].name, **done}
 
 
 _SUMMARY = re.compile(r"(\d+) (passed|failed|error|errors|skipped|deselected)")
@@ -160,7 +176,7 @@ def _bench(check: Check, name: str, args: list[str], allowed: float) -> dict:
 def nf4_bench(check: Check, allowed: float) -> dict:
     preset = "tiny" if check.dry_run else "llama-3.1-8b"
     result = _bench(check, "nf4_bench", ["--kernel", "nf4", "--preset", preset,
-                                         "--min-run-time", "0.05" if check.dry_run else "1"],
+                                         "--min-run-time", "0.01" if check.dry_run else "1"],
                     allowed)
     nf4 = result["nf4"]
     if nf4.get("baton_s") is None or nf4.get("max_abs_diff") != 0.0:
@@ -171,7 +187,7 @@ def nf4_bench(check: Check, allowed: float) -> dict:
 def training_bench(preset: str, precision: str):
     def run(check: Check, allowed: float) -> dict:
         args = ["--preset", preset, "--impl", "both", "--precision", precision]
-        args += (["--seq-len", "32", "--steps", "2"] if check.dry_run else
+        args += (["--seq-len", "16", "--steps", "2"] if check.dry_run else
                  ["--seq-len", "2048", "--steps", "4", "--memory-cap-gb", "15"])
         result = _bench(check, f"bench_{preset}_{precision}", args, allowed)
         runs = result["runs"]

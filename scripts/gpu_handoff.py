@@ -30,12 +30,13 @@ class HandoffFailed(Exception):
 
 
 def _build(work: Path, steps: int) -> Path:
+    """A tiny model, `steps` batches of data and a run.yaml in `work`."""
     import yaml
 
     from scripts.demo_data import write_jsonl
     from scripts.tiny_model import build_tiny
 
-    data = write_jsonl(work / "data" / "train.jsonl", count=64)
+    data = write_jsonl(work / "data" / "train.jsonl", count=4 * steps)
     model = build_tiny(work / "model", "llama")
     config = {
         "run": RUN, "store": str(work / "store"),
@@ -112,7 +113,7 @@ def _status(store: Path) -> dict:
 
 def run_handoff(work: Path, logs: Path, deadline: float, *, dry_run: bool) -> dict:
     """Run and check the two sessions; raises HandoffFailed (a message) on any mismatch."""
-    steps = 12 if dry_run else 30
+    steps = 6 if dry_run else 30
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)

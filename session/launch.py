@@ -43,16 +43,12 @@ POLL_S = 0.2  # how often the launcher's main thread forwards a pending signal
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
 
 
-class RankFailedError(RuntimeError):
-    """A rank other than 0 ended with an error; its process fails so the launcher stops all."""
-
-
 # -- inside a rank ---------------------------------------------------------------------------
 
 def run_rank(script: str, argv: list[str], holder: str, folder: str) -> int:
     """One rank: the launcher's own entry script and arguments, run as __main__ here (as
-    torchrun's --no-python=False path does), so an entry point that installs hooks (the tests')
-    installs them in every rank. Returns rank 0's exit code; a follower's error fails it."""
+    `torchrun --run-path` does), so an entry point that installs hooks (the tests') installs
+    them in every rank. Returns rank 0's exit code; a failure ends the process with it."""
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         os.environ[HOLDER_ENV] = holder
@@ -61,8 +57,10 @@ def run_rank(script: str, argv: list[str], holder: str, folder: str) -> int:
         for signum in FORWARDED:
             signal.signal(signum, signal.SIG_IGN)
     code = run_script(script, argv)
-    if rank and code:
-        raise RankFailedError(f"rank {rank} ended with exit code {code}")
+    if code == FAILED or (rank and code):
+        # The process fails, so the launcher stops the other ranks. A returned value would
+        # wait for every rank to return (a dead one never does); the error is already told.
+        raise SystemExit(code)
     return code
 
 
@@ -104,9 +102,18 @@ def launch(world: int, script: str, argv: list[str], *, store: str, run: str) ->
     return code
 
 
+class _OwnSignals(logging.Filter):
+    """torch warns that, launched from a thread, it cannot forward signals: we forward them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "signal handlers" not in record.getMessage()
+
+
 def _launcher(world: int, folder: Path, run_id: str):
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_OwnSignals())
 
     # torchrun --standalone on one machine; no restarts: a dead rank ends the session.
     wanted = dict(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=run_id,
@@ -145,6 +152,8 @@ class _Launch(threading.Thread):
 
 def _rank_died(error) -> int:
     rank, failure = error.get_first_failure()
+    if rank == 0 and failure.exitcode == FAILED:
+        return FAILED  # rank 0 ended the session with 1 and has said why
     how = (f"killed by {failure.signal_name()}" if failure.exitcode < 0
            else f"exit code {failure.exitcode}")
     log.error("rank %s of the session ended (%s); every rank is needed for each step, so the "

@@ -51,6 +51,10 @@ from .spec import SpecError, local_inputs, prepare_spec
 log = logging.getLogger("baton.session")
 
 
+class DeviceError(ValueError):
+    """This machine cannot train the run as asked (GPU, precision, kernel path): exit 2."""
+
+
 @dataclass
 class SessionOptions:
     takeover: bool = False
@@ -97,7 +101,7 @@ def _open_and_run(config: RunConfig, options: SessionOptions, ranks: Ranks, say:
     try:
         return _run_in(RunStore(store, config.run), config, options, agent_start, say, ranks,
                        report)
-    except (SpecError, StoreConfigError, SchemaError) as exc:
+    except (SpecError, DeviceError, StoreConfigError, SchemaError) as exc:
         return say.error(str(exc), INVALID)
     except StoreUnavailableError as exc:
         return say.error(f"{exc}\nNothing was trained; run again when the store answers.",
@@ -110,6 +114,7 @@ def _open_and_run(config: RunConfig, options: SessionOptions, ranks: Ranks, say:
 
 def _run_in(runstore: RunStore, config: RunConfig, options: SessionOptions,
             agent_start: float, say: Say, ranks: Ranks, report: Report) -> int:
+    device = this_device(config)  # a device that cannot train is refused before any write
     spec = prepare_spec(runstore, config)
     head = runstore.read_head()
     report.step = head[0].step if head else None
@@ -120,7 +125,21 @@ def _run_in(runstore: RunStore, config: RunConfig, options: SessionOptions,
     clock = build_clock(config, runstore, agent_start, say)
     session = Session(config, options, runstore, spec, clock, say, ranks)
     session.report = report
-    return session.run(agent_start)
+    return session.run(agent_start, device)
+
+
+def this_device(config: RunConfig):
+    """The device, its precision and the kernel path; DeviceError says why it cannot train."""
+    from kernels.dispatch import select_backend
+    from kernels.errors import KernelChoiceError
+    from training.devices import PrecisionError, UnsupportedGPUError, detect_device
+
+    try:
+        device = detect_device(precision=config.train.precision)
+        select_backend(device.device)  # a BATON_KERNELS this machine cannot honour
+    except (UnsupportedGPUError, PrecisionError, KernelChoiceError) as exc:
+        raise DeviceError(str(exc)) from None
+    return device
 
 
 def build_clock(config: RunConfig, runstore: RunStore, agent_start: float, say) -> SessionClock:
@@ -166,13 +185,7 @@ class Session:
         self.record: Optional[SessionRecord] = None
         self.report = Report(config.run)  # what the end-of-session notification tells
 
-    def run(self, agent_start: float) -> int:
-        from training.devices import PrecisionError, UnsupportedGPUError, detect_device
-
-        try:
-            device = detect_device(precision=self.config.train.precision)
-        except (UnsupportedGPUError, PrecisionError) as exc:
-            return self.say.error(str(exc), INVALID)
+    def run(self, agent_start: float, device) -> int:
         self.lease = LeaseManager(self.runstore, gpu=device.name, holder=self.ranks.holder)
         try:
             self.lease.acquire(takeover=self.options.takeover)

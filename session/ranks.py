@@ -94,16 +94,19 @@ def follow(config: RunConfig, ranks: Ranks) -> int:
     """A rank other than 0: train the steps rank 0 announces on this rank's share."""
     for signum in (signal.SIGTERM, signal.SIGINT):  # rank 0 decides when to stop
         signal.signal(signum, signal.SIG_IGN)
-    plan = ranks.hear()
-    if plan == "stop":  # rank 0 ended before training; its exit code is the session's
+    try:
+        plan = ranks.hear()
+        if plan == "stop":  # rank 0 ended before training; its exit code is the session's
+            return FINISHED
+        trainer = planned_trainer(plan, config.train.micro_batch_size, config.train.precision)
+        while (word := ranks.hear()) != "stop":
+            if word == "step":
+                trainer.train_step()
+            elif word == "save":
+                trainer.evaluate()
         return FINISHED
-    trainer = planned_trainer(plan, config.train.micro_batch_size, config.train.precision)
-    while (word := ranks.hear()) != "stop":
-        if word == "step":
-            trainer.train_step()
-        elif word == "save":
-            trainer.evaluate()
-    return FINISHED
+    finally:  # the session is over: the launcher's SIGTERM (another rank failed) may end us
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def planned_trainer(plan: dict, micro_batch_size: int, precision: str = "auto"):

@@ -266,21 +266,30 @@ def _when(iso: Optional[str]) -> str:
     return "" if not iso else iso[5:16].replace("T", " ")
 
 
+def _span(started: Optional[str], ended: Optional[str]) -> str:
+    """'12-01 00:13-01:25': the end's day only when it differs (UTC)."""
+    begin, end = _when(started), _when(ended)
+    if not end:
+        return f"{begin}-running"
+    return f"{begin}-{end[6:] if end[:5] == begin[:5] else end}"
+
+
 def _sessions_table(rows: list[dict[str, Any]]):
     """One line a session, narrow enough for an 80-column notebook cell."""
     from rich import box
     from rich.table import Table
 
     table = Table(title="Sessions (times in UTC)", box=box.SIMPLE, pad_edge=False)
-    for col in ("machine", "started", "ended", "steps", "tok/s", "precision", "kernels", "exit"):
+    for col in ("machine", "when", "steps", "tok/s", "path", "exit"):
         table.add_column(col, no_wrap=True)
     for s in rows:
         gpu = f"{s['gpu']} x{s['gpu_count']}" if s["gpu_count"] > 1 else s["gpu"]
-        table.add_row(f"{s['host']} {gpu}", _when(s["started"]), _when(s["ended"]) or "running",
-                      f"{s['start_step']}->{s['end_step']}"
-                      + (f" ({s['skipped_steps']} skipped)" if s["skipped_steps"] else ""),
-                      f"{s['tokens_per_s']:,.0f}", s["precision"],
-                      s["kernels"], _num(s["exit_code"]))
+        steps = f"{s['start_step']}->{s['end_step']}"
+        if s["skipped_steps"]:
+            steps += f" ({s['skipped_steps']} skipped)"
+        table.add_row(f"{s['host']} {gpu}", _span(s["started"], s["ended"]), steps,
+                      f"{s['tokens_per_s']:,.0f}", f"{s['precision']} {s['kernels']}",
+                      _num(s["exit_code"]))
     return table
 
 
@@ -317,6 +326,10 @@ def status_main(store_uri: str, run: str, *, as_json: bool, plot: Optional[Path]
     except StoreError as exc:
         err.print(f"[red]error:[/red] cannot read run {run!r} from {store_uri}: {exc}")
         return FAILED
+    except OSError as exc:  # --plot or --html names a place this machine cannot write
+        err.print(f"[red]error:[/red] cannot write {exc.filename or 'the output'}: "
+                  f"{exc.strerror or exc}; pass a path in a writable folder")
+        return INVALID
     finally:
         if store is not None:
             store.close()

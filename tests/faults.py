@@ -15,6 +15,8 @@ Names:
 
 `BATON_KILLPOINT_RANK=r` limits the kill to the rank whose RANK is r in a multi-rank session
 (the agent's ranks run this same entry point, so every rank has the hooks): a dead rank 1.
+`BATON_HANG=name[:N]` (with `BATON_HANG_RANK=r`) blocks that rank there for good instead, as a
+rank does in an NCCL collective whose peer died: Python's signal handlers run, nothing returns.
 
 The product never calls `killpoint`: `install_from_env()` wraps the places above by replacing
 the methods, and tests/agent_entry.py installs it before it runs agent.py's main. The same
@@ -30,6 +32,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import Counter
 from typing import Optional
 
@@ -37,6 +40,8 @@ ENV = "BATON_KILLPOINT"
 RETRY_ENV = "BATON_TEST_RETRY"
 LEASE_TTL_ENV = "BATON_TEST_LEASE_TTL"
 RANK_ENV = "BATON_KILLPOINT_RANK"
+HANG_ENV = "BATON_HANG"
+HANG_RANK_ENV = "BATON_HANG_RANK"
 NAMES = ("upload", "before_head", "renew", "step", "load")
 ANNOUNCE = "baton-killpoint:"  # the line a killed process writes to stderr just before dying
 
@@ -86,10 +91,24 @@ def killpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _this_rank() -> bool:
-    """True unless BATON_KILLPOINT_RANK names another rank than this process's."""
-    only = os.environ.get(RANK_ENV)
+def _this_rank(variable: str = RANK_ENV) -> bool:
+    """True unless `variable` names another rank than this process's."""
+    only = os.environ.get(variable)
     return only is None or os.environ.get("RANK") == only
+
+
+def hangpoint(name: str) -> None:
+    """Block forever if BATON_HANG names `name`, this is its N-th pass and the rank matches."""
+    spec = os.environ.get(HANG_ENV)
+    if not spec or parse(spec)[0] != name or not _this_rank(HANG_RANK_ENV):
+        return
+    with _lock:
+        _passes[f"hang:{name}"] += 1
+        count = _passes[f"hang:{name}"]
+    if count == parse(spec)[1]:
+        os.write(sys.stderr.fileno(), f"baton-hang: {name}:{count}\n".encode())
+        while True:
+            time.sleep(3600)
 
 
 def passes(name: str) -> int:
@@ -101,18 +120,20 @@ def passes(name: str) -> int:
 # -- wrapping the kill sites, for an agent whose code does not call killpoint() ---------------
 
 def install_from_env() -> bool:
-    """Wrap the kill sites when BATON_KILLPOINT is set; False (nothing done) when it is not.
+    """Wrap the kill sites when BATON_KILLPOINT or BATON_HANG is set; False (nothing done)
+    when neither is.
 
     Idempotent. Imports the engine (torch) only when the variable names `step`."""
     global _installed
-    wanted = target()
-    if wanted is None or _installed:
+    hang = os.environ.get(HANG_ENV)
+    names = {spec[0] for spec in (target(), parse(hang) if hang else None) if spec}
+    if not names or _installed:
         return _installed
     _wrap_publish()
     _wrap_renew()
-    if wanted[0] == "step":
+    if "step" in names:
         _wrap_train_step()
-    if wanted[0] == "load":
+    if "load" in names:
         _wrap_load_model()
     _installed = True
     return True
@@ -170,6 +191,7 @@ def _before(method, name: str):
     @functools.wraps(method)
     def wrapped(*args, **kwargs):
         killpoint(name)
+        hangpoint(name)
         return method(*args, **kwargs)
 
     return wrapped

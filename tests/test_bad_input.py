@@ -246,3 +246,17 @@ def test_hub_that_does_not_answer_while_pinning_the_model(tiny, tmp_path):
     done = agent(config, tmp_path, HF_ENDPOINT="http://127.0.0.1:9")
     refused(done, "127.0.0.1:9", "run again", code=1)
     assert snapshot(tmp_path / "store") == {}
+
+
+@pytest.mark.parametrize("env,phrase", [
+    ({"BATON_KERNELS": "fast"}, "not a kernel path"),
+    ({"BATON_KERNELS": "triton", "TRITON_INTERPRET": "0"}, "interpreter"),
+])
+def test_kernel_choice_this_machine_cannot_honour(tiny, tmp_path, env, phrase):
+    """A BATON_KERNELS that cannot run here (a typo; Triton on a CPU without the interpreter,
+    like Triton on a GPU below sm_75) is invalid input: exit 2 before the lease is taken."""
+    config = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"],
+                          store=str(tmp_path / "store"))
+    done = agent(config, tmp_path, **env)
+    refused(done, phrase, "BATON_KERNELS")
+    assert snapshot(tmp_path / "store") == {}, "refused before the run was created"

@@ -74,7 +74,8 @@ def test_handoff_across_precisions_keeps_step_lr_order_and_scaler(tmp_path, tiny
         trainer.save(previous)
     assert [r.step for r, _ in handed] == [r.step for r in whole]
     assert [r.lr for r, _ in handed] == [r.lr for r in whole]
-    assert [r.loss for r, _ in handed] == pytest.approx([r.loss for r in whole], abs=1e-2)
+    # Measured: at most 8.1e-4 from the fp32 run's losses over the 8 steps.
+    assert [r.loss for r, _ in handed] == pytest.approx([r.loss for r in whole], abs=2e-3)
 
 
 def test_adamw_8bit_steps_on_the_cpu_and_resumes_exactly(tmp_path, tiny_model_dir, pairs_file):

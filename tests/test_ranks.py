@@ -137,6 +137,28 @@ def test_a_dead_rank_ends_the_session_within_a_minute(tiny, tmp_path, where):
         assert head_after[0].step >= head_before[0].step
 
 
+@pytest.mark.slow
+def test_a_rank_0_stuck_with_a_dead_peer_is_killed_and_its_lease_released(tiny, tmp_path):
+    """Over NCCL a collective with a dead peer can hang past any signal handler: rank 0 hangs
+    at its 2nd step (BATON_HANG) while rank 1 dies there. torch's agent SIGKILLs rank 0 30 s
+    after its SIGTERM, and the launcher releases the lease rank 0 held."""
+    uri = str(tmp_path / "store")
+    agent = TwoRankAgent(config_for(tiny, tmp_path), tmp_path / "work",
+                         BATON_KILLPOINT="step:2", BATON_KILLPOINT_RANK="1",
+                         BATON_HANG="step:2", BATON_HANG_RANK="0")
+    try:
+        killed_at = agent.wait_for(ANNOUNCE)
+        code, ended = agent.finish(timeout=DEAD_RANK_BOUND_S + 30)
+    finally:
+        agent.kill()
+    print(f"rank 0 stuck, rank 1 killed: the agent exited {ended - killed_at:.1f} s later")
+    assert code == 1, agent.text()
+    assert ended - killed_at < DEAD_RANK_BOUND_S, agent.text()
+    assert "released the lease rank 0 held" in agent.text()
+    assert_lease_released(uri)
+    assert_head_is_complete_or_absent(uri, tmp_path)
+
+
 # -- signals reach rank 0, which commits and pauses ------------------------------------------
 
 @pytest.mark.slow
@@ -156,6 +178,24 @@ def test_sigterm_to_the_launcher_pauses_the_session_with_a_commit(tiny, tmp_path
     assert head.step >= 3
     assert_lease_released(uri)
     assert_head_is_complete_or_absent(uri, tmp_path)
+
+
+@pytest.mark.slow
+def test_rank_0s_exit_code_is_the_sessions(tiny, tmp_path):
+    """Another agent holds the lease: rank 0 exits 73 before any plan, the follower is told to
+    stop, and the launcher returns 73 (not a launcher failure)."""
+    from handoff.lease import LeaseManager
+
+    uri = str(tmp_path / "store")
+    config = config_for(tiny, tmp_path)
+    LeaseManager(open_run(uri), holder="someone-else", ttl=600).acquire()
+    agent = TwoRankAgent(config, tmp_path / "work")
+    try:
+        code, _ = agent.finish(timeout=240)
+    finally:
+        agent.kill()
+    assert code == 73, agent.text()
+    assert "rank 1 of the session ended" not in agent.text()
 
 
 # -- the launcher's parts ------------------------------------------------------------------
