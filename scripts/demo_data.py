@@ -79,8 +79,10 @@ def build_pairs(count: int = 400, root: Optional[Path] = None) -> list[dict[str,
     return pairs
 
 
-def write_jsonl(out: Path, count: int = 400, root: Optional[Path] = None) -> Path:
-    """Write the dataset as JSONL (one {"prompt", "completion"} object a line)."""
+def write_jsonl(out: Path, count: int = 400, root: Optional[Path] = None, *,
+                chat: bool = False) -> Path:
+    """Write the dataset as JSONL: one {"prompt", "completion"} object a line, or with `chat`
+    one {"messages": [user, assistant]} object."""
     pairs = build_pairs(count, root)
     if not pairs:
         raise ValueError(f"no documented functions found under {root or 'the stdlib'}")
@@ -88,7 +90,8 @@ def write_jsonl(out: Path, count: int = 400, root: Optional[Path] = None) -> Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8", newline="\n") as fh:
         for record in pairs:
-            fh.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+            shaped = as_chat(record) if chat else record
+            fh.write(json.dumps(shaped, ensure_ascii=False, sort_keys=True) + "\n")
     return out
 
 
@@ -98,25 +101,13 @@ def as_chat(record: dict[str, str]) -> dict[str, list[dict[str, str]]]:
                          {"role": "assistant", "content": record["completion"]}]}
 
 
-def write_chat_jsonl(out: Path, count: int = 400, root: Optional[Path] = None) -> Path:
-    """The same records as write_jsonl, in chat format ({"messages": [user, assistant]})."""
-    pairs = build_pairs(count, root)
-    if not pairs:
-        raise ValueError(f"no documented functions found under {root or 'the stdlib'}")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8", newline="\n") as fh:
-        for record in pairs:
-            fh.write(json.dumps(as_chat(record), ensure_ascii=False, sort_keys=True) + "\n")
-    return out
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the JSONL file to write")
     parser.add_argument("--count", type=int, default=400, help="records to keep (default 400)")
+    parser.add_argument("--chat", action="store_true", help="chat records ({'messages': ...})")
     args = parser.parse_args(argv)
-    path = write_jsonl(args.out, args.count)
+    path = write_jsonl(args.out, args.count, chat=args.chat)
     print(f"{sum(1 for _ in open(path, encoding='utf-8'))} records written to {path}")
     return 0
 

@@ -45,7 +45,7 @@ def write_config(out: Path, model: Path, steps: int) -> Path:
 def evaluate(out: Path) -> dict:
     """scripts/eval.py on the demo's run, in its own process as a person would run it."""
     command = [sys.executable, str(ROOT / "scripts" / "eval.py"), "--store", str(out / "store"),
-               "--run", RUN, "--prompts", "1", "--max-new-tokens", "64",
+               "--run", RUN, "--prompts", "1", "--max-new-tokens", "48",
                "--json", str(out / "eval.json")]
     print("$ " + " ".join(a.replace(str(ROOT) + "/", "") for a in command[1:]), flush=True)
     if subprocess.run(command, cwd=ROOT).returncode != OK:

@@ -81,11 +81,9 @@ def fetch_inputs(runstore, spec, workdir: Path) -> tuple[Path, Optional[Path]]:
 
 def pull(runstore, checkpoint: Optional[str], dest: Path):
     """(id, folder) of the named checkpoint, or HEAD's (with pull's verified fallback)."""
-    from handoff.checkpoint import pull_checkpoint, pull_named
+    from handoff.checkpoint import pull_chosen
 
-    if checkpoint is not None:
-        return checkpoint, pull_named(runstore, checkpoint, dest).path
-    ref = pull_checkpoint(runstore, dest)
+    ref = pull_chosen(runstore, checkpoint, dest)
     if ref is None:
         raise EvalInputError(f"run {runstore.run!r} has no checkpoint yet; run a session first")
     return ref.id, ref.path

@@ -66,11 +66,9 @@ def _ensure_importable() -> None:
 
 def pull(runstore, checkpoint: Optional[str], dest: Path):
     """(checkpoint id, folder): HEAD's checkpoint with fallback, or the named one, verified."""
-    from handoff.checkpoint import pull_checkpoint, pull_named
+    from handoff.checkpoint import pull_chosen
 
-    if checkpoint is not None:
-        return checkpoint, pull_named(runstore, checkpoint, dest).path
-    ref = pull_checkpoint(runstore, dest)
+    ref = pull_chosen(runstore, checkpoint, dest)
     if ref is None:
         raise MergeError(f"run {runstore.run!r} has no checkpoint yet; run a session first")
     if ref.fell_back:

