@@ -206,13 +206,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     from session.quiet import silence_bnb_kernel_notice
     from training.data import DataError
     from training.engine import CheckpointError
-    from training.model import ModelLoadError
+    from training.model import ModelLoadError, ModelUnavailableError
 
     silence_bnb_kernel_notice()
     try:
         result = evaluate_run(args)
-    except StoreUnavailableError as exc:
-        print(scrub(f"error: the store stayed unreachable: {exc}; try again"), file=sys.stderr)
+    except (StoreUnavailableError, ModelUnavailableError) as exc:
+        print(scrub(f"error: {exc}; try again"), file=sys.stderr)
         return FAILED
     except (EvalInputError, StoreError, DataError, CheckpointError, ModelLoadError) as exc:
         print(scrub(f"error: {exc}"), file=sys.stderr)
