@@ -68,18 +68,19 @@ def commit_checkpoint(runstore: RunStore, local_dir: Path, *, step: int, generat
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     cid = checkpoint_id(step, generation)
+    extra = {check_key(k): Path(p) for k, p in (extra or {}).items()}
     head, version = _read_head(runstore)
     _check_fence(runstore, head, generation, cid)
     if head.checkpoint == cid:
         # Same step, same writer: HEAD already names these files; re-uploading over them would
         # put HEAD's own checkpoint at risk, so only the `finished` flag may change.
-        head = _mark_finished(runstore, head, version, finished, cid, extra or {})
+        head = _mark_finished(runstore, head, version, finished, cid, extra)
     else:
         files = _local_files(Path(local_dir))
         with tempfile.TemporaryDirectory(prefix="baton-manifest-") as staging:
             manifest = _write_manifest(Path(staging), files, cid, step, generation)
             uploads = {runstore.checkpoint_key(cid, n): p for n, p in files.items()}
-            uploads.update({check_key(k): Path(p) for k, p in (extra or {}).items()})
+            uploads.update(extra)
             uploads[runstore.checkpoint_key(cid, MANIFEST)] = manifest  # last, by dict order
             head = _move_head(runstore, uploads, cid, step, generation, finished)
     _retain(runstore, keep, protected={head.checkpoint, head.previous})
@@ -156,11 +157,9 @@ def _mark_finished(runstore: RunStore, head: Head, version: Expect, finished: bo
         return head
     new = head.model_copy(update={"finished": True, "updated_at": utcnow()})
     try:
-        if extra:  # the extra files ride along in the same change (one commit on the Hub)
-            runstore.store.publish({check_key(k): Path(p) for k, p in extra.items()},
-                                   runstore.key("HEAD.json"), new.to_json(), expect=version)
-        else:
-            runstore.write_head(new, expect=version)
+        # The extra files ride along in the same change (one commit on the Hub); with none,
+        # publish is a plain conditional write of HEAD.
+        runstore.store.publish(extra, runstore.key("HEAD.json"), new.to_json(), expect=version)
     except ConflictError:
         head, _ = _read_head(runstore)
         if head.checkpoint == cid and head.finished:

@@ -8,8 +8,8 @@ scripts/real_model.py), on chat records made from the standard library, across t
 and ends with scripts/eval.py: the base model's held-out loss against the fine-tune's, and a
 held-out prompt answered by both (scripts/demo_real.py). `--tiny` is the offline demo below.
 
-With --tiny it builds a tiny Llama-shaped model and tokenizer, a dataset of docstring -> function pairs
-from Python's standard library, and a run.yaml in demo-out/. Then it runs the real CLI:
+With --tiny it builds a tiny Llama-shaped model and tokenizer, a dataset of docstring ->
+function pairs from Python's standard library, and a run.yaml in demo-out/. Then it runs the real CLI:
 session 1 (`agent.py run --session-limit 60s`) trains until its clock runs out (or, on a fast
 machine, until a SIGTERM at a third of the run), commits and pauses (exit 75); session 2, a
 fresh process with a fresh work folder as if on another machine,
@@ -221,9 +221,7 @@ def real_demo(args, out: Path, started: float) -> int:
     config = write_config(out, model, args.steps)
     print(f"model {model}, {args.samples} chat records in {_short(str(data))}, config "
           f"{_short(str(config))} (ready after {time.monotonic() - started:.0f} s)")
-    paused_at, resumed_at = run_sessions(out, config, args.session_limit, args.steps)
-    say("status, readable from any machine")
-    agent("status", "--store", str(out / "store"), "--run", RUN, "--plot", str(out / "loss.png"))
+    paused_at, resumed_at = sessions_then_status(out, config, args)
     say("did it help? the base model against the fine-tune, on the records the run held out")
     result = evaluate(out)
     say("done")
@@ -239,6 +237,14 @@ def real_demo(args, out: Path, started: float) -> int:
     return OK if paused_at == resumed_at and helped else FAILED
 
 
+def sessions_then_status(out: Path, config: Path, args: argparse.Namespace) -> tuple[int, int]:
+    """Both sessions, then `status` with the loss plot; (paused at, resumed at)."""
+    paused_at, resumed_at = run_sessions(out, config, args.session_limit, args.steps)
+    say("status, readable from any machine")
+    agent("status", "--store", str(out / "store"), "--run", RUN, "--plot", str(out / "loss.png"))
+    return paused_at, resumed_at
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
@@ -250,9 +256,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     config = write_config(out, model, args.steps)
     print(f"model {_short(str(model))}, {args.samples} samples in {_short(str(data))}, "
           f"config {_short(str(config))}")
-    paused_at, resumed_at = run_sessions(out, config, args.session_limit, args.steps)
-    say("status, readable from any machine")
-    agent("status", "--store", str(out / "store"), "--run", RUN, "--plot", str(out / "loss.png"))
+    paused_at, resumed_at = sessions_then_status(out, config, args)
     say("merge the adapter into the base model")
     if merge(out) != OK:
         raise SystemExit("merge failed; see its message above")
@@ -260,7 +264,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     say("done")
     print(f"session 1 paused at step {paused_at}, session 2 resumed at step {resumed_at}"
           f"{' (the same step)' if paused_at == resumed_at else ' (MISMATCH)'}")
-    print(f"merged model: {_short(str(out / 'merged'))}; loss plot: {_short(str(out / 'loss.png'))}")
+    print(f"merged model: {_short(str(out / 'merged'))}; "
+          f"loss plot: {_short(str(out / 'loss.png'))}")
     print(f"the merged model, loaded with plain transformers, continues the first prompt with "
           f"{sample!r} (a random tiny model trained for a minute: expect no sense, and a loss "
           "that barely moves; the point is the handoff)")

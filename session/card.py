@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-
-def _num(value: Optional[float], fmt: str = "{:,}") -> str:
+def num_text(value: Optional[float], fmt: str = "{:,}") -> str:
+    """A number as the page and `status` show it; '-' when there is none."""
     return "-" if value is None else fmt.format(value)
 
 
-def _when(iso: Optional[str]) -> str:
-    """'2026-11-23T17:25:31.5+00:00' -> '11-23 17:25' (UTC), as `status` shows it."""
+def utc_short(iso: Optional[str]) -> str:
+    """'2026-11-23T17:25:31.5+00:00' -> '11-23 17:25' (UTC): fits a narrow terminal."""
     return "" if not iso else iso[5:16].replace("T", " ")
+
 
 TAGS = ["baton", "qlora", "lora", "peft"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -61,18 +62,18 @@ def state_rows(status: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [
         ("state", STATE_NOTE.get(status["state"], status["state"])),
         ("base model", status.get("model") or "-"),
-        ("step", f"{status['step']:,} of {_num(total)}{done}"),
+        ("step", f"{status['step']:,} of {num_text(total)}{done}"),
         ("epoch (from 0)", f"{status.get('epoch', 0)}, {status.get('epoch_position', 0):,} "
                            "samples in"),
-        ("tokens seen", _num(status.get("tokens_seen"))),
-        ("loss", _num(status.get("loss"), "{:.4f}")),
-        ("eval loss", _num(status.get("eval_loss"), "{:.4f}")),
+        ("tokens seen", num_text(status.get("tokens_seen"))),
+        ("loss", num_text(status.get("loss"), "{:.4f}")),
+        ("eval loss", num_text(status.get("eval_loss"), "{:.4f}")),
     ]
     if status.get("base_eval_loss") is not None:  # the untrained model's, when measured
-        rows.append(("base eval loss", _num(status["base_eval_loss"], "{:.4f}")))
+        rows.append(("base eval loss", num_text(status["base_eval_loss"], "{:.4f}")))
     rows += [("checkpoint", status.get("checkpoint") or "-"),
-             ("sessions left (estimate)", _num(status.get("sessions_left_estimate"))),
-             ("updated (UTC)", _when(status.get("checked_at")) or "-")]
+             ("sessions left (estimate)", num_text(status.get("sessions_left_estimate"))),
+             ("updated (UTC)", utc_short(status.get("checked_at")) or "-")]
     return rows
 
 
@@ -81,7 +82,8 @@ def sessions_table(sessions: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for i, s in enumerate(sessions, start=1):
         gpu = f"{s['gpu']} x{s['gpu_count']}" if s.get("gpu_count", 1) > 1 else s["gpu"]
-        cells = [i, s["host"], gpu, _when(s["started"]), f"{s['start_step']} → {s['end_step']}",
+        cells = [i, s["host"], gpu, utc_short(s["started"]),
+                 f"{s['start_step']} → {s['end_step']}",
                  f"{s['tokens_per_s']:,.0f}", s["kernels"],
                  "running" if s["exit_code"] is None else s["exit_code"]]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")

@@ -20,6 +20,7 @@ from state_schema import Cursor, Head, Lease, RunSpec, SchemaError, SessionRecor
 from handoff import Store, StoreConfigError, StoreError, open_store
 from handoff.runstore import RunStore, parse_checkpoint_id
 
+from .card import num_text, utc_short, write_page
 from .codes import DEFAULT_SESSION_LIMIT_S, FAILED, INVALID, OK, PAUSED
 
 
@@ -224,10 +225,6 @@ def plot_losses(view: RunView, path: Path) -> Path:
     return path
 
 
-def _num(value: Optional[float], fmt: str = "{:,}") -> str:
-    return "-" if value is None else fmt.format(value)
-
-
 def render(status: dict[str, Any], console=None) -> None:
     """The status as rich tables for a person."""
     from rich.console import Console
@@ -240,14 +237,16 @@ def render(status: dict[str, Any], console=None) -> None:
     lease = status["lease"]
     for label, value in [
         ("state", status["state"]), ("model", status["model"] or "-"),
-        ("step", f"{status['step']:,} / {_num(total)}{done}"), ("epoch (from 0)", f"{status['epoch']}, {status['epoch_position']:,} samples in"),
-        ("samples seen", _num(status["samples_seen"])), ("tokens seen", _num(status["tokens_seen"])),
-        ("loss", _num(status["loss"], "{:.4f}")), ("eval loss", _eval_text(status)),
+        ("step", f"{status['step']:,} / {num_text(total)}{done}"),
+        ("epoch (from 0)", f"{status['epoch']}, {status['epoch_position']:,} samples in"),
+        ("samples seen", num_text(status["samples_seen"])),
+        ("tokens seen", num_text(status["tokens_seen"])),
+        ("loss", num_text(status["loss"], "{:.4f}")), ("eval loss", _eval_text(status)),
         ("checkpoint", status["checkpoint"] or "-"),
         ("lease", "-" if lease is None else
-         f"{lease['host']} ({lease['gpu']}) until {_when(lease['expires_at'])} UTC"
+         f"{lease['host']} ({lease['gpu']}) until {utc_short(lease['expires_at'])} UTC"
          f"{' live' if lease['live'] else ' (released or expired)'}"),
-        ("sessions left (estimate)", _num(status["sessions_left_estimate"])),
+        ("sessions left (estimate)", num_text(status["sessions_left_estimate"])),
     ]:
         summary.add_row(label, value)
     console.print(summary)
@@ -257,18 +256,13 @@ def render(status: dict[str, Any], console=None) -> None:
 
 def _eval_text(status: dict[str, Any]) -> str:
     """'1.4900, base 1.7000': an eval loss means little without the base model's."""
-    text, base = _num(status["eval_loss"], "{:.4f}"), status.get("base_eval_loss")
+    text, base = num_text(status["eval_loss"], "{:.4f}"), status.get("base_eval_loss")
     return text if base is None else f"{text}, base {base:.4f}"
-
-
-def _when(iso: Optional[str]) -> str:
-    """'2026-11-23T17:25:31.5+00:00' -> '11-23 17:25' (UTC): fits a narrow terminal."""
-    return "" if not iso else iso[5:16].replace("T", " ")
 
 
 def _span(started: Optional[str], ended: Optional[str]) -> str:
     """'12-01 00:13-01:25': the end's day only when it differs (UTC)."""
-    begin, end = _when(started), _when(ended)
+    begin, end = utc_short(started), utc_short(ended)
     if not end:
         return f"{begin}-running"
     return f"{begin}-{end[6:] if end[:5] == begin[:5] else end}"
@@ -289,15 +283,13 @@ def _sessions_table(rows: list[dict[str, Any]]):
             steps += f" ({s['skipped_steps']} skipped)"
         table.add_row(f"{s['host']} {gpu}", _span(s["started"], s["ended"]), steps,
                       f"{s['tokens_per_s']:,.0f}", f"{s['precision']} {s['kernels']}",
-                      _num(s["exit_code"]))
+                      num_text(s["exit_code"]))
     return table
 
 
 def _write_html(store: Store, view: RunView, status: dict[str, Any], out: Path) -> Path:
     """`--html`: the run's page (session/card.py) with this view's loss plot inlined."""
     import tempfile
-
-    from .card import write_page
 
     with tempfile.TemporaryDirectory(prefix="baton-page-") as tmp:
         plot_png = plot_losses(view, Path(tmp) / "loss.png").read_bytes()

@@ -2,7 +2,8 @@
 
 bf16 on compute capability >= 8.0; fp16 with dynamic loss scaling on 7.x (T4) and 6.x (P100);
 fp32 on the CPU. `train.precision` (or `--precision`) forces one: the CPU runs fp16 and bf16
-under its own autocast, which is how the GPU's mixed-precision paths are tested without a GPU. A GPU the installed torch has no kernels for (a P100, sm_60, under a torch built
+under its own autocast, which is how the GPU's mixed-precision paths are tested without a GPU.
+A GPU the installed torch has no kernels for (a P100, sm_60, under a torch built
 for sm_70 and up) is refused at start, before any download, with the torch build that fits it.
 """
 

@@ -127,8 +127,8 @@ def collate(samples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 
     Packed blocks get position_ids and no attention_mask: transformers (5.x, SDPA, eager and
     flex alike) builds a block-diagonal causal mask from restarting positions only when no 2D
-    mask and no KV cache are given (the trainer sets use_cache=False). Right padding needs no mask there: causal attention never looks right, and
-    padding carries no label."""
+    mask and no KV cache are given (the trainer sets use_cache=False). Right padding needs no
+    mask there: causal attention never looks right, and padding carries no label."""
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
