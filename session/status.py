@@ -289,10 +289,10 @@ def _sessions_table(rows: list[dict[str, Any]]):
 
 
 def _path(s: dict[str, Any]) -> str:
-    """Precision, kernels and attention of a session, e.g. "fp16 triton sdpa_spans"; padded
-    rows say so ("fp32 reference sdpa padded")."""
+    """Precision and kernels of a session, its attention below ("fp16 triton" over
+    "sdpa_spans"; padded rows say so: "sdpa padded"), so the table stays 80 columns wide."""
     layout = "" if s.get("padding_free") else " padded"
-    return f"{s['precision']} {s['kernels']} {s.get('attention', 'sdpa')}{layout}"
+    return f"{s['precision']} {s['kernels']}\n{s.get('attention', 'sdpa')}{layout}"
 
 
 def _write_html(store: Store, view: RunView, status: dict[str, Any], out: Path) -> Path:

@@ -143,6 +143,8 @@ def test_json_and_plot(tmp_path, capsys):
         assert key in out
     for key in ("holder", "host", "gpu", "expires_at", "live"):
         assert key in out["lease"]
+    # Records from before the padding-free layout read as what they ran: padded SDPA.
+    assert [(s["attention"], s["padding_free"]) for s in out["sessions"]] == [("sdpa", False)] * 2
     assert out["plot"] == str(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
@@ -155,6 +157,7 @@ def test_human_table(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "paused" in out and "100 / 200 (50.0%)" in out and "00000100-g2" in out
     assert "host-s2 Tesla T4" in out and "50->100" in out
+    assert "sdpa padded" in out  # the attention path, under precision and kernels
     assert max(len(line) for line in out.splitlines()) <= 80
 
 
