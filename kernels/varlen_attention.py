@@ -108,15 +108,18 @@ def sdpa_spans(query, key, value, segments: Segments, *, scale: Optional[float] 
     sample (then that sample's own [L, L] band, still no more than its padded cost)."""
     batch = query.shape[0]
     groups = query.shape[1] // key.shape[1]
-    q, k, v = _flat(query), _flat(_repeat_kv(key, groups)), _flat(_repeat_kv(value, groups))
+    lengths = [end - start for start, end in segments.spans]
+    # split, not slicing: its backward is one concatenation, where each slice's backward
+    # would write a zero-filled tensor of the whole row.
+    spans = zip(*(_flat(t).split(lengths, dim=2)
+                  for t in (query, _repeat_kv(key, groups), _repeat_kv(value, groups))))
     outs = []
-    for start, end in segments.spans:
+    for q, k, v in spans:
         mask = None
-        if window is not None and end - start > window:
-            mask = window_mask(end - start, window, query.device)
+        if window is not None and q.shape[2] > window:
+            mask = window_mask(q.shape[2], window, query.device)
         outs.append(F.scaled_dot_product_attention(
-            q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], attn_mask=mask,
-            dropout_p=dropout, is_causal=mask is None, scale=scale))
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scale))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return _unflat(out, batch)
 

@@ -35,7 +35,7 @@ def _qkv(batch: int, length: int, heads: int = 4, kv_heads: int = 2, dim: int = 
 def _grads(fn, q, k, v, segments, **kw):
     out = fn(q, k, v, segments, **kw)
     g = torch.Generator().manual_seed(9)
-    (out * torch.randn(out.shape, generator=g)).sum().backward()
+    (out * torch.randn(out.shape, generator=g).to(out.device, out.dtype)).sum().backward()
     grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
@@ -98,3 +98,31 @@ def test_window_mask_is_hf_sliding_window():
 ])
 def test_path_choice(device, cap, flash, dtype, want):
     assert varlen_path_for(device, cap, flash, dtype) == want
+
+
+def _gpu_paths() -> list:
+    from kernels.varlen_attention import flash_available
+
+    if not torch.cuda.is_available():
+        return [pytest.param(None, marks=pytest.mark.skip(reason="needs a CUDA GPU"))]
+    paths = [SDPA_SPANS]
+    if flash_available() and torch.cuda.get_device_capability() >= (8, 0):
+        paths.append(FLASH_VARLEN)
+    return paths
+
+
+@pytest.mark.parametrize("path", _gpu_paths())
+def test_gpu_paths_in_fp16_match_reference(path):
+    """On a GPU (scripts/gpu_check.py): each path this GPU has, in fp16, against the fp32
+    reference; 16-bit tolerances (2e-3 on outputs of unit scale)."""
+    from kernels.varlen_attention import VARLEN_FUNCTIONS
+
+    pos = _positions([[37, 5, 90, 16]]).cuda()
+    q, k, v = (t.detach().cuda().half().requires_grad_() for t in _qkv(1, 148))
+    seg = segments_of(pos, 1)
+    got, got_grads = _grads(VARLEN_FUNCTIONS[path], q, k, v, seg, scale=0.25, window=32)
+    ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    want, want_grads = _grads(varlen_attention_reference, *ref, seg, scale=0.25, window=32)
+    torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
+    for name, a, b in zip("qkv", got_grads, want_grads):
+        torch.testing.assert_close(a.float(), b, atol=5e-3, rtol=5e-3, msg=f"d{name}")

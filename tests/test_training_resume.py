@@ -85,9 +85,11 @@ def test_resume_with_other_micro_batch_keeps_samples_and_order(whole_run, tiny_m
                          until=N_STEPS, load=str(tmp / "partial-ckpt" / "5"))
     assert [s["indices"] for s in resumed] == [s["indices"] for s in whole[5:]]
     assert [s["lr"] for s in resumed] == [s["lr"] for s in whole[5:]]
-    # Loss is normalised by the step's token count, so only padding-order rounding differs.
+    # Loss is normalised by the step's token count; but LoRA dropout (0.1) draws its masks
+    # over the micro-batch's shape (one row of two samples, or of one), so the losses part by
+    # dropout noise (with dropout 0 they agree: test_training_engine.py's micro-batch test).
     for got, want in zip(resumed, whole[5:]):
-        assert got["loss"] == pytest.approx(want["loss"], abs=2e-3)
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-2)
 
 
 @pytest.mark.slow

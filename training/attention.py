@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from kernels.varlen_attention import (
-    SDPA_SPANS, VARLEN_FUNCTIONS, VARLEN_PATHS, flash_available, segments_of, varlen_path_for,
+    VARLEN_FUNCTIONS, VARLEN_PATHS, flash_available, segments_of, varlen_path_for,
 )
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,14 @@ def use_varlen_attention(model, device: torch.device, dtype: torch.dtype) -> str
     register()
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     lm.set_attn_implementation(implementation_name(path))
-    log.info("attention: %s (per sample, no mask over the row)", path)
-    return path
+    running = current_attention(model)
+    if running != path:  # transformers declined (a model without the AttentionInterface)
+        log.warning("%s kept %s attention: rows of several samples get transformers' dense "
+                    "block-diagonal mask; --no-padding-free avoids it", type(lm).__name__,
+                    running)
+    else:
+        log.info("attention: %s (per sample, no mask over the row)", path)
+    return running
 
 
 def current_attention(model) -> str:
@@ -123,6 +129,3 @@ def current_attention(model) -> str:
     name = lm.config._attn_implementation or "eager"
     return name[len(IMPLEMENTATION_PREFIX):] if name.startswith(IMPLEMENTATION_PREFIX) else name
 
-
-__all__ = ["AttentionLayoutError", "SDPA_SPANS", "choose_path", "current_attention",
-           "register", "use_varlen_attention", "varlen_mask"]

@@ -21,8 +21,8 @@ IGNORE = -100
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    # Set on packed blocks only: positions restart at 0 at each sample, which is how
-    # transformers tells the samples apart and keeps them from attending to each other.
+    # Set on packed blocks only: positions restart at 0 at each sample, which is how the
+    # varlen attention (training/attention.py) tells the samples apart.
     position_ids: Optional[list[int]] = None
 
     @property
@@ -123,12 +123,13 @@ def pack(samples: list[Encoded], max_seq_len: int) -> list[Encoded]:
 
 
 def collate(samples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample of the micro-batch.
+    """Right-pad to the longest sample of the micro-batch (the padded layout; padding-free
+    rows are training/layout.py's).
 
-    Packed blocks get position_ids and no attention_mask: transformers (5.x, SDPA, eager and
-    flex alike) builds a block-diagonal causal mask from restarting positions only when no 2D
-    mask and no KV cache are given (the trainer sets use_cache=False). Right padding needs no
-    mask there: causal attention never looks right, and padding carries no label."""
+    Packed blocks get position_ids and no attention_mask: the trainer's varlen attention
+    (training/attention.py) reads the samples from restarting positions (plain transformers
+    would build a block-diagonal mask from them). Right padding needs no mask there: causal
+    attention never looks right, and padding carries no label."""
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
