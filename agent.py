@@ -3,7 +3,7 @@
 
     python agent.py run    --config run.yaml [--store URI] [--run NAME] [--session-limit 12h]
                            [--session-start ISO|now] [--takeover] [--micro-batch-size N]
-                           [--precision auto|fp32|fp16|bf16]
+                           [--precision auto|fp32|fp16|bf16] [--[no-]padding-free]
                            [--workdir DIR] [--log-every SECONDS] [--notify URL]
     python agent.py status --store URI --run NAME [--json] [--plot loss.png] [--html OUT.html]
     python agent.py plan   --config run.yaml [--json]
@@ -83,7 +83,8 @@ def apply_overrides(doc: dict[str, Any], args: argparse.Namespace) -> dict[str, 
     flat = {("store",): args.store, ("run",): args.run,
             ("session", "limit"): args.session_limit, ("session", "start"): args.session_start,
             ("train", "micro_batch_size"): args.micro_batch_size,
-            ("train", "precision"): args.precision}
+            ("train", "precision"): args.precision,
+            ("data", "padding_free"): args.padding_free}
     for path, value in flat.items():
         if value is None:
             continue
@@ -257,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"),
                      help="this session's precision (default train.precision: auto, the GPU's "
                           "policy); may change between sessions")
+    run.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=None,
+                     help="this session's micro-batch layout: samples end to end without "
+                          "padding (default data.padding_free: true) or --no-padding-free "
+                          "for padded rows; may change between sessions")
     run.add_argument("--workdir", type=Path, help="local cache (default ~/.cache/baton/<run>)")
     run.add_argument("--log-every", type=float, default=None,
                      help="seconds between progress lines when not on a terminal (default 30)")
@@ -278,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", required=True, type=Path)
     plan.add_argument("--json", action="store_true")
     for flag in ("store", "run", "session_limit", "session_start", "micro_batch_size",
-                 "precision", "notify"):
+                 "precision", "notify", "padding_free"):
         plan.set_defaults(**{flag: None})
     plan.set_defaults(handler=cmd_plan)
     return parser

@@ -286,16 +286,19 @@ class Session:
 
         trainer = Trainer(self.spec, data_path=data_path, eval_path=eval_path,
                           micro_batch_size=self.config.train.micro_batch_size,
-                          device=device.device, precision=device.precision)
+                          device=device.device, precision=device.precision,
+                          padding_free=self.config.data.padding_free)
         if ref is not None:
             trainer.load(ref.path)
         self.record.start_step = self.record.end_step = trainer.cursor.step
         self.report.total = trainer.cursor.total_steps
         self.record.kernels = getattr(trainer.device_info, "kernels", "none")
+        self.record.attention, self.record.padding_free = trainer.attention, trainer.padding_free
         self.say(f"run {self.config.run!r}: step {trainer.cursor.step}/"
                  f"{trainer.cursor.total_steps} on {device.name}{self.ranks.describe()} "
-                 f"({device.precision}, kernels "
-                 f"{self.record.kernels}), lease generation {self.lease.generation}")
+                 f"({device.precision}, kernels {self.record.kernels}, attention "
+                 f"{trainer.attention}{'' if trainer.padding_free else ', padded'}), "
+                 f"lease generation {self.lease.generation}")
         return trainer
 
     def _loop(self, trainer, checkpoints: Checkpointer) -> int:

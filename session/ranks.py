@@ -98,7 +98,8 @@ def follow(config: RunConfig, ranks: Ranks) -> int:
         plan = ranks.hear()
         if plan == "stop":  # rank 0 ended before training; its exit code is the session's
             return FINISHED
-        trainer = planned_trainer(plan, config.train.micro_batch_size, config.train.precision)
+        trainer = planned_trainer(plan, config.train.micro_batch_size, config.train.precision,
+                                  config.data.padding_free)
         while (word := ranks.hear()) != "stop":
             if word == "step":
                 trainer.train_step()
@@ -109,13 +110,15 @@ def follow(config: RunConfig, ranks: Ranks) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def planned_trainer(plan: dict, micro_batch_size: int, precision: str = "auto"):
+def planned_trainer(plan: dict, micro_batch_size: int, precision: str = "auto",
+                    padding_free: bool = True):
     """The trainer rank 0 described: the same spec, data and checkpoint."""
     from training.engine import Trainer
 
     trainer = Trainer(RunSpec.from_json(plan["spec"]), data_path=Path(plan["data"]),
                       eval_path=Path(plan["eval"]) if plan["eval"] else None,
-                      micro_batch_size=micro_batch_size, precision=precision)
+                      micro_batch_size=micro_batch_size, precision=precision,
+                      padding_free=padding_free)
     if plan["checkpoint"]:
         trainer.load(Path(plan["checkpoint"]))
     return trainer

@@ -72,6 +72,7 @@ def session_row(rec: SessionRecord) -> dict[str, Any]:
         "gpu_count": rec.gpu_count, "started": _iso(rec.started), "ended": _iso(rec.ended),
         "start_step": rec.start_step, "end_step": rec.end_step, "steps": rec.steps,
         "tokens_per_s": round(rec.tokens_per_s, 1), "kernels": rec.kernels,
+        "attention": rec.attention, "padding_free": rec.padding_free,
         "precision": rec.precision, "skipped_steps": rec.skipped_steps,
         "exit_code": rec.exit_code,
     }
@@ -282,9 +283,16 @@ def _sessions_table(rows: list[dict[str, Any]]):
         if s["skipped_steps"]:
             steps += f" ({s['skipped_steps']} skipped)"
         table.add_row(f"{s['host']} {gpu}", _span(s["started"], s["ended"]), steps,
-                      f"{s['tokens_per_s']:,.0f}", f"{s['precision']} {s['kernels']}",
+                      f"{s['tokens_per_s']:,.0f}", _path(s),
                       num_text(s["exit_code"]))
     return table
+
+
+def _path(s: dict[str, Any]) -> str:
+    """Precision, kernels and attention of a session, e.g. "fp16 triton sdpa_spans"; padded
+    rows say so ("fp32 reference sdpa padded")."""
+    layout = "" if s.get("padding_free") else " padded"
+    return f"{s['precision']} {s['kernels']} {s.get('attention', 'sdpa')}{layout}"
 
 
 def _write_html(store: Store, view: RunView, status: dict[str, Any], out: Path) -> Path:

@@ -65,6 +65,9 @@ class DataConfig(Strict):
     eval: Union[float, str, None] = 0.05
     max_seq_len: int = Field(2048, ge=8)
     packing: bool = False
+    # A micro-batch's samples end to end in one row, no padding (training/layout.py). It
+    # changes the computation, not the run: not part of the spec; may change per session.
+    padding_free: bool = True
 
     @field_validator("eval")
     @classmethod

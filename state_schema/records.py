@@ -91,6 +91,10 @@ class SessionRecord(Stored):
     gpu_count: int = 0
     kernels: Literal["triton", "reference", "none"] = "none"
     precision: str = "fp32"
+    # The attention path (training/attention.py): "flash_varlen" or "sdpa_spans" per sample,
+    # or the model's own (e.g. "sdpa") over padded rows; records before it were padded sdpa.
+    attention: str = "sdpa"
+    padding_free: bool = False  # the micro-batch layout of this session
     started: datetime = Field(default_factory=utcnow)
     ended: Optional[datetime] = None
     start_step: int = 0

@@ -22,7 +22,8 @@ from state_schema import Cursor, RunSpec
 from . import dist, rng
 from .dataset import RunData
 from .devices import DeviceInfo, detect_device
-from .encode import Encoded, collate
+from .encode import Encoded
+from .layout import collator, needs_varlen_attention, uses_padding_free
 from .model import load_model, trainable_parameters
 from .optim import (OPTIMIZER_FILE, OptimizerStateError, load_optimizer, make_optimizer,
                     make_scheduler, save_optimizer)
@@ -58,7 +59,7 @@ def total_steps(spec: RunSpec, n_train: int) -> int:
 class Trainer:
     def __init__(self, spec: RunSpec, *, data_path: Path, eval_path: Optional[Path] = None,
                  micro_batch_size: int, device: Optional[str] = None,
-                 precision: str = "auto"):
+                 precision: str = "auto", padding_free: bool = True):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
         self.spec = spec
@@ -70,6 +71,7 @@ class Trainer:
         self.model, self.tokenizer = load_model(spec, self.device_info)
         self.data.attach(self.tokenizer)
         self._patch_kernels()
+        self._choose_layout(padding_free)
         self.params = [p for _, p in trainable_parameters(self.model)]
         # More than one rank: DDP reduces the LoRA gradients (None on one rank). self.model
         # stays the PEFT model for eval, save and load; only the training forward goes via DDP.
@@ -92,6 +94,17 @@ class Trainer:
         report = patch_model(self.model, self.device_info)
         self.device_info.kernels = report.path
         log.info("kernels: %s path, patched %s", report.path, ", ".join(report.patched))
+
+    def _choose_layout(self, padding_free: bool) -> None:
+        """Padding-free rows (the default) or padded ones, and the attention they need
+        (training/layout.py, training/attention.py); a session may switch either way."""
+        from .attention import current_attention, use_varlen_attention
+
+        self.padding_free = uses_padding_free(padding_free)
+        self.attention = current_attention(self.model)  # the model's own, for padded rows
+        if needs_varlen_attention(self.padding_free, self.spec.data.packing):
+            self.attention = use_varlen_attention(self.model, self.device, self.device_info.dtype)
+        self._collate = collator(self.padding_free, self.tokenizer.pad_token_id)
 
     @property
     def finished(self) -> bool:
@@ -133,8 +146,7 @@ class Trainer:
         return dist.sum_scalar(float(sum(s.label_tokens for s in samples)), self.device)
 
     def _forward(self, chunk: list[Encoded], label_total: torch.Tensor, module=None):
-        batch = {k: v.to(self.device) for k, v in
-                 collate(chunk, self.tokenizer.pad_token_id).items()}
+        batch = {k: v.to(self.device) for k, v in self._collate(chunk).items()}
         with self._autocast():
             # HF's causal-LM loss with num_items_in_batch = sum of token losses / that count.
             model = self.model if module is None else module  # DDP's forward when training
