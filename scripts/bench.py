@@ -172,6 +172,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int, default=1,
                    help="samples a micro-batch (one micro-batch an optimizer step)")
     p.add_argument("--repeats", type=int, default=1, help="runs of the pair; tokens/s: median")
+    p.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=True,
+                   help="Baton's layout with --data (the agent's default: padding-free)")
     p.add_argument("--seed", type=int, default=3407)
     p.add_argument("--memory-cap-gb", type=float, default=T4_MEMORY_CAP_GB,
                    help=f"cap this process's GPU memory (default {T4_MEMORY_CAP_GB}: a T4's); 0: none")
@@ -185,10 +187,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps, --batch-size and --repeats must be >= 1 and --seq-len >= 2")
     if (args.model is None) != (args.data is None):
         p.error("--model and --data go together: a model folder and a run's data file")
-    if (args.preset is None) == (args.data is None) and not (args.kernel and args.preset):
+    if args.kernel:
+        if args.preset is None and not (args.kernel == "lora_mlp" and args.mlp_shape):
+            p.error("--kernel needs --preset NAME (or, for lora_mlp, --mlp-shape H,I)")
+    elif (args.preset is None) == (args.data is None):
         p.error("give --preset NAME, or --model DIR --data FILE")
-    if args.kernel and args.preset is None and args.mlp_shape is None:
-        p.error("--kernel needs --preset NAME (or, for lora_mlp, --mlp-shape H,I)")
     if args.seq_len < 8 and args.data:
         p.error("--seq-len must be >= 8 with --data (a run's data.max_seq_len)")
     return args
@@ -215,7 +218,7 @@ def _kernel(args, device: torch.device) -> dict:
 
 def main(argv=None) -> int:
     from kernels.dispatch import KernelChoiceError
-    from scripts.bench_data import BenchInputError
+    from scripts.bench_data import BenchInputError, run_spec
 
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -224,6 +227,7 @@ def main(argv=None) -> int:
     result = {"preset": args.preset, "model": _text(args.model), "data": _text(args.data),
               "seq_len": args.seq_len, "steps": args.steps, "batch_size": args.batch_size,
               "repeats": args.repeats, "seed": args.seed, "precision": args.precision,
+              "padding_free": args.padding_free if args.data else None,
               "memory_cap_gb": args.memory_cap_gb if device.type == "cuda" else None,
               **_environment(device)}
     try:
@@ -231,6 +235,10 @@ def main(argv=None) -> int:
             result[args.kernel] = _kernel(args, device)
             console.print(result[args.kernel])
         else:
+            # A model or data file the bench cannot use is refused before anything is built.
+            args.spec = run_spec(args.model, args.data, seq_len=args.seq_len,
+                                 micro=args.batch_size, steps=args.steps,
+                                 seed=args.seed) if args.data else None
             result.update(run_training(args, device))
     except (KernelChoiceError, BenchInputError) as exc:  # e.g. Triton on a GPU below sm_75
         console.print(f"[red]error:[/red] {exc}")

@@ -64,7 +64,9 @@ def bench_nf4(args, device: torch.device, dtype: torch.dtype, capability) -> dic
 
 
 def _saved_bytes(run, exclude: list[torch.Tensor]) -> int:
-    """Bytes of the distinct tensors autograd saves while `run()` builds its graph."""
+    """Bytes of the distinct tensors autograd saves while `run()` builds its graph, less those
+    sharing storage with `exclude` (the input, and the weights: a view of a frozen weight
+    costs no memory)."""
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = {}
 
@@ -80,7 +82,7 @@ def _saved_bytes(run, exclude: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def _peft_mlp(hidden: int, inter: int, r: int, dtype: torch.dtype, device: torch.device):
+def peft_mlp(hidden: int, inter: int, r: int, dtype: torch.dtype, device: torch.device):
     """A Llama MLP over bitsandbytes NF4 layers with PEFT LoRA on gate, up and down."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
@@ -107,18 +109,18 @@ def bench_lora_mlp(args, device: torch.device, dtype: torch.dtype) -> dict:
 
     hidden, inter = args.mlp_shape or _preset_mlp(args.preset)
     r, tokens = 16, args.seq_len
-    model = _peft_mlp(hidden, inter, r, dtype, device)
+    model = peft_mlp(hidden, inter, r, dtype, device)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).to(
         device, dtype).requires_grad_()
     result = {"kernel": "lora_mlp", "tokens": tokens, "hidden": hidden, "intermediate": inter,
               "r": r, "dtype": str(dtype).removeprefix("torch."),
               "tokens_x_intermediate_bytes": tokens * inter * x.element_size(),
-              "peft_saved_bytes": _saved_bytes(lambda: model(x), [x])}
+              "peft_saved_bytes": _saved_bytes(lambda: model(x), [x, *model.parameters()])}
     if not launchable(x):
         return {**result, "baton_saved_bytes": None,
                 "note": "the fused MLP needs CUDA or TRITON_INTERPRET=1"}
     patch_peft_lora(model, "triton")
-    result["baton_saved_bytes"] = _saved_bytes(lambda: model(x), [x])
+    result["baton_saved_bytes"] = _saved_bytes(lambda: model(x), [x, *model.parameters()])
     return result
 
 

@@ -201,22 +201,21 @@ def preset_run(impl: str, args, device: torch.device, result: dict) -> tuple:
 
 
 def data_run(impl: str, args, device: torch.device, result: dict) -> tuple:
-    """(model, step) of `--model`/`--data`: Baton through the engine, HF as a TRL user."""
-    from scripts.bench_data import run_spec
-
-    spec = run_spec(args.model, args.data, seq_len=args.seq_len, micro=args.batch_size,
-                    steps=args.steps, seed=args.seed)
+    """(model, step) of `--model`/`--data` (`args.spec`, `bench_data.run_spec`'s): Baton
+    through the engine, HF as a TRL user."""
     if impl == "baton":
-        return _baton_data_run(spec, args, result)
-    return _hf_data_run(spec, args, device)
+        return _baton_data_run(args.spec, args, result)
+    return _hf_data_run(args.spec, args, device)
 
 
 def _baton_data_run(spec, args, result: dict) -> tuple:
     from training.engine import Trainer
 
     trainer = Trainer(spec, data_path=args.data, micro_batch_size=args.batch_size,
-                      device=args.device, precision=args.precision)
-    result.update(kernels=trainer.device_info.kernels, optimizer=type(trainer.optimizer).__name__)
+                      device=args.device, precision=args.precision,
+                      padding_free=args.padding_free)
+    result.update(kernels=trainer.device_info.kernels, attention=trainer.attention,
+                  padding_free=trainer.padding_free, optimizer=type(trainer.optimizer).__name__)
 
     def step():
         done = trainer.train_step()
@@ -271,7 +270,6 @@ def _hf_data_run(spec, args, device: torch.device) -> tuple:
 
 def run_impl(impl: str, args, device: torch.device, progress) -> dict:
     """Build, train, measure one implementation; out of memory is a result, not a crash."""
-    reset_peak(device)
     task = progress.add_task(f"{impl}: build", total=args.steps)
     result: dict = {"impl": impl, "oom": False}
     model = None

@@ -31,24 +31,12 @@ HIDDEN, INTER, R, TOKENS = 64, 192, 8, 24
 
 
 @pytest.fixture(scope="module")
-def peft_mlp(tmp_path_factory):
-    """The first MLP of a one-layer NF4 Llama with LoRA on every linear layer."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+def mlp():
+    """A Llama MLP over bitsandbytes NF4 layers with PEFT LoRA on gate, up and down (the
+    one scripts/bench.py --kernel lora_mlp measures)."""
+    from scripts.bench_kernels import peft_mlp
 
-    path = tmp_path_factory.mktemp("flops-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=96)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                               bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant,
-                                                 dtype=torch.float32, device_map="cpu")
-    lora = LoraConfig(r=R, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                      init_lora_weights=False)
-    return get_peft_model(model, lora).train().base_model.model.model.layers[0].mlp
+    return peft_mlp(HIDDEN, INTER, R, torch.float32, torch.device("cpu"))
 
 
 def _step_flops(mlp) -> int:
@@ -71,17 +59,17 @@ def _expected() -> int:
     return total
 
 
-def test_fused_mlp_counts_the_gemm_flops_of_hf(peft_mlp):
+def test_fused_mlp_counts_the_gemm_flops_of_hf(mlp):
     from kernels import lora_patch
 
-    hf = _step_flops(peft_mlp)
+    hf = _step_flops(mlp)
     early_stop = 2 * TOKENS * R * HIDDEN  # down's (x A^T) B^T, skipped in HF's recompute
     assert hf == _expected() - early_stop  # bitsandbytes' 4-bit forward op is counted, not 0
-    assert lora_patch.patch_peft_lora(peft_mlp, "triton") == [""]  # the MLP itself
+    assert lora_patch.patch_peft_lora(mlp, "triton") == ["base_model.model"]  # the MLP
     try:
-        fused = _step_flops(peft_mlp)
+        fused = _step_flops(mlp)
     finally:
-        lora_patch.unpatch_peft_lora(peft_mlp)
+        lora_patch.unpatch_peft_lora(mlp)
     assert fused == _expected() == hf + early_stop, f"fused {fused} FLOPs against HF's {hf}"
 
 
