@@ -9,8 +9,14 @@ B [out, r], scaling s:
 W is dequantized (`kernels.nf4.dequantize_nf4`) when it is needed and dropped at once: the
 forward keeps only x and the small [tokens, r] product x A^T, and the backward dequantizes W
 again. The QKV function shares x between the three projections and sums one dx; the MLP
-function (gate, up, SwiGLU, down) keeps only x and the three [tokens, r] products, and
-recomputes gate, up and the SwiGLU output in the backward. Every dx is summed in fp32,
+function (gate, up, SwiGLU, down) keeps x, the gate and up outputs g and u and the three
+[tokens, r] products, and rebuilds only the SwiGLU output (elementwise) in the backward.
+Keeping g and u, as Unsloth's LoRA_MLP keeps its e and g, spares the backward two NF4
+dequantizations and two [tokens, hidden] x [hidden, intermediate] GEMMs that non-reentrant
+gradient checkpointing has just done in its recompute: 9 large GEMMs per MLP per step, as in
+HF + PEFT + bitsandbytes, not 11. Under checkpointing they cost one layer's two
+[tokens, intermediate] buffers, held from the recompute to the MLP's backward (measured in
+docs/BENCHMARKS.md). Every dx is summed in fp32,
 whatever the compute dtype, and then cast to x's dtype, as autograd sums the unfused
 model's branches into the fp32 residual stream.
 
@@ -73,14 +79,13 @@ def dense_weight(p: Projection, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_nf4(p.weight, p.quant_state, dtype)
 
 
-def _forward_one(x2: torch.Tensor, p: Projection, xa: torch.Tensor | None = None):
-    """y = x W^T + b + s (x A^T) B^T on 2-D x; returns (y, x A^T). `xa` skips recomputing x A^T."""
+def _forward_one(x2: torch.Tensor, p: Projection):
+    """y = x W^T + b + s (x A^T) B^T on 2-D x; returns (y, x A^T)."""
     dtype = x2.dtype
     w = dense_weight(p, dtype)
     y = x2 @ w.t() if p.bias is None else torch.addmm(p.bias.to(dtype), x2, w.t())
     del w
-    if xa is None:
-        xa = x2 @ p.lora_A.to(dtype).t()
+    xa = x2 @ p.lora_A.to(dtype).t()
     y.addmm_(xa, p.lora_B.to(dtype).t(), alpha=p.scaling)
     return y, xa
 
@@ -213,7 +218,7 @@ class LoRAQKVFunction(_FusedLoRA):
 
 
 class LoRAMLPFunction(_FusedLoRA):
-    """down(silu(gate(x)) * up(x)); keeps x and the [tokens, r] products, recomputes the rest."""
+    """down(silu(gate(x)) * up(x)); keeps x, g, u and the [tokens, r] products."""
 
     @staticmethod
     def forward(ctx, x, *flat):
@@ -224,18 +229,23 @@ class LoRAMLPFunction(_FusedLoRA):
             g, xa_g = _forward_one(x2, gate)
             u, xa_u = _forward_one(x2, up)
             h = swiglu_fwd(g, u)
-            del g, u
             y, ha_d = _forward_one(h, down)
-        LoRAMLPFunction._stash(ctx, x, [gate, up, down], dtype, [x2, xa_g, xa_u, ha_d])
+            del h  # elementwise from g and u: rebuilt in the backward, not kept
+        LoRAMLPFunction._stash(ctx, x, [gate, up, down], dtype, [x2, g, u, xa_g, xa_u, ha_d])
+        ctx.backward_done = False
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        (x2, xa_g, xa_u, ha_d), (gate, up, down) = LoRAMLPFunction._restore(ctx, 4)
+        if ctx.backward_done:
+            # The backward overwrites the saved g and u with their gradients (below).
+            raise RuntimeError("the fused LoRA MLP's backward reuses its saved activations in "
+                               "place and runs once per forward; run the forward again instead "
+                               "of backward(retain_graph=True)")
+        ctx.backward_done = True
+        (x2, g, u, xa_g, xa_u, ha_d), (gate, up, down) = LoRAMLPFunction._restore(ctx, 6)
         with torch.autocast(x2.device.type, enabled=False):
             dy2 = _rows(dy, ctx.dtype)
-            g, _ = _forward_one(x2, gate, xa_g)
-            u, _ = _forward_one(x2, up, xa_u)
             h = swiglu_fwd(g, u)
             # h is needed for dA of down only: drop it before dh exists, so at most three
             # [tokens, intermediate] buffers (g, u, dh) are alive at once.

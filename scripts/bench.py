@@ -1,43 +1,41 @@
-"""Benchmark one QLoRA training setup: HF's standard recipe against the same plus Baton's kernels.
+"""Benchmark QLoRA training: HF's standard recipe against Baton, on a preset or on real data.
 
     python scripts/bench.py --preset llama-3.1-8b|mistral-7b|qwen2.5-1.5b|tiny --impl hf|baton|both
-                            [--seq-len N] [--steps N] [--batch-size N] [--memory-cap-gb 15]
+                            [--seq-len N] [--steps N] [--batch-size N] [--memory-cap-gb 14]
                             [--precision auto|fp32|fp16|bf16] [--device cuda|cpu] [--json OUT]
-    python scripts/bench.py --kernel nf4 --preset NAME [--precision ...] [--json OUT]
+    python scripts/bench.py --model DIR --data FILE --micro-batch-size 8 --seq-len 512
+                            --steps N --impl both [--repeats 3] [--json OUT]
+    python scripts/bench.py --kernel nf4|lora_mlp --preset NAME [--precision ...] [--json OUT]
 
-Both implementations get the same random-initialised model built from the architecture's real
-config (no weights are downloaded), the same random tokens from a seeded generator, the same
-seed and settings:
-- `hf`: transformers + PEFT LoRA (all linear layers) over bitsandbytes NF4 (double quantized),
-  SDPA attention, non-reentrant gradient checkpointing, `prepare_model_for_kbit_training`;
-- `baton`: the same, then `kernels.patch.patch_model` (Triton RMSNorm, RoPE, SwiGLU, chunked
-  fused linear cross-entropy, and the fused LoRA projections of kernels/lora.py).
-
-A 7B model is built on the meta device and materialised one linear layer at a time, each
-quantized to NF4 as soon as it exists, so neither host RAM nor GPU memory ever holds the
-whole bf16 model. `--kernel nf4` times Baton's NF4 dequantization kernel against
-bitsandbytes' `dequantize_4bit` on the preset's largest projection.
+A preset is a published architecture with random NF4 weights and random tokens
+(`bench_presets.py`); `--model DIR --data FILE` trains a real model on any file a run accepts,
+in the run's own sample order, at the run's micro-batch (`bench_data.py`). Each implementation
+(`bench_train.py`): `hf` is what a TRL user runs (transformers + PEFT + bitsandbytes NF4,
+gradient checkpointing, SDPA, each micro-batch padded to its longest sample); `baton` is
+built and trained as the agent does (the engine's loader, batching, optimizer, kernels). The
+JSON holds, per implementation under `runs` and at the top as `hf` and `baton`:
+`tokens_per_s` (real tokens only), `token_efficiency`, `matmul_flops_per_token`, peak memory
+and `oom`; and `max_loss_diff` between the two. `--repeats R` runs the pair R times in one
+process, alternating which goes first, and reports the median tokens/s.
 
 Precision follows the agent's policy (`training.devices.precision_for`): bf16 autocast on
 compute capability 8.0 and newer, fp16 autocast with a loss scaler on 6.x and 7.x (T4, P100),
 fp32 on the CPU; `--precision` forces one. (`torch.cuda.is_bf16_supported()` is True on a
 T4 by emulation, where the agent trains in fp16: a bench that asked it would not measure
-what a T4 session runs.) The NF4 kernel bench dequantizes to that dtype too. On a GPU below
-sm_75, `--kernel nf4` exits 2: Triton does not run there.
+what a T4 session runs.) On a GPU, memory is capped by default at what a T4 leaves PyTorch.
 
-Exit codes: 0 done; 2 invalid input (a kernel path this device cannot run).
+Exit codes: 0 done; 2 invalid input (a kernel path this device cannot run, a model folder or
+data file the bench cannot use).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import platform
-import resource
+import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,128 +48,18 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from scripts.bench_kernels import bench_lora_mlp, bench_nf4, check_kernel_device  # noqa: E402,F401
+from scripts.bench_presets import PRESETS, preset_config  # noqa: E402,F401
+from scripts.bench_train import compute_dtype, run_impl  # noqa: E402
+
 console = Console(stderr=True)
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-# The published configs of meta-llama/Llama-3.1-8B, mistralai/Mistral-7B-v0.3, Qwen/Qwen2.5-1.5B.
-PRESETS: dict[str, tuple[str, dict]] = {
-    "llama-3.1-8b": ("llama", dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-        rms_norm_eps=1e-5, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False)),
-    "mistral-7b": ("mistral", dict(
-        vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        sliding_window=None, tie_word_embeddings=False)),
-    "qwen2.5-1.5b": ("qwen2", dict(
-        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        use_sliding_window=False, tie_word_embeddings=True)),
-    "tiny": ("llama", dict(
-        vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-5, tie_word_embeddings=False)),
-}
-INIT_STD = 0.02
-
-
-# --- model ------------------------------------------------------------------------------
-
-
-def preset_config(name: str):
-    from transformers import AutoConfig
-
-    model_type, kwargs = PRESETS[name]
-    return AutoConfig.for_model(model_type, **kwargs)
-
-
-def _random(shape, device, dtype, gen) -> torch.Tensor:
-    values = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-    return (values * INIT_STD).to(dtype)
-
-
-def _quantize_linears(model, compute_dtype) -> None:
-    """Swap every nn.Linear but lm_head for an empty bnb Linear4bit (still on meta)."""
-    from transformers import BitsAndBytesConfig
-    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
-
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
-    replace_with_bnb_linear(model, modules_to_not_convert=["lm_head"], quantization_config=quant)
-
-
-def _materialise_param(module, name, param, device, dtype, gen):
-    import bitsandbytes as bnb
-
-    if isinstance(module, bnb.nn.Linear4bit) and name == "weight":
-        data = _random(tuple(param.shape), device, dtype, gen)
-        new = bnb.nn.Params4bit(data, requires_grad=False, compress_statistics=True,
-                                quant_type="nf4", module=module)
-        return new.to(device)  # quantizes now: the bf16 copy is freed with `data`
-    if name == "bias":
-        data = torch.zeros(param.shape, device=device, dtype=dtype)
-    elif "norm" in type(module).__name__.lower():
-        data = torch.ones(param.shape, device=device, dtype=dtype)
-    else:
-        data = _random(tuple(param.shape), device, dtype, gen)
-    return torch.nn.Parameter(data, requires_grad=False)
-
-
-def _materialise(model, device, dtype, seed: int) -> None:
-    # One parameter at a time, in module order, from one seeded generator: the same model
-    # for both implementations. Tied parameters stay tied (memo by identity).
-    gen = torch.Generator(device=device).manual_seed(seed)
-    done: dict[int, torch.nn.Parameter] = {}
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is None:
-                continue
-            if id(param) not in done:
-                done[id(param)] = _materialise_param(module, name, param, device, dtype, gen)
-            module._parameters[name] = done[id(param)]
-        for name, buf in list(module._buffers.items()):
-            if buf is not None:
-                module._buffers[name] = buf.to(device)
-
-
-def build_model(preset: str, device: torch.device, dtype: torch.dtype, seed: int):
-    """NF4-quantized random model of the preset, LoRA on all linear layers, ready to train."""
-    from accelerate import init_empty_weights
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
-
-    config = preset_config(preset)
-    with init_empty_weights():  # parameters on meta, buffers (rotary tables) real
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model.tie_weights()  # init_empty_weights skips tying (Qwen2.5 shares embeddings and lm_head)
-    _quantize_linears(model, dtype)
-    _materialise(model, device, dtype, seed)
-    model.is_loaded_in_4bit = True  # what from_pretrained sets; PEFT reads it
-    model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(seed)  # the same LoRA init for both implementations
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM", bias="none")
-    model = get_peft_model(model, lora)
-    model.config.use_cache = False
-    return model
-
-
-# --- training loop ----------------------------------------------------------------------
-
-
-def _batches(vocab: int, steps: int, batch: int, seq: int, seed: int, device):
-    gen = torch.Generator().manual_seed(seed + 1)
-    for _ in range(steps):
-        yield torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
-
-
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# A Kaggle or Colab T4 has 14.74 GiB; the CUDA context takes about 0.4 GiB outside PyTorch's
+# allocator. 14 GiB is what a T4 session can give PyTorch, with a margin.
+T4_MEMORY_CAP_GB = 14.0
+# The figures every implementation reports (bench_train.py), copied to the top-level entries.
+FIELDS = ("tokens_per_s", "token_efficiency", "matmul_flops_per_token", "oom")
 
 
 def device_capability(device: torch.device) -> tuple[int, int] | None:
@@ -187,142 +75,6 @@ def resolve_precision(requested: str, capability: tuple[int, int] | None) -> str
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {requested!r}")
     return precision_for(capability) if requested == "auto" else requested
-
-
-def _autocast_dtype(args) -> torch.dtype | None:
-    """The autocast dtype of args.precision (resolved), None for fp32 (no autocast)."""
-    return None if args.precision == "fp32" else _DTYPES[args.precision]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _train(model, args, device, progress, task) -> tuple[list[float], list[float]]:
-    amp = _autocast_dtype(args)
-    # fp16 trains with a dynamic loss scaler, as the agent does (on the CPU too).
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
-    losses, seconds = [], []
-    vocab = model.config.vocab_size
-    for ids in _batches(vocab, args.steps, args.batch_size, args.seq_len, args.seed, device):
-        _sync(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = model(input_ids=ids, labels=ids).loss
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
-        losses.append(float(loss.detach()))
-        progress.advance(task)
-    return losses, seconds
-
-
-def _release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _throughput(seconds: list[float], tokens_per_step: int) -> dict:
-    timed = seconds[1:] or seconds  # the first step pays for compilation and autotuning
-    return {
-        "tokens_per_s": tokens_per_step * len(timed) / sum(timed),
-        "tokens_per_s_incl_first": tokens_per_step * len(seconds) / sum(seconds),
-        "step_seconds": seconds,
-    }
-
-
-def _weights_dtype(args) -> torch.dtype:
-    amp = _autocast_dtype(args)
-    return amp if amp is not None else torch.float32
-
-
-def _memory(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {}
-    peak = torch.cuda.max_memory_allocated(device)
-    return {"peak_memory_bytes": peak, "peak_memory_gb": round(peak / 2**30, 3),
-            "resident_bytes": torch.cuda.memory_allocated(device)}
-
-
-def run_impl(impl: str, args, device: torch.device, progress) -> dict:
-    """Build, (patch,) train; the peak memory is that of training, weights included."""
-    from kernels.patch import patch_model
-
-    _release(device)
-    task = progress.add_task(f"{impl}: build", total=args.steps)
-    result: dict = {"impl": impl}
-    try:
-        model = build_model(args.preset, device, _weights_dtype(args), args.seed)
-        if impl == "baton":
-            report = patch_model(model, device)
-            result.update(kernels=report.path, patched=report.patched)
-        _release(device)  # the build's transient buffers are not the training's peak
-        progress.update(task, description=f"{impl}: train")
-        losses, seconds = _train(model, args, device, progress, task)
-        result.update(losses=losses, **_throughput(seconds, args.batch_size * args.seq_len))
-    except torch.cuda.OutOfMemoryError as exc:
-        result.update(oom=True, error=str(exc).splitlines()[0])
-    result.update(_memory(device))
-    model = None  # noqa: F841  free before the next implementation is built
-    _release(device)
-    return result
-
-
-# --- NF4 micro-benchmark ----------------------------------------------------------------
-
-
-def _time(stmt, globals_: dict, min_run_time: float) -> float:
-    from torch.utils.benchmark import Timer
-
-    return Timer(stmt=stmt, globals=globals_).blocked_autorange(min_run_time=min_run_time).median
-
-
-def check_kernel_device(capability: tuple[int, int] | None) -> None:
-    """`--kernel` times a Triton kernel: refuse a CUDA GPU below sm_75 (KernelChoiceError)."""
-    from kernels.dispatch import check_triton_capability
-
-    check_triton_capability(capability)
-
-
-def bench_nf4(args, device: torch.device) -> dict:
-    """Time Baton's NF4 dequantization against bitsandbytes on the preset's largest projection."""
-    check_kernel_device(device_capability(device))
-    import bitsandbytes.functional as bnbf
-
-    from kernels.dispatch import launchable, triton_available
-
-    config = preset_config(args.preset)
-    shape = (config.intermediate_size, config.hidden_size)
-    dtype = _weights_dtype(args)  # the dtype a session of this precision dequantizes to
-    w = torch.randn(shape, device=device, dtype=dtype) * INIT_STD
-    packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-    result: dict = {"kernel": "nf4", "shape": list(shape),
-                    "dtype": str(dtype).removeprefix("torch.")}
-    g = {"bnbf": bnbf, "packed": packed, "state": state}
-    result["bitsandbytes_s"] = _time("bnbf.dequantize_4bit(packed, state)", g, args.min_run_time)
-    # Triton is an optional third-party package (the reference path runs without it); without
-    # it there is no Baton kernel to time. kernels.nf4 itself is ours: imported unguarded.
-    if not triton_available():
-        return {**result, "baton_s": None, "note": "triton is not installed"}
-    if not launchable(packed):
-        return {**result, "baton_s": None, "note": "Triton needs CUDA or TRITON_INTERPRET=1"}
-    from kernels.nf4 import dequantize_nf4
-
-    g["dequantize_nf4"] = dequantize_nf4
-    result["baton_s"] = _time("dequantize_nf4(packed, state, dtype)", {**g, "dtype": dtype},
-                              args.min_run_time)
-    want = bnbf.dequantize_4bit(packed, state)
-    result["max_abs_diff"] = float((dequantize_nf4(packed, state, dtype) - want).abs().max())
-    result["speedup"] = result["bitsandbytes_s"] / result["baton_s"]
-    return result
 
 
 # --- command line -----------------------------------------------------------------------
@@ -349,75 +101,146 @@ def max_loss_diff(runs: dict) -> float | None:
 
 
 def _apply_memory_cap(cap_gb: float | None, device: torch.device) -> None:
-    if cap_gb is None or device.type != "cuda":
+    if not cap_gb or device.type != "cuda":
         return
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 2**30 / total), device)
 
 
+def _peak_text(r: dict) -> str:
+    if "peak_memory_gb" in r:
+        return f"{r['peak_memory_gb']} GiB"
+    return f"{r['peak_rss_mb']} MiB RSS" if "peak_rss_mb" in r else "-"
+
+
 def _print_table(runs: dict) -> None:
     table = Table(title="bench")
-    for col in ("impl", "kernels", "tokens/s", "peak GiB", "first loss", "last loss"):
+    for col in ("impl", "kernels", "tokens/s", "token eff.", "GFLOP/token", "peak", "last loss"):
         table.add_column(col)
     for impl, r in runs.items():
         losses = r.get("losses") or [math.nan]
         table.add_row(impl, r.get("kernels", "-"), f"{r.get('tokens_per_s', math.nan):.1f}",
-                      str(r.get("peak_memory_gb", "-")), f"{losses[0]:.4f}", f"{losses[-1]:.4f}")
+                      f"{r.get('token_efficiency', math.nan):.3f}",
+                      f"{r.get('matmul_flops_per_token', math.nan) / 1e9:.3f}",
+                      _peak_text(r), f"{losses[-1]:.4f}")
     console.print(table)
+
+
+def _merge_repeats(rounds: list[dict]) -> dict:
+    """One entry per implementation: the first round's run, tokens/s the median over rounds."""
+    runs = {}
+    for impl in rounds[0]:
+        first = dict(rounds[0][impl])
+        speeds = [r[impl].get("tokens_per_s") for r in rounds if not r[impl].get("oom")]
+        if len(rounds) > 1 and speeds:
+            first.update(tokens_per_s=statistics.median(speeds), tokens_per_s_runs=speeds)
+        runs[impl] = first
+    return runs
 
 
 def run_training(args, device: torch.device) -> dict:
     impls = ["hf", "baton"] if args.impl == "both" else [args.impl]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
+    rounds = []
     with Progress(*columns, console=console) as progress:
-        runs = {impl: run_impl(impl, args, device, progress) for impl in impls}
+        for i in range(args.repeats):
+            order = impls if i % 2 == 0 else impls[::-1]  # neither always pays the warm-up
+            rounds.append({impl: run_impl(impl, args, device, progress) for impl in order})
+    runs = _merge_repeats(rounds)
     _print_table(runs)
     out = {"runs": runs, "max_loss_diff": max_loss_diff(runs)}
-    if device.type == "cpu":
-        out["cpu_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out.update({impl: {k: r.get(k) for k in FIELDS + _PEAK_KEYS if k in r}
+                for impl, r in runs.items()})
     return out
+
+
+_PEAK_KEYS = ("peak_memory_bytes", "peak_reserved_bytes", "peak_rss_bytes")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--model", type=Path, help="a model folder (with --data instead of --preset)")
+    p.add_argument("--data", type=Path, help="a run's training data: JSONL, CSV or Parquet")
     p.add_argument("--impl", choices=["hf", "baton", "both"], default="both")
-    p.add_argument("--kernel", choices=["nf4"], help="time one kernel instead of training")
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--kernel", choices=["nf4", "lora_mlp"],
+                   help="one kernel instead of training: NF4 timing, or the LoRA MLP's saved bytes")
+    p.add_argument("--mlp-shape", type=_pair, help="HIDDEN,INTERMEDIATE for --kernel lora_mlp")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens a row (--data: the most)")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int, default=1,
+                   help="samples a micro-batch (one micro-batch an optimizer step)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of the pair; tokens/s: median")
+    p.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=True,
+                   help="Baton's layout with --data (the agent's default: padding-free)")
     p.add_argument("--seed", type=int, default=3407)
-    p.add_argument("--memory-cap-gb", type=float, default=None,
-                   help="cap this process's GPU memory, e.g. 15 for a T4-sized budget")
+    p.add_argument("--memory-cap-gb", type=float, default=T4_MEMORY_CAP_GB,
+                   help=f"cap this process's GPU memory (default {T4_MEMORY_CAP_GB}: a T4's); 0: none")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: the agent's policy (bf16 on sm_80+, fp16 on 6.x/7.x, fp32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per --kernel timing")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.seq_len < 2 or args.batch_size < 1:
-        p.error("--steps and --batch-size must be >= 1 and --seq-len >= 2")
+    if args.steps < 1 or args.seq_len < 2 or args.batch_size < 1 or args.repeats < 1:
+        p.error("--steps, --batch-size and --repeats must be >= 1 and --seq-len >= 2")
+    if (args.model is None) != (args.data is None):
+        p.error("--model and --data go together: a model folder and a run's data file")
+    if args.kernel:
+        if args.preset is None and not (args.kernel == "lora_mlp" and args.mlp_shape):
+            p.error("--kernel needs --preset NAME (or, for lora_mlp, --mlp-shape H,I)")
+    elif (args.preset is None) == (args.data is None):
+        p.error("give --preset NAME, or --model DIR --data FILE")
+    if args.seq_len < 8 and args.data:
+        p.error("--seq-len must be >= 8 with --data (a run's data.max_seq_len)")
     return args
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        hidden, inter = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HIDDEN,INTERMEDIATE, e.g. 512,1408")
+    return hidden, inter
+
+
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _kernel(args, device: torch.device) -> dict:
+    dtype = compute_dtype(args.precision)
+    if args.kernel == "nf4":
+        return bench_nf4(args, device, dtype, device_capability(device))
+    return bench_lora_mlp(args, device, dtype)
 
 
 def main(argv=None) -> int:
     from kernels.dispatch import KernelChoiceError
+    from scripts.bench_data import BenchInputError, run_spec
 
     args = parse_args(argv)
     device = torch.device(args.device)
     args.precision = resolve_precision(args.precision, device_capability(device))
     _apply_memory_cap(args.memory_cap_gb, device)
-    result = {"preset": args.preset, "seq_len": args.seq_len, "steps": args.steps,
-              "batch_size": args.batch_size, "seed": args.seed, "memory_cap_gb": args.memory_cap_gb,
-              "precision": args.precision, **_environment(device)}
+    result = {"preset": args.preset, "model": _text(args.model), "data": _text(args.data),
+              "seq_len": args.seq_len, "steps": args.steps, "batch_size": args.batch_size,
+              "repeats": args.repeats, "seed": args.seed, "precision": args.precision,
+              "padding_free": args.padding_free if args.data else None,
+              "memory_cap_gb": args.memory_cap_gb if device.type == "cuda" else None,
+              **_environment(device)}
     try:
         if args.kernel:
-            result["nf4"] = bench_nf4(args, device)
-            console.print(result["nf4"])
+            result[args.kernel] = _kernel(args, device)
+            console.print(result[args.kernel])
         else:
+            # A model or data file the bench cannot use is refused before anything is built.
+            args.spec = run_spec(args.model, args.data, seq_len=args.seq_len,
+                                 micro=args.batch_size, steps=args.steps,
+                                 seed=args.seed) if args.data else None
             result.update(run_training(args, device))
-    except KernelChoiceError as exc:  # e.g. a Triton path on a GPU below sm_75
+    except (KernelChoiceError, BenchInputError) as exc:  # e.g. Triton on a GPU below sm_75
         console.print(f"[red]error:[/red] {exc}")
         return 2
     if args.json:

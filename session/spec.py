@@ -48,7 +48,15 @@ def new_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
     revision = pinned_revision(config)
     key = upload(runstore, Path(data.train), sha)
     eval_key = upload(runstore, Path(data.eval), eval_sha) if eval_sha is not None else None
-    t = config.train
+    return spec_of(config, revision, (sha, fmt, eval_sha), key, eval_key)
+
+
+def spec_of(config: RunConfig, revision: str, inspected: tuple[str, str, Optional[str]],
+            key: str, eval_key: Optional[str] = None) -> RunSpec:
+    """The spec of `config` once its data is inspected (`inspect_data`) and stored under `key`
+    (scripts/bench.py builds a run's spec with it, storing nothing)."""
+    data, t = config.data, config.train
+    sha, fmt, eval_sha = inspected
     return RunSpec(
         run=config.run, model=config.model.model_copy(update={"revision": revision}),
         lora=config.lora, keep=config.checkpoint.keep, optimizer_state=config.checkpoint.optimizer,

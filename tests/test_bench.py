@@ -130,3 +130,46 @@ def test_a_kernel_path_the_device_cannot_run_exits_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "TRITON_INTERPRET=1" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+# --- --model DIR --data FILE: a run's data, Baton through the engine, HF padded ------------
+
+FIELDS = ("tokens_per_s", "token_efficiency", "matmul_flops_per_token", "oom")
+
+
+def test_real_data_reports_the_four_fields_for_both_impls(tmp_path, tiny_model_dir, pairs_file):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    out = tmp_path / "bench.json"
+    code = bench.main(["--model", str(tiny_model_dir), "--data", str(pairs_file),
+                       "--micro-batch-size", "4", "--seq-len", "64", "--steps", "2",
+                       "--impl", "both", "--device", "cpu", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    hf, baton = result["hf"], result["baton"]
+    for top in (hf, baton):
+        assert set(FIELDS) <= set(top) and top["oom"] is False
+        assert top["tokens_per_s"] > 0 and top["peak_rss_bytes"] > 0
+    runs = result["runs"]
+    # The same samples in the same order: the same real tokens and (to rounding) losses.
+    assert runs["hf"]["real_tokens"] == runs["baton"]["real_tokens"] > 0
+    assert result["max_loss_diff"] < 1e-4
+    # The pairs differ in length: HF's padded micro-batches compute padding, Baton's none.
+    assert runs["baton"]["padding_free"] is True and baton["token_efficiency"] == 1.0
+    assert runs["hf"]["computed_tokens"] > runs["hf"]["real_tokens"]
+    assert hf["token_efficiency"] == runs["hf"]["real_tokens"] / runs["hf"]["computed_tokens"]
+    assert 0 < baton["matmul_flops_per_token"] < hf["matmul_flops_per_token"]
+
+
+def test_a_model_folder_that_is_not_there_exits_2(tmp_path, pairs_file, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    out = tmp_path / "bench.json"
+    code = bench.main(["--model", str(tmp_path / "missing"), "--data", str(pairs_file),
+                       "--steps", "1", "--device", "cpu", "--json", str(out)])
+    assert code == 2 and not out.exists()
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps lines
+    assert "is not a folder; give a model folder written by save_pretrained" in err
+    assert "build" not in err  # refused before any model is built

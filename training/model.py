@@ -135,38 +135,46 @@ def load_base(spec: RunSpec, device_info: DeviceInfo):
     return model, tokenizer, quant is not None
 
 
-def lora_config(spec: RunSpec):
+def lora_config(lora):
+    """PEFT's LoraConfig of a spec's `lora` settings (state_schema.LoraConfig)."""
     from peft import LoraConfig
 
-    targets = spec.lora.target_modules
     return LoraConfig(
-        r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-        target_modules=targets, task_type="CAUSAL_LM", bias="none",
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none",
     )
 
 
 def load_model(spec: RunSpec, device_info: DeviceInfo):
     """(peft_model, tokenizer), NF4 + LoRA, gradient checkpointing on, ready to train."""
+    model, tokenizer, quantized = load_base(spec, device_info)
+    model = prepare_for_training(model, spec.lora, spec.train.seed, device_info.dtype, quantized)
+    return model, tokenizer
+
+
+def prepare_for_training(model, lora, seed: int, dtype: torch.dtype, quantized: bool):
+    """A loaded base model -> the PEFT model the trainer trains: gradient checkpointing, the
+    embeddings and lm_head in the compute dtype, fp32 adapters. scripts/bench.py builds
+    Baton's side of a preset with it too, so both train what a session trains."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    model, tokenizer, quantized = load_base(spec, device_info)
     checkpointing = {"use_reentrant": False}  # reentrant checkpointing breaks with DDP hooks
     if quantized:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=checkpointing)
-        embeddings_in_compute_dtype(model, device_info.dtype)
+        embeddings_in_compute_dtype(model, dtype)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         model.enable_input_require_grads()
     # A fixed seed makes the fresh adapter (lora_A's random init) the same on every machine.
-    torch.manual_seed(spec.train.seed)
-    model = get_peft_model(model, lora_config(spec), autocast_adapter_dtype=True)
+    torch.manual_seed(seed)
+    model = get_peft_model(model, lora_config(lora), autocast_adapter_dtype=True)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     model.config.use_cache = False
     keep_training_layout(model)
-    return model, tokenizer
+    return model
 
 
 def embeddings_in_compute_dtype(model, dtype: torch.dtype) -> None:
