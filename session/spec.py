@@ -13,6 +13,7 @@ from typing import Optional
 from handoff import ConflictError
 from handoff.runstore import RunStore
 from state_schema import RunConfig, RunSpec
+from state_schema.fields import task_of
 
 from training.data import DataError  # stdlib only: light enough for the CLI's first second
 
@@ -44,7 +45,7 @@ def prepare_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
 
 def new_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
     data = config.data
-    sha, fmt, eval_sha = inspect_data(config)
+    sha, fmt, columns, eval_sha = inspect_data(config)
     revision = pinned_revision(config)
     key = upload(runstore, Path(data.train), sha)
     eval_key = upload(runstore, Path(data.eval), eval_sha) if eval_sha is not None else None
@@ -54,25 +55,30 @@ def new_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
         lora=config.lora, keep=config.checkpoint.keep, optimizer_state=config.checkpoint.optimizer,
         data={"source": data.train, "key": key, "sha256": sha, "format": fmt, "eval": data.eval,
               "eval_key": eval_key, "eval_sha256": eval_sha, "max_seq_len": data.max_seq_len,
-              "packing": data.packing},
+              "packing": data.packing, "columns": columns},
         train=t.model_dump(exclude={"micro_batch_size", "precision"}))
 
 
-def inspect_data(config: RunConfig) -> tuple[str, str, Optional[str]]:
-    """(train sha256, format, eval sha256 or None), read before anything is uploaded, so
-    that bad data is refused with nothing written."""
-    from training.data import check_format, detect_format, fingerprint, read_records
+def inspect_data(config: RunConfig) -> tuple[str, str, dict[str, str], Optional[str]]:
+    """(train sha256, format, column mapping, eval sha256 or None), read before anything is
+    uploaded, so that bad data or a bad mapping is refused with nothing written."""
+    from training.columns import load_records, resolve_columns
+    from training.data import fingerprint, read_records
 
-    data = config.data
+    data, task = config.data, task_of(config)
     train = Path(data.train)
     try:
         sha = fingerprint(train)
-        fmt = detect_format(train) if data.format == "auto" else data.format
-        check_format(read_records(train), fmt, source=train)
-        eval_sha = fingerprint(Path(data.eval)) if isinstance(data.eval, str) else None
+        fmt, columns = resolve_columns(read_records(train)[0], data.columns, data.format, task,
+                                       source=train)
+        load_records(train, columns, fmt, task)  # every record maps, not only the first
+        eval_sha = None
+        if isinstance(data.eval, str):
+            eval_sha = fingerprint(Path(data.eval))
+            load_records(Path(data.eval), columns, fmt, task)
     except DataError as exc:
         raise SpecError(str(exc)) from None
-    return sha, fmt, eval_sha
+    return sha, fmt, columns, eval_sha
 
 
 def upload(runstore: RunStore, path: Path, sha256: str) -> str:
@@ -104,6 +110,8 @@ def spec_differences(spec: RunSpec, config: RunConfig) -> list[str]:
     pairs += [(f"train.{k}", v, getattr(config.train, k)) for k, v in spec.train]
     if config.data.format != "auto":
         pairs.append(("data.format", spec.data.format, config.data.format))
+    if config.data.columns:  # none given: the run's own (perhaps recognised) mapping stands
+        pairs.append(("data.columns", spec.data.columns, config.data.columns))
     if not same_model(spec, config):
         pairs.append(("model.name", spec.model.name, config.model.name))
     differences = [f"{key}: the run has {run!r}, the config says {cfg!r}"
