@@ -161,7 +161,10 @@ def count_samples(path: Path, config: Optional[RunConfig] = None
     """(samples, mean characters a sample) of the training file, read and mapped to the run's
     fields (`data.columns`) by the engine's own reader, so plan accepts exactly the files a
     session accepts; (None, None) when the file is absent or unreadable (the session would
-    refuse it with the reason)."""
+    refuse it with the reason). A Hub dataset's split is downloaded (its files, never the
+    model's weights); one the token may not read is a PlanError, exit 2."""
+    if config is not None and config.data.hub is not None:
+        return _hub_samples(config)
     if not path.is_file():
         return None, None
     try:
@@ -175,6 +178,19 @@ def count_samples(path: Path, config: Optional[RunConfig] = None
         return None, None
     lengths = [sum(len(str(value)) for value in record.values()) for record in records]
     return len(lengths), (sum(lengths) / len(lengths) if lengths else 0.0)
+
+
+def _hub_samples(config: RunConfig) -> tuple[Optional[int], Optional[float]]:
+    from training.hub_data import DatasetUnavailableError
+
+    from .hub_source import hub_samples
+
+    try:
+        return hub_samples(config)
+    except DataError as exc:
+        raise PlanError(str(exc)) from None
+    except DatasetUnavailableError:
+        return None, None  # the notes say the samples are unknown; a session would exit 1
 
 
 def steps_total(config: RunConfig, samples: Optional[int]) -> Optional[int]:
@@ -257,8 +273,10 @@ def _notes(config: RunConfig, samples: Optional[int], steps: Optional[int]) -> l
     notes = ["tokens/s, hours and sessions are guesses from peak FLOPs; "
              "`agent.py status` shows measured throughput once a session has run"]
     if samples is None:
-        notes.append(f"could not count samples in {config.data.train!r} (absent, or Parquet "
-                     "without pyarrow): steps_total is unknown unless train.max_steps is set")
+        why = ("the Hub did not answer" if config.data.hub else
+               "absent, or Parquet without pyarrow")
+        notes.append(f"could not count samples in {config.data.train!r} ({why}): steps_total "
+                     "is unknown unless train.max_steps is set")
     if steps == 0:
         notes.append("the training split is empty: add data or lower data.eval")
     return notes

@@ -141,10 +141,11 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 
 
 @lru_cache(maxsize=8)
-def _read_cached(path: str, sha: str) -> tuple[dict[str, Any], ...]:
+def _read_cached(path: str, kind: str, sha: str) -> tuple[dict[str, Any], ...]:
+    # The kind comes from the name the caller gave: a Hub cache's file is a link to a blob
+    # without a suffix.
     p = Path(path)
-    reader = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[_kind(p)]
-    rows = reader(p)
+    rows = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[kind](p)
     if not rows:
         raise DataError(f"{p} holds no records; give a file with at least one sample")
     return tuple(rows)
@@ -156,8 +157,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     path = _existing(path)
     if path.is_dir():
         return [row for p in data_files(path) for row in read_records(p)]
-    _kind(path)
-    return list(_read_cached(str(path.resolve()), fingerprint(path)))
+    return list(_read_cached(str(path), _kind(path), fingerprint(path)))
 
 
 def format_of(record: dict[str, Any]) -> str | None:
