@@ -23,7 +23,7 @@ from typing import Any, Optional
 from state_schema import DataSpec, HubDataSpec, RunConfig, RunSpec
 from state_schema.fields import task_of
 from training.columns import load_records, resolve_columns
-from training.data import SUFFIXES, DataChangedError, fingerprint, read_records
+from training.data import SUFFIXES, DataChangedError, DataError, fingerprint, read_records
 from training.hub_data import Pinned, as_source, fetch, pin
 
 
@@ -54,6 +54,9 @@ def inspect_hub(config: RunConfig) -> HubFound:
     repo, revision = data.hub
     pinned = pin(repo, revision, data.subset)
     train_files, held = pinned.files(data.split), eval_split(config)
+    if held == data.split:
+        raise DataError(f"data.eval names the training split {held!r}; name another split "
+                        f"of the dataset ({', '.join(sorted(pinned.splits))}) or a fraction")
     eval_files = pinned.files(held) if held else []  # a missing split fails before downloads
     with tempfile.TemporaryDirectory(prefix="baton-hub-") as tmp:
         train = _local(pinned, train_files, Path(tmp) / "train")
@@ -129,8 +132,8 @@ def hub_differences(spec: RunSpec, config: RunConfig) -> list[str]:
         pairs.append(("data.subset", theirs.subset, ours.subset))
     if revision and len(revision) == 40 and revision != theirs.revision:
         pairs.append(("data.train revision", theirs.revision, revision))
-    if isinstance(ours.eval, str) and isinstance(spec.data.eval, str):
-        pairs.append(("data.eval", spec.data.eval, ours.eval))
+    if eval_split(config) and theirs.eval_split:  # split names; a file's path varies by machine
+        pairs.append(("data.eval", theirs.eval_split, eval_split(config)))
     return [f"{key}: the run has {run!r}, the config says {cfg!r}"
             for key, run, cfg in pairs if run != cfg]
 

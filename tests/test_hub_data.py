@@ -197,7 +197,7 @@ def test_later_sessions_read_the_pinned_commit_and_refuse_a_vanished_one(
         hub, tmp_path, monkeypatch, tiny_model_dir):
     import huggingface_hub.constants as hf_constants
 
-    from session.spec import local_inputs, new_spec
+    from session.spec import local_inputs, new_spec, spec_differences
     from training.columns import load_records
 
     repo = quotes_repo(hub)
@@ -211,6 +211,11 @@ def test_later_sessions_read_the_pinned_commit_and_refuse_a_vanished_one(
     records = load_records(train, spec.data.columns, spec.data.format)
     assert len(records) == 20 and records[0]["text"].startswith("Quote 0")
     assert len(load_records(held, spec.data.columns, spec.data.format)) == 4
+    assert spec_differences(spec, cfg) == []  # main moved: still the run's config
+    moved = spec_differences(spec, config(repo, str(tiny_model_dir), columns={"text": "quote"},
+                                          split="test", eval=0.1))
+    assert any(d.startswith("data.split: the run has 'train'") for d in moved)
+    assert any(d.startswith("data.eval: the run has 'test'") for d in moved)
     hub.datasets.forget(repo, spec.data.hub.revision)  # history rewritten: the commit is gone
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "another-machine"))
     with pytest.raises(DataError, match="no other data.*start a new run"):
