@@ -48,7 +48,8 @@ def run_spec(model_dir: Path, data_file: Path, *, seq_len: int, micro: int, step
         revision = resolve_revision(str(model_dir), "main")
     except (ValidationError, SpecError, ModelLoadError) as exc:
         raise BenchInputError(f"cannot bench {data_file} on {model_dir}: {exc}") from None
-    return spec_of(config, revision, inspected, key=f"bench/data/{inspected[0]}")
+    inspected["key"] = f"bench/data/{inspected['sha256']}"
+    return spec_of(config, revision, inspected)
 
 
 def step_samples(spec, n_train: int, steps: int) -> Iterator[list[int]]:

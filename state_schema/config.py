@@ -14,6 +14,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .fields import check_column_keys, parse_hub_dataset, task_of
 from .versioning import Stored
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -60,14 +61,18 @@ class LoraConfig(Strict):
 
 
 class DataConfig(Strict):
-    train: str
+    train: str  # a JSONL, CSV or Parquet file, or hf://datasets/OWNER/NAME[@REVISION]
     format: Literal["text", "pairs", "chat", "auto"] = "auto"
-    eval: Union[float, str, None] = 0.05
+    eval: Union[float, str, None] = 0.05  # a fraction, a file, or a split of a Hub dataset
     max_seq_len: int = Field(2048, ge=8)
     packing: bool = False
     # A micro-batch's samples end to end in one row, no padding (training/layout.py). It
     # changes the computation, not the run: not part of the spec; may change per session.
     padding_free: bool = True
+    subset: Optional[str] = None  # a Hub dataset's subset (its config name)
+    split: str = "train"  # a Hub dataset's split
+    # run field -> the file's column, or a template of columns: {prompt: "{q}\n\n{ctx}"}
+    columns: dict[str, str] = {}
 
     @field_validator("eval")
     @classmethod
@@ -75,6 +80,22 @@ class DataConfig(Strict):
         if isinstance(v, float) and not 0 <= v < 1:
             raise ValueError("data.eval as a fraction must be in [0, 1), e.g. 0.05")
         return v
+
+    @model_validator(mode="after")
+    def _hub_source(self):
+        hub = parse_hub_dataset(self.train)
+        if hub is None and (self.subset is not None or self.split != "train"):
+            raise ValueError("data.subset and data.split choose from a Hub dataset; give "
+                             "data.train as hf://datasets/OWNER/NAME, or drop them")
+        if isinstance(self.eval, str) and self.eval.startswith("hf://"):
+            raise ValueError("data.eval may name a split of data.train's Hub dataset (e.g. "
+                             "'test'), a local file or a fraction, not another hf:// dataset")
+        return self
+
+    @property
+    def hub(self) -> Optional[tuple[str, Optional[str]]]:
+        """(repo id, revision or None) when data.train is a Hub dataset."""
+        return parse_hub_dataset(self.train)
 
 
 class TrainConfig(Strict):
@@ -149,6 +170,25 @@ class RunConfig(Strict):
     def _run(cls, v):
         return check_run_name(v)
 
+    @model_validator(mode="after")
+    def _columns(self):
+        # `task` is the classification branch's field; a causal-LM run has none to read.
+        check_column_keys(self.data.columns, self.data.format, task_of(self))
+        return self
+
+
+class HubDataSpec(Strict):
+    """A Hub dataset as pinned when the run was created: the commit and the files read."""
+
+    repo: str
+    revision: str  # the commit sha the files are read at
+    ref: str = "main"  # the branch that held them: a revision, or refs/convert/parquet
+    subset: Optional[str] = None
+    split: str = "train"
+    files: list[str]  # repo paths of the split's files, in reading order
+    eval_split: Optional[str] = None
+    eval_files: list[str] = []
+
 
 class DataSpec(Strict):
     """The data as pinned in the spec: where it lives in the store and its fingerprint."""
@@ -162,6 +202,10 @@ class DataSpec(Strict):
     eval_sha256: Optional[str] = None
     max_seq_len: int
     packing: bool
+    # run field -> column or template, as resolved when the run was created (format auto
+    # fills in the alpaca and ShareGPT mappings); {} reads the run's fields by their names.
+    columns: dict[str, str] = {}
+    hub: Optional[HubDataSpec] = None  # set when the data is read from a Hub dataset
 
 
 class TrainSpec(Strict):
