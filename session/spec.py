@@ -45,6 +45,7 @@ def prepare_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
 def new_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
     data = config.data
     sha, fmt, eval_sha = inspect_data(config)
+    labels = classification_labels(config)
     revision = pinned_revision(config)
     key = upload(runstore, Path(data.train), sha)
     eval_key = upload(runstore, Path(data.eval), eval_sha) if eval_sha is not None else None
@@ -55,7 +56,8 @@ def new_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
         data={"source": data.train, "key": key, "sha256": sha, "format": fmt, "eval": data.eval,
               "eval_key": eval_key, "eval_sha256": eval_sha, "max_seq_len": data.max_seq_len,
               "packing": data.packing},
-        train=t.model_dump(exclude={"micro_batch_size", "precision"}))
+        train=t.model_dump(exclude={"micro_batch_size", "precision"}),
+        task=config.task, labels=labels)
 
 
 def inspect_data(config: RunConfig) -> tuple[str, str, Optional[str]]:
@@ -73,6 +75,26 @@ def inspect_data(config: RunConfig) -> tuple[str, str, Optional[str]]:
     except DataError as exc:
         raise SpecError(str(exc)) from None
     return sha, fmt, eval_sha
+
+
+def classification_labels(config: RunConfig) -> list[str]:
+    """A classification run's label set, sorted, from its training split (training/
+    classify_data.py); [] for a causal LM. Bad labels are refused before anything is written."""
+    if config.task != "classification":
+        return []
+    from training.classify_data import run_labels
+    from training.data import read_records
+
+    data = config.data
+    if data.format not in ("auto", "text"):
+        raise SpecError(f"task: classification reads text and label fields; data.format "
+                        f"{data.format!r} does not apply: leave it at auto")
+    try:
+        held = read_records(Path(data.eval)) if isinstance(data.eval, str) else None
+        return run_labels(read_records(Path(data.train)), data.eval, config.train.seed, held,
+                          source=data.train, eval_source=str(data.eval))
+    except DataError as exc:
+        raise SpecError(str(exc)) from None
 
 
 def upload(runstore: RunStore, path: Path, sha256: str) -> str:
@@ -95,7 +117,8 @@ def pinned_revision(config: RunConfig) -> str:
 
 def spec_differences(spec: RunSpec, config: RunConfig) -> list[str]:
     """Each field the config sets differently from the run, as 'key: run has X, config Y'."""
-    pairs = [("model.load_in_4bit", spec.model.load_in_4bit, config.model.load_in_4bit),
+    pairs = [("task", spec.task, config.task),
+             ("model.load_in_4bit", spec.model.load_in_4bit, config.model.load_in_4bit),
              ("data.max_seq_len", spec.data.max_seq_len, config.data.max_seq_len),
              ("data.packing", spec.data.packing, config.data.packing),
              ("checkpoint.keep", spec.keep, config.checkpoint.keep),

@@ -126,11 +126,17 @@ class SessionConfig(Strict):
         return v
 
 
+TASKS = ("causal_lm", "classification")
+
+
 class RunConfig(Strict):
     """run.yaml, after command-line overrides."""
 
     run: str
     store: str
+    # causal_lm: next-token loss on the record's text; classification: a sequence-
+    # classification head trained on (text[, text_pair]) -> label (training/classify.py).
+    task: Literal["causal_lm", "classification"] = "causal_lm"
     model: ModelConfig
     lora: LoraConfig = LoraConfig()
     data: DataConfig
@@ -145,6 +151,13 @@ class RunConfig(Strict):
     @classmethod
     def _run(cls, v):
         return check_run_name(v)
+
+    @model_validator(mode="after")
+    def _task(self):
+        if self.task == "classification" and self.data.packing:
+            raise ValueError("data.packing cannot be used with task: classification (each "
+                             "sample is pooled on its own last token); set data.packing: false")
+        return self
 
 
 class DataSpec(Strict):
@@ -183,6 +196,9 @@ class RunSpec(Stored):
     lora: LoraConfig
     data: DataSpec
     train: TrainSpec
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    # classification: the training split's labels, sorted; a label's id is its index here.
+    labels: list[str] = []
     keep: int = 3
     optimizer_state: bool = False
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

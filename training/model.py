@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from state_schema import RunSpec
 
+from .classify import auto_class, head_kwargs, is_classifier, keep_head_unquantized
 from .devices import DeviceInfo
 
 log = logging.getLogger(__name__)
@@ -114,24 +115,30 @@ def quantization_config(spec: RunSpec, device_info: DeviceInfo):
 
 
 def load_base(spec: RunSpec, device_info: DeviceInfo):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     source, revision = _source(spec)
     quant = quantization_config(spec, device_info)
+    head = {}
+    if is_classifier(spec):  # a sequence-classification head (training/classify.py)
+        keep_head_unquantized(quant)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(
+        if tokenizer.pad_token_id is None:
+            # Padding is masked out of attention and loss, so eos is a safe stand-in.
+            tokenizer.pad_token = tokenizer.eos_token
+        if is_classifier(spec):
+            head = head_kwargs(spec, tokenizer.pad_token_id)
+            torch.manual_seed(spec.train.seed)  # the fresh head: the same on every machine
+        model = auto_class(spec).from_pretrained(
             source, revision=revision, quantization_config=quant,
-            dtype=device_info.dtype, device_map={"": device_info.device},
+            dtype=device_info.dtype, device_map={"": device_info.device}, **head,
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot load model {source!r} (revision {revision or 'local'}): {exc}. Check "
             "model.name, model.revision and, for a gated model, HF_TOKEN"
         ) from exc
-    if tokenizer.pad_token_id is None:
-        # Padding is masked out of attention and loss, so eos is a safe stand-in.
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, quant is not None
 
 
@@ -141,7 +148,9 @@ def lora_config(spec: RunSpec):
     targets = spec.lora.target_modules
     return LoraConfig(
         r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-        target_modules=targets, task_type="CAUSAL_LM", bias="none",
+        target_modules=targets, bias="none",
+        # SEQ_CLS: PEFT puts the head (score / classifier) in modules_to_save.
+        task_type="SEQ_CLS" if is_classifier(spec) else "CAUSAL_LM",
     )
 
 
