@@ -131,8 +131,11 @@ def resolve_paths(doc: dict[str, Any], base: Path) -> None:
     data = doc.get("data")
     if not isinstance(data, dict):
         return
+    hub = str(data.get("train", "")).startswith("hf://")
     for key in ("train", "eval"):
         value = data.get(key)
+        if hub and (key == "train" or not Path(str(value)).suffix):
+            continue  # a Hub dataset, or one of its splits by name: not a path
         if isinstance(value, str) and not Path(value).expanduser().is_absolute():
             beside = base / value
             if beside.exists() or not Path(value).exists():

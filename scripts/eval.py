@@ -68,15 +68,11 @@ def read_spec(runstore):
 
 
 def fetch_inputs(runstore, spec, workdir: Path) -> tuple[Path, Optional[Path]]:
-    """The run's data files from the store, checked against the spec's sha256."""
-    from session.spec import fetch_data
+    """The run's data files from the store (or its Hub dataset at the run's commit), checked
+    against the spec's sha256."""
+    from session.spec import local_inputs
 
-    nowhere = Path("-")  # not a local file: always the store's copy
-    train = fetch_data(runstore, spec.data.key, spec.data.sha256, nowhere, workdir)
-    held = None
-    if spec.data.eval_key and spec.data.eval_sha256:
-        held = fetch_data(runstore, spec.data.eval_key, spec.data.eval_sha256, nowhere, workdir)
-    return train, held
+    return local_inputs(runstore, spec, None, workdir)
 
 
 def pull(runstore, checkpoint: Optional[str], dest: Path):
@@ -223,12 +219,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     from session.quiet import silence_bnb_kernel_notice
     from training.data import DataError
     from training.engine import CheckpointError
+    from training.hub_data import DatasetUnavailableError
     from training.model import ModelLoadError, ModelUnavailableError
 
     silence_bnb_kernel_notice()
     try:
         result = evaluate_run(args)
-    except (StoreUnavailableError, ModelUnavailableError) as exc:
+    except (StoreUnavailableError, ModelUnavailableError, DatasetUnavailableError) as exc:
         print(scrub(f"error: {exc}; try again"), file=sys.stderr)
         return FAILED
     except (EvalInputError, StoreError, DataError, CheckpointError, ModelLoadError) as exc:

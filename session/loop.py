@@ -38,6 +38,7 @@ from handoff.spool import describe as describe_spool
 from handoff.spool import push_pending
 from state_schema import RunConfig, RunSpec, SchemaError, SessionRecord, parse_duration
 from training.data import DataError  # stdlib only: light enough for the CLI's first second
+from training.hub_data import DatasetUnavailableError
 from training.model import ModelUnavailableError
 
 from .checkpointer import Checkpointer
@@ -106,7 +107,7 @@ def _open_and_run(config: RunConfig, options: SessionOptions, ranks: Ranks, say:
     except StoreUnavailableError as exc:
         return say.error(f"{exc}\nNothing was trained; run again when the store answers.",
                          FAILED)
-    except ModelUnavailableError as exc:
+    except (ModelUnavailableError, DatasetUnavailableError) as exc:
         return say.error(f"{exc}\nNothing was written; run again when the Hub answers.", FAILED)
     finally:
         store.close()
@@ -212,7 +213,7 @@ class Session:
                                   "this session stopped without writing anything.", FAILED)
         except (SpecError, DataError) as exc:
             code = self.say.error(str(exc), INVALID)
-        except (CorruptCheckpointError, StoreUnavailableError) as exc:
+        except (CorruptCheckpointError, StoreUnavailableError, DatasetUnavailableError) as exc:
             code = self.say.error(f"{exc}\nThe store was left as it was.", FAILED)
         finally:
             self._finish(code, lost)

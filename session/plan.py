@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from state_schema import RunConfig, parse_duration
+from state_schema.fields import task_of
+from training.columns import map_records, resolve_columns
 from training.data import DataError, read_records
 from training.order import split_eval, total_steps
 
@@ -173,18 +175,41 @@ def checkpoint_bytes(adapter: int, trainable: int, optimizer: str) -> dict[str, 
             "with_optimizer": adapter + small_files + state}
 
 
-def count_samples(path: Path) -> tuple[Optional[int], Optional[float]]:
-    """(samples, mean characters a sample) of the training file, read by the engine's own
-    reader, so plan accepts exactly the files a session accepts; (None, None) when the file is
-    absent or unreadable (the session would refuse it with the reason)."""
+def count_samples(path: Path, config: Optional[RunConfig] = None
+                  ) -> tuple[Optional[int], Optional[float]]:
+    """(samples, mean characters a sample) of the training file, read and mapped to the run's
+    fields (`data.columns`) by the engine's own reader, so plan accepts exactly the files a
+    session accepts; (None, None) when the file is absent or unreadable (the session would
+    refuse it with the reason). A Hub dataset's split is downloaded (its files, never the
+    model's weights); one the token may not read is a PlanError, exit 2."""
+    if config is not None and config.data.hub is not None:
+        return _hub_samples(config)
     if not path.is_file():
         return None, None
     try:
         records = read_records(path)
+        if config is not None:
+            data, task = config.data, task_of(config)
+            fmt, columns = resolve_columns(records[0], data.columns, data.format, task,
+                                           source=path)
+            records = map_records(records, columns, fmt, task, source=path)
     except DataError:
         return None, None
     lengths = [sum(len(str(value)) for value in record.values()) for record in records]
     return len(lengths), (sum(lengths) / len(lengths) if lengths else 0.0)
+
+
+def _hub_samples(config: RunConfig) -> tuple[Optional[int], Optional[float]]:
+    from training.hub_data import DatasetUnavailableError
+
+    from .hub_source import hub_samples
+
+    try:
+        return hub_samples(config)
+    except DataError as exc:
+        raise PlanError(str(exc)) from None
+    except DatasetUnavailableError:
+        return None, None  # the notes say the samples are unknown; a session would exit 1
 
 
 def steps_total(config: RunConfig, samples: Optional[int]) -> Optional[int]:
@@ -238,12 +263,12 @@ def plan(config: RunConfig) -> dict[str, Any]:
     """The whole plan as the `plan --json` object."""
     cfg = load_model_config(config.model.name, config.model.revision)
     labels = plan_labels(config)
-    n_labels = (len(labels) or 2) if config.task == "classification" else None
+    n_labels = (len(labels) or 2) if task_of(config) == "classification" else None
     peft_model = meta_lora_model(cfg, config.lora, n_labels)
     params = count_params(peft_model)
     adapter = adapter_bytes(peft_model)
     vram = estimate_vram(cfg, params, config)
-    samples, mean_chars = count_samples(Path(config.data.train))
+    samples, mean_chars = count_samples(Path(config.data.train), config)
     steps = steps_total(config, samples)
     step_tokens = tokens_per_step(config, mean_chars)
     total_tokens = steps * step_tokens if steps is not None else None
@@ -270,17 +295,24 @@ def plan(config: RunConfig) -> dict[str, Any]:
 
 
 def plan_labels(config: RunConfig) -> list[str]:
-    """A classification run's labels as the session will read them; [] for a causal LM or
-    data that cannot be read (the session would refuse it with the reason)."""
-    if config.task != "classification" or not Path(config.data.train).is_file():
+    """A classification run's labels as the session will read them (through data.columns, by
+    the engine's reader and split); [] for a causal LM, a Hub dataset (its split is not
+    downloaded twice: the head is then counted for 2 classes) or data that cannot be read (the
+    session would refuse it with the reason)."""
+    path = Path(config.data.train)
+    if task_of(config) != "classification" or config.data.hub is not None \
+            or not path.is_file():
         return []
     from training.classify_data import run_labels
 
-    held = config.data.eval if isinstance(config.data.eval, str) else None
+    data = config.data
     try:
-        eval_records = read_records(Path(held)) if held and Path(held).is_file() else None
-        return run_labels(read_records(Path(config.data.train)), config.data.eval,
-                          config.train.seed, eval_records)
+        records = read_records(path)
+        fmt, columns = resolve_columns(records[0], data.columns, data.format,
+                                       "classification", source=path)
+        records = map_records(records, columns, fmt, "classification", source=path)
+        fraction = data.eval if isinstance(data.eval, float) else None
+        return run_labels(records, fraction, config.train.seed)
     except DataError:
         return []
 
@@ -289,8 +321,10 @@ def _notes(config: RunConfig, samples: Optional[int], steps: Optional[int]) -> l
     notes = ["tokens/s, hours and sessions are guesses from peak FLOPs; "
              "`agent.py status` shows measured throughput once a session has run"]
     if samples is None:
-        notes.append(f"could not count samples in {config.data.train!r} (absent, or Parquet "
-                     "without pyarrow): steps_total is unknown unless train.max_steps is set")
+        why = ("the Hub did not answer" if config.data.hub else
+               "absent, or Parquet without pyarrow")
+        notes.append(f"could not count samples in {config.data.train!r} ({why}): steps_total "
+                     "is unknown unless train.max_steps is set")
     if steps == 0:
         notes.append("the training split is empty: add data or lower data.eval")
     return notes

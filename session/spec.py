@@ -8,11 +8,12 @@ anything. The data files themselves travel through the store, so a fresh machine
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from handoff import ConflictError
 from handoff.runstore import RunStore
 from state_schema import RunConfig, RunSpec
+from state_schema.fields import task_of
 
 from training.data import DataError  # stdlib only: light enough for the CLI's first second
 
@@ -44,54 +45,105 @@ def prepare_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
 
 def new_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
     data = config.data
-    sha, fmt, eval_sha = inspect_data(config)
-    labels = classification_labels(config)
+    fields = inspect_hub_data(config) if data.hub is not None else inspect_data(config)
+    labels = classification_labels(config, fields.pop("train_records"), fields)
     revision = pinned_revision(config)
-    key = upload(runstore, Path(data.train), sha)
-    eval_key = upload(runstore, Path(data.eval), eval_sha) if eval_sha is not None else None
+    if fields["key"] is None:  # local data: uploaded once, so a fresh machine needs nothing
+        fields["key"] = upload(runstore, Path(data.train), fields["sha256"])
+    held = eval_file(config)
+    eval_key = upload(runstore, held, fields["eval_sha256"]) if held is not None else None
     t = config.train
     return RunSpec(
         run=config.run, model=config.model.model_copy(update={"revision": revision}),
         lora=config.lora, keep=config.checkpoint.keep, optimizer_state=config.checkpoint.optimizer,
-        data={"source": data.train, "key": key, "sha256": sha, "format": fmt, "eval": data.eval,
-              "eval_key": eval_key, "eval_sha256": eval_sha, "max_seq_len": data.max_seq_len,
-              "packing": data.packing},
+        data={"source": data.train, "eval": data.eval, "eval_key": eval_key,
+              "max_seq_len": data.max_seq_len, "packing": data.packing, **fields},
         train=t.model_dump(exclude={"micro_batch_size", "precision"}),
         task=config.task, labels=labels)
 
 
-def inspect_data(config: RunConfig) -> tuple[str, str, Optional[str]]:
-    """(train sha256, format, eval sha256 or None), read before anything is uploaded, so
-    that bad data is refused with nothing written."""
-    from training.data import check_format, detect_format, fingerprint, read_records
+def inspect_data(config: RunConfig) -> dict[str, Any]:
+    """The spec's data fields of a local file (train sha256, format, column mapping, eval
+    sha256), read before anything is uploaded, so that bad data or a bad mapping is refused
+    with nothing written."""
+    from training.columns import load_records, resolve_columns
+    from training.data import fingerprint, read_records
 
-    data = config.data
+    data, task = config.data, task_of(config)
     train = Path(data.train)
     try:
         sha = fingerprint(train)
-        fmt = detect_format(train) if data.format == "auto" else data.format
-        check_format(read_records(train), fmt, source=train)
-        eval_sha = fingerprint(Path(data.eval)) if isinstance(data.eval, str) else None
+        fmt, columns = resolve_columns(read_records(train)[0], data.columns, data.format, task,
+                                       source=train)
+        records = load_records(train, columns, fmt, task)  # every record maps, not only the first
+        eval_sha = check_eval_file(config, fmt, columns)
     except DataError as exc:
         raise SpecError(str(exc)) from None
-    return sha, fmt, eval_sha
+    return {"key": None, "sha256": sha, "format": fmt, "columns": columns,
+            "eval_sha256": eval_sha, "train_records": records}
 
 
-def classification_labels(config: RunConfig) -> list[str]:
-    """A classification run's label set, sorted, from its training split (training/
-    classify_data.py); [] for a causal LM. Bad labels are refused before anything is written."""
-    if config.task != "classification":
+def inspect_hub_data(config: RunConfig) -> dict[str, Any]:
+    """The spec's data fields of a Hub dataset, pinned to a commit (session/hub_source.py).
+    A Hub that does not answer (DatasetUnavailableError) passes up: exit 1, run again."""
+    from .hub_source import hub_data_fields, inspect_hub
+
+    try:
+        found = inspect_hub(config)
+        fields = hub_data_fields(found)
+        fields["eval_sha256"] = fields["eval_sha256"] or check_eval_file(
+            config, found.format, found.columns)
+        fields["train_records"] = found.records  # the label set of a classification run
+    except DataError as exc:
+        raise SpecError(str(exc)) from None
+    return fields
+
+
+def eval_file(config: RunConfig) -> Optional[Path]:
+    """data.eval as a local file (uploaded to the store), or None (a fraction, or a split of
+    the Hub dataset)."""
+    from .hub_source import eval_split
+
+    if not isinstance(config.data.eval, str):
+        return None
+    if config.data.hub is not None and eval_split(config) is not None:
+        return None
+    return Path(config.data.eval)
+
+
+def check_eval_file(config: RunConfig, fmt: str, columns: dict[str, str]) -> Optional[str]:
+    """The eval file's sha256, once every record of it maps as the training data does."""
+    from training.columns import load_records
+    from training.data import fingerprint
+
+    held = eval_file(config)
+    if held is None:
+        return None
+    load_records(held, columns, fmt, task_of(config))
+    return fingerprint(held)
+
+
+def classification_labels(config: RunConfig, records: list[dict[str, Any]],
+                          fields: dict[str, Any]) -> list[str]:
+    """A classification run's label set, sorted, from its training split's records (mapped
+    through data.columns; training/classify_data.py); [] for a causal LM. A local eval file is
+    checked here too, so bad labels are refused before anything is written; a Hub eval split's
+    labels are checked by the session before the model loads."""
+    if task_of(config) != "classification":
         return []
     from training.classify_data import run_labels
-    from training.data import read_records
+    from training.columns import load_records
 
     data = config.data
     if data.format not in ("auto", "text"):
         raise SpecError(f"task: classification reads text and label fields; data.format "
                         f"{data.format!r} does not apply: leave it at auto")
     try:
-        held = read_records(Path(data.eval)) if isinstance(data.eval, str) else None
-        return run_labels(read_records(Path(data.train)), data.eval, config.train.seed, held,
+        held = eval_file(config)
+        held_records = (load_records(held, fields["columns"], fields["format"], "classification")
+                        if held is not None else None)
+        fraction = data.eval if isinstance(data.eval, float) else None
+        return run_labels(records, fraction, config.train.seed, held_records,
                           source=data.train, eval_source=str(data.eval))
     except DataError as exc:
         raise SpecError(str(exc)) from None
@@ -127,6 +179,8 @@ def spec_differences(spec: RunSpec, config: RunConfig) -> list[str]:
     pairs += [(f"train.{k}", v, getattr(config.train, k)) for k, v in spec.train]
     if config.data.format != "auto":
         pairs.append(("data.format", spec.data.format, config.data.format))
+    if config.data.columns:  # none given: the run's own (perhaps recognised) mapping stands
+        pairs.append(("data.columns", spec.data.columns, config.data.columns))
     if not same_model(spec, config):
         pairs.append(("model.name", spec.model.name, config.model.name))
     differences = [f"{key}: the run has {run!r}, the config says {cfg!r}"
@@ -147,9 +201,11 @@ def data_differences(spec: RunSpec, config: RunConfig) -> list[str]:
     without them trains on the store's copy."""
     from training.data import fingerprint
 
-    found = []
+    from .hub_source import hub_differences
+
+    found = hub_differences(spec, config)
     train = Path(config.data.train)
-    if train.is_file() and fingerprint(train) != spec.data.sha256:
+    if spec.data.hub is None and train.is_file() and fingerprint(train) != spec.data.sha256:
         found.append(f"data.train: {train} has other bytes (sha256 {fingerprint(train)[:12]}…) "
                      f"than the run's data ({spec.data.sha256[:12]}…, kept in the store at "
                      f"{spec.data.key})")
@@ -163,17 +219,24 @@ def data_differences(spec: RunSpec, config: RunConfig) -> list[str]:
     return found
 
 
-def local_inputs(runstore: RunStore, spec: RunSpec, config: RunConfig,
+def local_inputs(runstore: RunStore, spec: RunSpec, config: Optional[RunConfig],
                  workdir: Path) -> tuple[Path, Optional[Path]]:
-    """Local paths of the training and eval data, fetched from the store when this machine
-    lacks them; every file is checked against the spec's sha256."""
-    train = fetch_data(runstore, spec.data.key, spec.data.sha256, Path(config.data.train),
-                       workdir)
-    evaluation = None
-    if spec.data.eval_key and spec.data.eval_sha256:
-        given = Path(config.data.eval) if isinstance(config.data.eval, str) else Path("-")
-        evaluation = fetch_data(runstore, spec.data.eval_key, spec.data.eval_sha256, given,
-                                workdir)
+    """Local paths of the training and eval data: the config's files when they are the run's,
+    else the store's copies (or the Hub dataset's files at the run's commit); every file is
+    checked against the spec's sha256. With no config (eval.py) the copies are always read."""
+    data = spec.data
+    nowhere = Path("-")  # not a local file
+    if data.hub is not None:
+        from .hub_source import hub_inputs
+
+        train, evaluation = hub_inputs(data, workdir)
+    else:
+        given = Path(config.data.train) if config is not None else nowhere
+        train, evaluation = fetch_data(runstore, data.key, data.sha256, given, workdir), None
+    if data.eval_key and data.eval_sha256:
+        held = config.data.eval if config is not None else None
+        given = Path(held) if isinstance(held, str) else nowhere
+        evaluation = fetch_data(runstore, data.eval_key, data.eval_sha256, given, workdir)
     return train, evaluation
 
 

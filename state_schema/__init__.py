@@ -4,6 +4,7 @@ from .config import (
     CheckpointConfig,
     DataConfig,
     DataSpec,
+    HubDataSpec,
     LoraConfig,
     ModelConfig,
     RunConfig,
@@ -24,8 +25,9 @@ from .versioning import (
 )
 
 __all__ = [
-    "CheckpointConfig", "DataConfig", "DataSpec", "LoraConfig", "ModelConfig", "RunConfig",
-    "RunSpec", "SessionConfig", "TrainConfig", "TrainSpec", "check_run_name", "parse_duration",
+    "CheckpointConfig", "DataConfig", "DataSpec", "HubDataSpec", "LoraConfig", "ModelConfig",
+    "RunConfig", "RunSpec", "SessionConfig", "TrainConfig", "TrainSpec", "check_run_name",
+    "parse_duration",
     "Cursor", "FileEntry", "Head", "Lease", "Manifest", "SessionRecord", "utcnow",
     "SCHEMA_VERSION", "UPGRADES", "NewerSchemaError", "SchemaError", "Stored",
 ]

@@ -14,6 +14,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .fields import check_column_keys, parse_hub_dataset, task_of
 from .versioning import Stored
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -60,11 +61,15 @@ class LoraConfig(Strict):
 
 
 class DataConfig(Strict):
-    train: str
+    train: str  # a JSONL, CSV or Parquet file, or hf://datasets/OWNER/NAME[@REVISION]
     format: Literal["text", "pairs", "chat", "auto"] = "auto"
-    eval: Union[float, str, None] = 0.05
+    eval: Union[float, str, None] = 0.05  # a fraction, a file, or a split of a Hub dataset
     max_seq_len: int = Field(2048, ge=8)
     packing: bool = False
+    subset: Optional[str] = None  # a Hub dataset's subset (its config name)
+    split: str = "train"  # a Hub dataset's split
+    # run field -> the file's column, or a template of columns: {prompt: "{q}\n\n{ctx}"}
+    columns: dict[str, str] = {}
 
     @field_validator("eval")
     @classmethod
@@ -72,6 +77,22 @@ class DataConfig(Strict):
         if isinstance(v, float) and not 0 <= v < 1:
             raise ValueError("data.eval as a fraction must be in [0, 1), e.g. 0.05")
         return v
+
+    @model_validator(mode="after")
+    def _hub_source(self):
+        hub = parse_hub_dataset(self.train)
+        if hub is None and (self.subset is not None or self.split != "train"):
+            raise ValueError("data.subset and data.split choose from a Hub dataset; give "
+                             "data.train as hf://datasets/OWNER/NAME, or drop them")
+        if isinstance(self.eval, str) and self.eval.startswith("hf://"):
+            raise ValueError("data.eval may name a split of data.train's Hub dataset (e.g. "
+                             "'test'), a local file or a fraction, not another hf:// dataset")
+        return self
+
+    @property
+    def hub(self) -> Optional[tuple[str, Optional[str]]]:
+        """(repo id, revision or None) when data.train is a Hub dataset."""
+        return parse_hub_dataset(self.train)
 
 
 class TrainConfig(Strict):
@@ -126,9 +147,6 @@ class SessionConfig(Strict):
         return v
 
 
-TASKS = ("causal_lm", "classification")
-
-
 class RunConfig(Strict):
     """run.yaml, after command-line overrides."""
 
@@ -159,6 +177,24 @@ class RunConfig(Strict):
                              "sample is pooled on its own last token); set data.packing: false")
         return self
 
+    @model_validator(mode="after")
+    def _columns(self):
+        check_column_keys(self.data.columns, self.data.format, task_of(self))
+        return self
+
+
+class HubDataSpec(Strict):
+    """A Hub dataset as pinned when the run was created: the commit and the files read."""
+
+    repo: str
+    revision: str  # the commit sha the files are read at
+    ref: str = "main"  # the branch that held them: a revision, or refs/convert/parquet
+    subset: Optional[str] = None
+    split: str = "train"
+    files: list[str]  # repo paths of the split's files, in reading order
+    eval_split: Optional[str] = None
+    eval_files: list[str] = []
+
 
 class DataSpec(Strict):
     """The data as pinned in the spec: where it lives in the store and its fingerprint."""
@@ -172,6 +208,10 @@ class DataSpec(Strict):
     eval_sha256: Optional[str] = None
     max_seq_len: int
     packing: bool
+    # run field -> column or template, as resolved when the run was created (format auto
+    # fills in the alpaca and ShareGPT mappings); {} reads the run's fields by their names.
+    columns: dict[str, str] = {}
+    hub: Optional[HubDataSpec] = None  # set when the data is read from a Hub dataset
 
 
 class TrainSpec(Strict):

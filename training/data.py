@@ -5,7 +5,10 @@ Three shapes of record are understood, in JSONL, CSV or Parquet (when pyarrow is
   pairs  {"prompt": "...", "completion": "..."}            loss on the completion
   chat   {"messages": [{"role": ..., "content": ...}]}     loss on the assistant turns
 The sha256 of the file's bytes pins the data in the run's spec: a later session that finds
-other bytes refuses to continue rather than silently train on a different set.
+other bytes refuses to continue rather than silently train on a different set. A source may
+also be a folder of such files (a Hub dataset's split in several shards), read in name order
+and pinned by the sha256 of its files' sha256s. Other names of fields are mapped to these
+by `training/columns.py`.
 """
 
 from __future__ import annotations
@@ -30,13 +33,32 @@ class DataChangedError(DataError):
 
 
 def fingerprint(path: Path) -> str:
-    """sha256 hex of the file's bytes."""
+    """sha256 hex of the file's bytes; of a folder, fingerprint_files of its data files."""
     path = _existing(path)
+    if path.is_dir():
+        return fingerprint_files(data_files(path))
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def fingerprint_files(paths: list[Path]) -> str:
+    """The fingerprint of files read one after another: one file's is its own sha256 (so a
+    one-file Hub split pins like a local file); several files', the sha256 of theirs, in order."""
+    shas = [fingerprint(p) for p in paths]
+    if len(shas) == 1:
+        return shas[0]
+    return hashlib.sha256("\n".join(shas).encode()).hexdigest()
+
+
+def data_files(folder: Path) -> list[Path]:
+    """The data files of a folder, in name order (the order they are read in)."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in SUFFIXES)
+    if not files:
+        raise DataError(f"folder {folder} holds no .jsonl, .json, .csv or .parquet file")
+    return files
 
 
 def check_fingerprint(path: Path, expected: str, *, what: str = "training data") -> None:
@@ -51,7 +73,7 @@ def check_fingerprint(path: Path, expected: str, *, what: str = "training data")
 
 def _existing(path: Path) -> Path:
     path = Path(path)
-    if not path.is_file():
+    if not (path.is_file() or path.is_dir()):
         raise DataError(f"data file {path} does not exist; check data.train / data.eval in run.yaml")
     return path
 
@@ -65,7 +87,22 @@ def _kind(path: Path) -> str:
     return kind
 
 
+def _read_json_array(path: Path) -> list[dict[str, Any]]:
+    """A .json file holding one array of objects, as ShareGPT and alpaca exports often are."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{path} should hold a JSON array of objects, or one object a line")
+    return rows
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if path.suffix.lower() == ".json":
+        with open(path, encoding="utf-8") as fh:
+            if fh.read(4096).lstrip().startswith("["):
+                return _read_json_array(path)
     rows = []
     with open(path, encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
@@ -104,20 +141,23 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 
 
 @lru_cache(maxsize=8)
-def _read_cached(path: str, sha: str) -> tuple[dict[str, Any], ...]:
+def _read_cached(path: str, kind: str, sha: str) -> tuple[dict[str, Any], ...]:
+    # The kind comes from the name the caller gave: a Hub cache's file is a link to a blob
+    # without a suffix.
     p = Path(path)
-    reader = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[_kind(p)]
-    rows = reader(p)
+    rows = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[kind](p)
     if not rows:
         raise DataError(f"{p} holds no records; give a file with at least one sample")
     return tuple(rows)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Every record of the file, in file order. DataError if missing, empty or unreadable."""
+    """Every record of the file (of a folder's files, in name order), in file order.
+    DataError if missing, empty or unreadable."""
     path = _existing(path)
-    _kind(path)
-    return list(_read_cached(str(path.resolve()), fingerprint(path)))
+    if path.is_dir():
+        return [row for p in data_files(path) for row in read_records(p)]
+    return list(_read_cached(str(path), _kind(path), fingerprint(path)))
 
 
 def format_of(record: dict[str, Any]) -> str | None:

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Optional
 
 from state_schema import RunSpec
+from state_schema.fields import task_of
 
-from .data import DataError, check_fingerprint, check_format, read_records
+from .columns import load_records
+from .data import DataError, check_fingerprint
 from .encode import Encoded, Encoder, pack
 from .order import split_eval
 
@@ -20,8 +22,7 @@ class RunData:
     def __init__(self, spec: RunSpec, data_path: Path, eval_path: Optional[Path] = None):
         self.spec = spec
         check_fingerprint(Path(data_path), spec.data.sha256)
-        records = read_records(Path(data_path))
-        check_format(records, spec.data.format, source=Path(data_path))
+        records = self._load(Path(data_path))
         self.train_records, self.eval_records = self._split(records, eval_path)
         self.encoder: Optional[Encoder] = None
         self._cache: dict[int, Encoded] = {}
@@ -36,11 +37,14 @@ class RunData:
                                 "(the agent downloads it from the store)")
             if spec.eval_sha256:
                 check_fingerprint(Path(eval_path), spec.eval_sha256, what="eval data")
-            held = read_records(Path(eval_path))
-            check_format(held, spec.format, source=Path(eval_path))
-            return records, held
+            return records, self._load(Path(eval_path))
         train, held = split_eval(len(records), spec.eval, self.spec.train.seed)
         return [records[i] for i in train], [records[i] for i in held]
+
+    def _load(self, path: Path) -> list:
+        """The file's records as the run's fields, through the spec's column mapping."""
+        data = self.spec.data
+        return load_records(path, data.columns, data.format, task_of(self.spec))
 
     def attach(self, tokenizer) -> None:
         """Give the data its tokenizer; packing encodes everything now, so n_train is known."""

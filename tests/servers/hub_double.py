@@ -10,7 +10,8 @@ Hub's documented semantics:
 - `POST /{repo}.git/info/lfs/objects/batch`, then PUT and verify of the "basic" LFS transfer;
 - `POST /api/models/{repo}/commit/{rev}` (NDJSON; 412 when `parentCommit` is not the head);
 - `GET /api/models/{repo}/tree/{rev}[/{path}]?recursive=` (paginated with a `Link` header);
-- `HEAD|GET /{repo}/resolve/{rev}/{path}` (ETag, X-Repo-Commit, X-Linked-Etag/-Size for LFS).
+- `HEAD|GET /{repo}/resolve/{rev}/{path}` (ETag, X-Repo-Commit, X-Linked-Etag/-Size for LFS);
+- dataset repos (`/api/datasets/...`, `/datasets/.../resolve/...`): tests/servers/hub_datasets.py.
 
 LFS content is served inline from `resolve` rather than through a redirect to a CDN host, and
 Xet storage is not offered: the fixture disables the client's Xet path (`HF_HUB_DISABLE_XET`), so
@@ -34,6 +35,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 
 from tests.servers.http_body import read_body
+from tests.servers.hub_datasets import DatasetRepos
 
 TOKEN = "hf_double_fake_token_0123456789"
 USER = "test-user"
@@ -94,6 +96,7 @@ class HubState:
         # (fragment of 'METHOD /path', status, after): each answers one request with `status`,
         # before handling it, or after handling it (a response lost in flight) when `after`.
         self.faults: list[tuple[str, int, bool]] = []
+        self.datasets = DatasetRepos(TOKEN)  # dataset repos: tests/servers/hub_datasets.py
 
     def new_sha(self) -> str:
         return hashlib.sha1(f"commit-{next(self._shas)}-{os.urandom(8).hex()}".encode()).hexdigest()
@@ -263,6 +266,8 @@ class Handler(BaseHTTPRequestHandler):
         parts = path.strip("/").split("/")
         if method == "PUT" and parts[0] == "_lfs":  # a pre-signed upload URL: no token
             return self._lfs_put("/".join(parts[1:3]), parts[3], body)
+        if parts[0] == "datasets" or parts[:2] == ["api", "datasets"]:
+            return self.state.datasets.route(self, method)  # public ones answer anyone
         self._authorize()
         if path == "/api/repos/create":
             return self._create(json.loads(body))
@@ -445,6 +450,7 @@ class HubDouble:
         self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.httpd.endpoint = self.endpoint
         self.token = TOKEN
+        self.datasets = self.state.datasets
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._names = itertools.count(1)
 
