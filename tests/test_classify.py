@@ -50,7 +50,7 @@ def test_an_eval_label_training_never_shows_is_refused_with_nothing_written(tmp_
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.json"))
     # A record without its label, and packing, are refused as well.
     write_jsonl(train, colour_records(6) + [{"text": "no label here"}])
-    with pytest.raises(SpecError, match="record 7 has no label"):
+    with pytest.raises(SpecError, match="record 7 has no column 'label'"):
         prepare_spec(RunStore(open_store(config.store), "c"), config.model_copy(
             update={"data": config.data.model_copy(update={"eval": 0.2})}))
     with pytest.raises(ValueError, match="data.packing"):
@@ -281,3 +281,32 @@ def test_plan_counts_the_head_as_the_trainer_builds_it(which, request, tmp_path)
                     + hidden * 3 + 3)  # score: no bias; classifier: dense + out_proj
     assert (result["head_params"], result["trainable_params"]) == (head, trained)
     assert result["labels"] == ["blue", "green", "red"] and result["task"] == "classification"
+
+
+def test_a_remapped_csv_trains_as_a_classifier(tmp_path, tiny_encoder_dir):
+    """`data.columns: {text: complaint, label: product}` on a CSV: the spec keeps the mapping
+    and the label set read through it; the engine trains on the mapped records."""
+    from handoff import open_store
+    from handoff.runstore import RunStore
+    from scripts.classify_data import write
+    from session.spec import prepare_spec
+    from state_schema import RunConfig
+
+    data = write(tmp_path / "complaints.csv", colour_records(24),
+                 columns={"text": "complaint", "label": "product"})
+    config = RunConfig.model_validate({
+        "run": "csv", "store": str(tmp_path / "store"), "task": "classification",
+        "model": {"name": str(tiny_encoder_dir), "load_in_4bit": False},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"train": str(data), "eval": 0.25, "max_seq_len": 32,
+                 "columns": {"text": "complaint", "label": "product"}},
+        "train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "optimizer": "adamw"}})
+    spec = prepare_spec(RunStore(open_store(config.store), "csv"), config)
+    assert spec.task == "classification" and spec.labels == ["blue", "green", "red"]
+    assert spec.data.columns == {"text": "complaint", "label": "product"}
+    trainer = make_trainer(spec, data, micro=2, kernels="auto")
+    assert trainer.data.train_records[0].keys() == {"text", "label"}
+    for _ in range(2):
+        trainer.train_step()
+    assert trainer.finished and trainer.evaluate() is not None
+    assert 0 <= trainer.cursor.eval_accuracy <= 1
