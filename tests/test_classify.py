@@ -310,3 +310,29 @@ def test_a_remapped_csv_trains_as_a_classifier(tmp_path, tiny_encoder_dir):
         trainer.train_step()
     assert trainer.finished and trainer.evaluate() is not None
     assert 0 <= trainer.cursor.eval_accuracy <= 1
+
+
+def test_decoder_classifier_trains_the_same_on_the_triton_kernels(decoder):
+    """Triton's RMSNorm, RoPE, SwiGLU and fused LoRA projections (in the interpreter on a
+    CPU) patch the sequence classifier, the fused LM loss does not (there is no lm_head), and
+    two steps match the plain HF + PEFT modules."""
+    from kernels.patch import restore_rope
+
+    spec, data, _ = decoder
+    spec = spec.model_copy(update={"model": spec.model.model_copy(
+        update={"load_in_4bit": False}), "train": spec.train.model_copy(update={"max_steps": 2})})
+    plain = make_trainer(spec, data, micro=4, kernels="none")
+    expected = [plain.train_step().loss for _ in range(2)]
+    try:
+        fused = make_trainer(spec, data, micro=4, kernels="triton")
+        assert fused.device_info.kernels == "triton"
+        got = [fused.train_step().loss for _ in range(2)]
+    finally:
+        restore_rope()  # process-wide: leave HF's own for the other tests
+    installed = {getattr(getattr(m.forward, "__func__", m.forward), "__name__", "")
+                 for m in fused.model.modules()}
+    assert "_rmsnorm_forward" in installed  # the MLP's SwiGLU sits inside the fused LoRA MLP
+    assert any(getattr(m.forward, "_baton_lora", False) for m in fused.model.modules())
+    assert got == pytest.approx(expected, abs=1e-5)
+    head = lambda t: t.model.base_model.model.score.modules_to_save["default"].weight  # noqa: E731
+    torch.testing.assert_close(head(fused), head(plain), atol=1e-5, rtol=1e-4)
