@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.fixtures_classify import classification_spec, colour_records, tiny_encoder_dir  # noqa: F401
+from tests.fixtures_classify import classification_spec, colour_records
+from tests.fixtures_classify import tiny_encoder_dir  # noqa: F401 - a fixture
 from tests.fixtures_tiny import make_trainer, write_jsonl
 
 RUN = "tiny"  # make_spec's run name

@@ -314,5 +314,6 @@ class Trainer:
         # A trained classification head rides in modules_to_save: it must come back too.
         missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
         if missing:
-            raise CheckpointError(f"{checkpoint_dir}'s adapter lacks {len(missing)} trained weights "
-                                  f"(e.g. {missing[0]}); it was trained with other lora settings")
+            raise CheckpointError(f"{checkpoint_dir}'s adapter lacks {len(missing)} trained "
+                                  f"weights (e.g. {missing[0]}); it was trained with other lora "
+                                  "settings")
