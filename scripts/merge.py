@@ -115,16 +115,31 @@ def _check_local_revision(folder: Path, revision: str) -> None:
                   file=sys.stderr)
 
 
-def load_adapted(source: str, revision: Optional[str], adapter_dir: Path, dtype: str):
-    """(base + adapter as a PeftModel in `dtype`, tokenizer)."""
+def head_of(spec, tokenizer) -> dict:
+    """A classification run's head (size, label names, pad id for the pooling), else {}."""
+    from training.classify import head_kwargs, is_classifier
+
+    if not is_classifier(spec):
+        return {}
+    if tokenizer.pad_token_id is None:  # as the trainer does: the pooling needs a pad id
+        tokenizer.pad_token = tokenizer.eos_token
+    return head_kwargs(spec, tokenizer.pad_token_id)
+
+
+def load_adapted(source: str, revision: Optional[str], adapter_dir: Path, dtype: str, spec):
+    """(base + adapter as a PeftModel in `dtype`, tokenizer); the base is loaded with the Auto
+    class of the run's task, so a classifier's trained head comes back from modules_to_save."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from training.classify import auto_class
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        base = AutoModelForCausalLM.from_pretrained(source, revision=revision,
-                                                    dtype=getattr(torch, dtype))
+        base = auto_class(spec).from_pretrained(source, revision=revision,
+                                                dtype=getattr(torch, dtype),
+                                                **head_of(spec, tokenizer))
     except (OSError, ValueError) as exc:
         raise MergeError(f"cannot load the base model {source!r}: {exc}. Pass --base-model with "
                          "a folder or Hub id of the run's base model (HF_TOKEN if gated)") from exc
@@ -169,12 +184,15 @@ def merge_and_save(model, tokenizer, out: Path, max_shard_size: str) -> list:
     return reference
 
 
-def verify_saved(out: Path, dtype: str, reference: list, atol: Optional[float]) -> tuple[bool, str]:
-    """Reload the saved folder with plain transformers and compare logits with base + adapter."""
+def verify_saved(out: Path, dtype: str, reference: list, atol: Optional[float],
+                 auto=None) -> tuple[bool, str]:
+    """Reload the saved folder with plain transformers (the Auto class of the run's task) and
+    compare logits with base + adapter."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype)).eval()
+    auto = auto or AutoModelForCausalLM
+    reloaded = auto.from_pretrained(out, dtype=getattr(torch, dtype)).eval()
     logits = probe_logits(reloaded, AutoTokenizer.from_pretrained(out))
     diff, scale = max_abs_diff(reference, logits)
     tolerance = atol if atol is not None else REL_TOLERANCE[dtype] * max(scale, 1.0)
@@ -224,13 +242,15 @@ def merge(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="baton-merge-") as tmp:
             cid, folder = pull(runstore, args.checkpoint, Path(tmp) / "checkpoint")
             print(describe_progress(runstore, cid, folder))
-            model, tokenizer = load_adapted(source, revision, folder, args.dtype)
+            model, tokenizer = load_adapted(source, revision, folder, args.dtype, spec)
             reference = merge_and_save(model, tokenizer, args.out, args.max_shard_size)
     finally:
         store.close()
     del model
     gc.collect()  # the reload below should not hold two copies of a 7B model
-    ok, message = verify_saved(args.out, args.dtype, reference, args.atol)
+    from training.classify import auto_class
+
+    ok, message = verify_saved(args.out, args.dtype, reference, args.atol, auto_class(spec))
     print(message)
     write_provenance(args.out, args.run, args.store, cid, source, args.dtype, message)
     if not ok:

@@ -64,17 +64,24 @@ def load_model_config(name: str, revision: str = "main"):
         ) from exc
 
 
-def meta_lora_model(model_config, lora: Any):
-    """The model with LoRA attached, built on the meta device: shapes only, no memory."""
+def meta_lora_model(model_config, lora: Any, num_labels: Optional[int] = None):
+    """The model with LoRA attached, built on the meta device: shapes only, no memory. With
+    `num_labels`, the sequence classifier a classification run trains (its head in PEFT's
+    modules_to_save, as the trainer builds it)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto = AutoModelForCausalLM
+    if num_labels is not None:
+        model_config.num_labels = num_labels
+        auto = AutoModelForSequenceClassification
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
+        model = auto.from_config(model_config)
         peft_config = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora.target_modules, task_type="CAUSAL_LM",
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM" if num_labels is None else "SEQ_CLS",
         )
         return get_peft_model(model, peft_config)
 
@@ -87,11 +94,21 @@ def count_params(peft_model) -> dict[str, int]:
     base = peft_model.get_base_model()
     # transformers keeps the output embedding in 16-bit when loading in 4 bit.
     output = base.get_output_embeddings()
+    # A classifier's head is trained in full (modules_to_save) and never quantized.
+    head = sum(p.numel() for n, p in peft_model.named_parameters() if "modules_to_save" in n)
     quantized = sum(
         m.weight.numel() for name, m in base.named_modules()
         if isinstance(m, torch.nn.Linear) and m is not output and "lora_" not in name
+        and not _in_head(name)
     )
-    return {"trainable": trainable, "base": total - trainable, "quantized": quantized}
+    return {"trainable": trainable, "base": total - trainable, "quantized": quantized,
+            "head": head}
+
+
+def _in_head(name: str) -> bool:
+    from training.classify import HEAD_NAMES
+
+    return any(part in HEAD_NAMES for part in name.split("."))
 
 
 def adapter_bytes(peft_model) -> int:
@@ -125,6 +142,8 @@ def estimate_vram(cfg, params: dict[str, int], config: RunConfig) -> dict[str, i
     P, Q, T = params["base"], params["quantized"], params["trainable"]
     m, S = config.train.micro_batch_size, config.data.max_seq_len
     H, L, V = _hidden(cfg), cfg.num_hidden_layers, cfg.vocab_size
+    if config.task == "classification":
+        V = cfg.num_labels  # the head's logits: one a class, not a vocabulary
     inter = getattr(cfg, "intermediate_size", None) or 4 * H
     if config.model.load_in_4bit:
         weights = Q * NF4_BYTES_PER_PARAM + (P - Q) * HALF
@@ -243,7 +262,9 @@ def gpu_table(params: dict[str, int], vram: int, total_tokens: Optional[int],
 def plan(config: RunConfig) -> dict[str, Any]:
     """The whole plan as the `plan --json` object."""
     cfg = load_model_config(config.model.name, config.model.revision)
-    peft_model = meta_lora_model(cfg, config.lora)
+    labels = plan_labels(config)
+    n_labels = (len(labels) or 2) if task_of(config) == "classification" else None
+    peft_model = meta_lora_model(cfg, config.lora, n_labels)
     params = count_params(peft_model)
     adapter = adapter_bytes(peft_model)
     vram = estimate_vram(cfg, params, config)
@@ -253,10 +274,14 @@ def plan(config: RunConfig) -> dict[str, Any]:
     total_tokens = steps * step_tokens if steps is not None else None
     limit = parse_duration(config.session.limit) or DEFAULT_SESSION_LIMIT_S
     notes = _notes(config, samples, steps)
+    if config.task == "classification" and not labels:
+        notes.append("could not read the labels of the training data: the head is counted "
+                     "for 2 classes")
     return {
         "run": config.run, "model": config.model.name,
         "architecture": type(cfg).__name__.removesuffix("Config"),
-        "trainable_params": params["trainable"], "base_params": params["base"],
+        "task": config.task, "trainable_params": params["trainable"],
+        "base_params": params["base"], "head_params": params["head"], "labels": labels,
         "quantized_params": params["quantized"] if config.model.load_in_4bit else 0,
         "adapter_bytes": adapter,
         "checkpoint_bytes": checkpoint_bytes(adapter, params["trainable"], config.train.optimizer),
@@ -267,6 +292,29 @@ def plan(config: RunConfig) -> dict[str, Any]:
         "gpus": gpu_table(params, vram["total"], total_tokens, limit),
         "notes": notes,
     }
+
+
+def plan_labels(config: RunConfig) -> list[str]:
+    """A classification run's labels as the session will read them (through data.columns, by
+    the engine's reader and split); [] for a causal LM, a Hub dataset (its split is not
+    downloaded twice: the head is then counted for 2 classes) or data that cannot be read (the
+    session would refuse it with the reason)."""
+    path = Path(config.data.train)
+    if task_of(config) != "classification" or config.data.hub is not None \
+            or not path.is_file():
+        return []
+    from training.classify_data import run_labels
+
+    data = config.data
+    try:
+        records = read_records(path)
+        fmt, columns = resolve_columns(records[0], data.columns, data.format,
+                                       "classification", source=path)
+        records = map_records(records, columns, fmt, "classification", source=path)
+        fraction = data.eval if isinstance(data.eval, float) else None
+        return run_labels(records, fraction, config.train.seed)
+    except DataError:
+        return []
 
 
 def _notes(config: RunConfig, samples: Optional[int], steps: Optional[int]) -> list[str]:
@@ -301,6 +349,8 @@ def render(result: dict[str, Any], console=None) -> None:
     head = Table(title=f"Plan for run {result['run']} ({result['model']})", show_header=False)
     for label, value in [
         ("trainable (LoRA) params", f"{result['trainable_params']:,}"),
+        *([("of which the classification head", f"{result['head_params']:,} "
+            f"({len(result['labels'])} labels)")] if result["task"] == "classification" else []),
         ("base params", f"{result['base_params']:,}"),
         ("adapter file", _gib(result["adapter_bytes"])),
         ("checkpoint (no / with optimizer)", " / ".join(

@@ -47,6 +47,7 @@ def prepare_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
 def new_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
     data = config.data
     fields = inspect_hub_data(config) if data.hub is not None else inspect_data(config)
+    labels = classification_labels(config, fields.pop("train_records"), fields)
     revision = pinned_revision(config)
     if fields["key"] is None:  # local data: uploaded once, so a fresh machine needs nothing
         fields["key"] = upload(runstore, Path(data.train), fields["sha256"])
@@ -66,7 +67,8 @@ def spec_of(config: RunConfig, revision: str, fields: dict[str, Any],
         lora=config.lora, keep=config.checkpoint.keep, optimizer_state=config.checkpoint.optimizer,
         data={"source": data.train, "eval": data.eval, "eval_key": eval_key,
               "max_seq_len": data.max_seq_len, "packing": data.packing, **fields},
-        train=t.model_dump(exclude={"micro_batch_size", "precision"}))
+        train=t.model_dump(exclude={"micro_batch_size", "precision"}),
+        task=config.task, labels=labels)
 
 
 def inspect_data(config: RunConfig) -> dict[str, Any]:
@@ -82,12 +84,12 @@ def inspect_data(config: RunConfig) -> dict[str, Any]:
         sha = fingerprint(train)
         fmt, columns = resolve_columns(read_records(train)[0], data.columns, data.format, task,
                                        source=train)
-        load_records(train, columns, fmt, task)  # every record maps, not only the first
+        records = load_records(train, columns, fmt, task)  # every record maps, not only the first
         eval_sha = check_eval_file(config, fmt, columns)
     except DataError as exc:
         raise SpecError(str(exc)) from None
     return {"key": None, "sha256": sha, "format": fmt, "columns": columns,
-            "eval_sha256": eval_sha}
+            "eval_sha256": eval_sha, "train_records": records}
 
 
 def inspect_hub_data(config: RunConfig) -> dict[str, Any]:
@@ -100,6 +102,7 @@ def inspect_hub_data(config: RunConfig) -> dict[str, Any]:
         fields = hub_data_fields(found)
         fields["eval_sha256"] = fields["eval_sha256"] or check_eval_file(
             config, found.format, found.columns)
+        fields["train_records"] = found.records  # the label set of a classification run
     except DataError as exc:
         raise SpecError(str(exc)) from None
     return fields
@@ -129,6 +132,32 @@ def check_eval_file(config: RunConfig, fmt: str, columns: dict[str, str]) -> Opt
     return fingerprint(held)
 
 
+def classification_labels(config: RunConfig, records: list[dict[str, Any]],
+                          fields: dict[str, Any]) -> list[str]:
+    """A classification run's label set, sorted, from its training split's records (mapped
+    through data.columns; training/classify_data.py); [] for a causal LM. A local eval file is
+    checked here too, so bad labels are refused before anything is written; a Hub eval split's
+    labels are checked by the session before the model loads."""
+    if task_of(config) != "classification":
+        return []
+    from training.classify_data import run_labels
+    from training.columns import load_records
+
+    data = config.data
+    if data.format not in ("auto", "text"):
+        raise SpecError(f"task: classification reads text and label fields; data.format "
+                        f"{data.format!r} does not apply: leave it at auto")
+    try:
+        held = eval_file(config)
+        held_records = (load_records(held, fields["columns"], fields["format"], "classification")
+                        if held is not None else None)
+        fraction = data.eval if isinstance(data.eval, float) else None
+        return run_labels(records, fraction, config.train.seed, held_records,
+                          source=data.train, eval_source=str(data.eval))
+    except DataError as exc:
+        raise SpecError(str(exc)) from None
+
+
 def upload(runstore: RunStore, path: Path, sha256: str) -> str:
     return runstore.upload_data(path, sha256, path.suffix.lstrip(".") or "jsonl")
 
@@ -149,7 +178,8 @@ def pinned_revision(config: RunConfig) -> str:
 
 def spec_differences(spec: RunSpec, config: RunConfig) -> list[str]:
     """Each field the config sets differently from the run, as 'key: run has X, config Y'."""
-    pairs = [("model.load_in_4bit", spec.model.load_in_4bit, config.model.load_in_4bit),
+    pairs = [("task", spec.task, config.task),
+             ("model.load_in_4bit", spec.model.load_in_4bit, config.model.load_in_4bit),
              ("data.max_seq_len", spec.data.max_seq_len, config.data.max_seq_len),
              ("data.packing", spec.data.packing, config.data.packing),
              ("checkpoint.keep", spec.keep, config.checkpoint.keep),

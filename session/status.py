@@ -180,6 +180,8 @@ def summarize(view: RunView, *, session_limit_s: Optional[float] = None) -> dict
         "eval_loss": (cursor.eval_loss if cursor and cursor.eval_loss is not None
                       else _last(view.eval_losses())),
         "base_eval_loss": view.base_eval_loss(),
+        # classification runs: the share of eval records the checkpoint's model gets right
+        "eval_accuracy": cursor.eval_accuracy if cursor else None,
         "checkpoints": view.checkpoints,
         "sessions_left_estimate": sessions_left(view.sessions, step, total, session_limit_s),
         "checked_at": _iso(utcnow()),
@@ -258,7 +260,9 @@ def render(status: dict[str, Any], console=None) -> None:
 def _eval_text(status: dict[str, Any]) -> str:
     """'1.4900, base 1.7000': an eval loss means little without the base model's."""
     text, base = num_text(status["eval_loss"], "{:.4f}"), status.get("base_eval_loss")
-    return text if base is None else f"{text}, base {base:.4f}"
+    text = text if base is None else f"{text}, base {base:.4f}"
+    accuracy = status.get("eval_accuracy")
+    return text if accuracy is None else f"{text}; accuracy {accuracy:.3f}"
 
 
 def _span(started: Optional[str], ended: Optional[str]) -> str:

@@ -155,6 +155,9 @@ class RunConfig(Strict):
 
     run: str
     store: str
+    # causal_lm: next-token loss on the record's text; classification: a sequence-
+    # classification head trained on (text[, text_pair]) -> label (training/classify.py).
+    task: Literal["causal_lm", "classification"] = "causal_lm"
     model: ModelConfig
     lora: LoraConfig = LoraConfig()
     data: DataConfig
@@ -171,8 +174,14 @@ class RunConfig(Strict):
         return check_run_name(v)
 
     @model_validator(mode="after")
+    def _task(self):
+        if self.task == "classification" and self.data.packing:
+            raise ValueError("data.packing cannot be used with task: classification (each "
+                             "sample is pooled on its own last token); set data.packing: false")
+        return self
+
+    @model_validator(mode="after")
     def _columns(self):
-        # `task` is the classification branch's field; a causal-LM run has none to read.
         check_column_keys(self.data.columns, self.data.format, task_of(self))
         return self
 
@@ -230,6 +239,9 @@ class RunSpec(Stored):
     lora: LoraConfig
     data: DataSpec
     train: TrainSpec
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    # classification: the training split's labels, sorted; a label's id is its index here.
+    labels: list[str] = []
     keep: int = 3
     optimizer_state: bool = False
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

@@ -34,6 +34,7 @@ class Cursor(Stored):
     training_seconds: float = 0.0
     loss: Optional[float] = None  # last logged training loss
     eval_loss: Optional[float] = None
+    eval_accuracy: Optional[float] = None  # classification runs: share of eval records right
     # The base model's eval loss, measured before the first optimizer step (the adapter is
     # still zero then): every later eval loss is read against it.
     base_eval_loss: Optional[float] = None

@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 from state_schema import Cursor, RunSpec
 
-from . import dist, rng
+from . import classify, dist, rng
+from .classify_data import LabelledData
 from .dataset import RunData
 from .devices import DeviceInfo, detect_device
 from .encode import Encoded
@@ -67,11 +68,14 @@ class Trainer:
         self.rank, self.world = dist.rank_and_world()
         self.device_info: DeviceInfo = detect_device(device, precision)
         # The data is checked before the model loads: a wrong file fails in a second, not minutes.
-        self.data = RunData(spec, Path(data_path), Path(eval_path) if eval_path else None)
+        self.classifier = classify.is_classifier(spec)  # padded, pooled: training/classify.py
+        self.data = (LabelledData if self.classifier else RunData)(
+            spec, Path(data_path), Path(eval_path) if eval_path else None)
         self.model, self.tokenizer = load_model(spec, self.device_info)
         self.data.attach(self.tokenizer)
         self._patch_kernels()
-        self._choose_layout(padding_free)
+        # A classifier pools one row per sample: its batches stay padded (training/classify.py).
+        self._choose_layout(padding_free and not self.classifier)
         self.params = [p for _, p in trainable_parameters(self.model)]
         # More than one rank: DDP reduces the LoRA gradients (None on one rank). self.model
         # stays the PEFT model for eval, save and load; only the training forward goes via DDP.
@@ -146,6 +150,10 @@ class Trainer:
         return dist.sum_scalar(float(sum(s.label_tokens for s in samples)), self.device)
 
     def _forward(self, chunk: list[Encoded], label_total: torch.Tensor, module=None):
+        if self.classifier:  # its own padded batch and per-sample loss, whatever the LM layout
+            return classify.forward(self.model if module is None else module, chunk,
+                                    label_total, self.tokenizer.pad_token_id, self.device,
+                                    self._autocast)
         batch = {k: v.to(self.device) for k, v in self._collate(chunk).items()}
         with self._autocast():
             # HF's causal-LM loss with num_items_in_batch = sum of token losses / that count.
@@ -224,6 +232,8 @@ class Trainer:
 
     def evaluate(self) -> Optional[float]:
         """Mean token loss over the eval split, or None without one. Uses no randomness."""
+        if self.classifier:  # the loss per sample, and the accuracy beside it in the cursor
+            return classify.evaluate(self)
         samples = self.data.eval_samples()
         if not samples:
             return None
@@ -244,9 +254,9 @@ class Trainer:
         """The eval loss before the first optimizer step, kept in the cursor. LoRA's B starts
         at zero, so this is the base model's own loss in the run's configuration (4-bit as
         trained, same template and masking): the yardstick of every later eval loss."""
-        previous = self.cursor.eval_loss
+        previous = self.cursor.eval_loss, self.cursor.eval_accuracy
         self.cursor.base_eval_loss = self.evaluate()
-        self.cursor.eval_loss = previous
+        self.cursor.eval_loss, self.cursor.eval_accuracy = previous
         return self.cursor.base_eval_loss
 
     # -- save and load -----------------------------------------------------------------
@@ -309,8 +319,14 @@ class Trainer:
         from peft.utils import load_peft_weights, set_peft_model_state_dict
 
         weights = load_peft_weights(str(checkpoint_dir), device=self.device_info.device)
-        result = set_peft_model_state_dict(self.model, weights)
-        missing = [k for k in result.missing_keys if "lora_" in k]
+        try:
+            result = set_peft_model_state_dict(self.model, weights)
+        except KeyError as exc:  # PEFT's answer to a modules_to_save weight (a head) not there
+            raise CheckpointError(f"{checkpoint_dir}'s adapter lacks the trained weight "
+                                  f"{exc}; it was saved by another kind of run") from None
+        # A trained classification head rides in modules_to_save: it must come back too.
+        missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
         if missing:
-            raise CheckpointError(f"{checkpoint_dir}'s adapter lacks {len(missing)} LoRA weights "
-                                  f"(e.g. {missing[0]}); it was trained with other lora settings")
+            raise CheckpointError(f"{checkpoint_dir}'s adapter lacks {len(missing)} trained "
+                                  f"weights (e.g. {missing[0]}); it was trained with other lora "
+                                  "settings")

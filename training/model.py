@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from state_schema import RunSpec
 
+from .classify import auto_class, head_kwargs, is_classifier, keep_head_unquantized
 from .devices import DeviceInfo
 
 log = logging.getLogger(__name__)
@@ -114,45 +115,55 @@ def quantization_config(spec: RunSpec, device_info: DeviceInfo):
 
 
 def load_base(spec: RunSpec, device_info: DeviceInfo):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     source, revision = _source(spec)
     quant = quantization_config(spec, device_info)
+    head = {}
+    if is_classifier(spec):  # a sequence-classification head (training/classify.py)
+        keep_head_unquantized(quant)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(
+        if tokenizer.pad_token_id is None:
+            # Padding is masked out of attention and loss, so eos is a safe stand-in.
+            tokenizer.pad_token = tokenizer.eos_token
+        if is_classifier(spec):
+            head = head_kwargs(spec, tokenizer.pad_token_id)
+            torch.manual_seed(spec.train.seed)  # the fresh head: the same on every machine
+        model = auto_class(spec).from_pretrained(
             source, revision=revision, quantization_config=quant,
-            dtype=device_info.dtype, device_map={"": device_info.device},
+            dtype=device_info.dtype, device_map={"": device_info.device}, **head,
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot load model {source!r} (revision {revision or 'local'}): {exc}. Check "
             "model.name, model.revision and, for a gated model, HF_TOKEN"
         ) from exc
-    if tokenizer.pad_token_id is None:
-        # Padding is masked out of attention and loss, so eos is a safe stand-in.
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, quant is not None
 
 
-def lora_config(lora):
-    """PEFT's LoraConfig of a spec's `lora` settings (state_schema.LoraConfig)."""
+def lora_config(lora, task_type: str = "CAUSAL_LM"):
+    """PEFT's LoraConfig of a spec's `lora` settings (state_schema.LoraConfig); task_type
+    SEQ_CLS makes PEFT put the head (score / classifier) in modules_to_save."""
     from peft import LoraConfig
 
     return LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none",
+        target_modules=lora.target_modules, task_type=task_type, bias="none",
     )
 
 
 def load_model(spec: RunSpec, device_info: DeviceInfo):
     """(peft_model, tokenizer), NF4 + LoRA, gradient checkpointing on, ready to train."""
     model, tokenizer, quantized = load_base(spec, device_info)
-    model = prepare_for_training(model, spec.lora, spec.train.seed, device_info.dtype, quantized)
+    task_type = "SEQ_CLS" if is_classifier(spec) else "CAUSAL_LM"
+    model = prepare_for_training(model, spec.lora, spec.train.seed, device_info.dtype, quantized,
+                                 task_type)
     return model, tokenizer
 
 
-def prepare_for_training(model, lora, seed: int, dtype: torch.dtype, quantized: bool):
+def prepare_for_training(model, lora, seed: int, dtype: torch.dtype, quantized: bool,
+                         task_type: str = "CAUSAL_LM"):
     """A loaded base model -> the PEFT model the trainer trains: gradient checkpointing, the
     embeddings and lm_head in the compute dtype, fp32 adapters. scripts/bench.py builds
     Baton's side of a preset with it too, so both train what a session trains."""
@@ -168,7 +179,7 @@ def prepare_for_training(model, lora, seed: int, dtype: torch.dtype, quantized: 
         model.enable_input_require_grads()
     # A fixed seed makes the fresh adapter (lora_A's random init) the same on every machine.
     torch.manual_seed(seed)
-    model = get_peft_model(model, lora_config(lora), autocast_adapter_dtype=True)
+    model = get_peft_model(model, lora_config(lora, task_type), autocast_adapter_dtype=True)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
