@@ -48,6 +48,7 @@ def run_spec(model_dir: Path, data_file: Path, *, seq_len: int, micro: int, step
         revision = resolve_revision(str(model_dir), "main")
     except (ValidationError, SpecError, ModelLoadError) as exc:
         raise BenchInputError(f"cannot bench {data_file} on {model_dir}: {exc}") from None
+    inspected.pop("train_records", None)  # the label set of a classification run only
     inspected["key"] = f"bench/data/{inspected['sha256']}"
     return spec_of(config, revision, inspected)
 

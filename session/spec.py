@@ -53,11 +53,11 @@ def new_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
         fields["key"] = upload(runstore, Path(data.train), fields["sha256"])
     held = eval_file(config)
     eval_key = upload(runstore, held, fields["eval_sha256"]) if held is not None else None
-    return spec_of(config, revision, fields, eval_key)
+    return spec_of(config, revision, fields, eval_key, labels)
 
 
 def spec_of(config: RunConfig, revision: str, fields: dict[str, Any],
-            eval_key: Optional[str] = None) -> RunSpec:
+            eval_key: Optional[str] = None, labels: Optional[list[str]] = None) -> RunSpec:
     """The spec of `config` once its data is inspected (`inspect_data`, `inspect_hub_data`)
     and `fields["key"]` names where it is stored (scripts/bench.py builds a run's spec with
     it, storing nothing)."""
@@ -68,7 +68,7 @@ def spec_of(config: RunConfig, revision: str, fields: dict[str, Any],
         data={"source": data.train, "eval": data.eval, "eval_key": eval_key,
               "max_seq_len": data.max_seq_len, "packing": data.packing, **fields},
         train=t.model_dump(exclude={"micro_batch_size", "precision"}),
-        task=config.task, labels=labels)
+        task=config.task, labels=labels or [])
 
 
 def inspect_data(config: RunConfig) -> dict[str, Any]:
