@@ -14,6 +14,7 @@ ranks.py, and what the person sees in progress.py.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -44,6 +45,7 @@ from .checkpointer import Checkpointer
 from .clock import SessionClock, describe, parse_start, resolve_window, utc_iso
 from .codes import FAILED, FINISHED, HELD, INVALID, PAUSED, default_workdir
 from .notify import Report, notify_end
+from .overflow import LossGuard, NonFiniteLossError
 from .progress import Progress, Say
 from .ranks import Ranks, follow
 from .spec import SpecError, local_inputs, prepare_spec
@@ -214,6 +216,8 @@ class Session:
             code = self.say.error(str(exc), INVALID)
         except (CorruptCheckpointError, StoreUnavailableError) as exc:
             code = self.say.error(f"{exc}\nThe store was left as it was.", FAILED)
+        except NonFiniteLossError as exc:
+            code = self.say.error(f"{exc}\nHEAD stays on {self._head_text()}.", FAILED)
         finally:
             self._finish(code, lost)
         return code
@@ -233,6 +237,15 @@ class Session:
         except StoreError as exc:
             # The lease expires on its own; the next session waits at most one TTL for it.
             log.warning("lease not released (%s); it expires at its TTL", exc)
+
+    def _head_text(self) -> str:
+        try:
+            head = self.runstore.read_head()
+        except StoreError:
+            return "the last committed checkpoint (the store did not answer just now)"
+        if head is None or head[0].checkpoint is None:
+            return "no checkpoint (none was committed yet)"
+        return f"checkpoint {head[0].checkpoint} (step {head[0].step})"
 
     def _write_record(self) -> None:
         """The session record is bookkeeping: a store hiccup while writing it must not end a
@@ -299,6 +312,7 @@ class Session:
         return trainer
 
     def _loop(self, trainer, checkpoints: Checkpointer) -> int:
+        guard = LossGuard(trainer.device_info.precision)
         with Progress(trainer.cursor.step, trainer.cursor.total_steps, self.clock,
                       self.options.log_every) as bar:
             while not trainer.finished and not self._should_stop():
@@ -306,9 +320,11 @@ class Session:
                 result = trainer.train_step()
                 self._observe(result)
                 bar.update(result, self.record)
+                guard.observe(result.step, result.loss)  # K non-finite in a row: exit 1
                 if checkpoints.poll():
                     self._write_record()
-                if checkpoints.due() and self.clock.room_for_commit():
+                # During a run of non-finite steps a checkpoint would count untrained samples.
+                if checkpoints.due() and self.clock.room_for_commit() and guard.clean:
                     checkpoints.start(trainer)
         self.lease.check()
         return self._last_commit(trainer, checkpoints)
@@ -321,11 +337,12 @@ class Session:
         self.clock.observe_step(result.seconds)
         rec = self.record
         rec.skipped_steps += int(result.skipped)
+        rec.nonfinite_steps += int(not math.isfinite(result.loss))
         rec.end_step = result.step
         rec.tokens += int(result.tokens)
         rec.train_seconds += result.seconds
         rec.slowest_step_s = max(rec.slowest_step_s, result.seconds)
-        if result.loss is not None:
+        if math.isfinite(result.loss):  # JSON has no inf/NaN
             rec.losses.append((result.step, float(result.loss)))
 
     def _last_commit(self, trainer, checkpoints: Checkpointer) -> int:

@@ -171,6 +171,7 @@ def summarize(view: RunView, *, session_limit_s: Optional[float] = None) -> dict
         "samples_seen": cursor.samples_seen if cursor else 0,
         "tokens_seen": cursor.tokens_seen if cursor else 0,
         "skipped_steps": cursor.skipped_steps if cursor else 0,  # fp16 overflows, no update
+        "skipped_samples": cursor.skipped_samples if cursor else 0,  # consumed, not trained
         "checkpoint": head.checkpoint if head else None,
         "generation": head.generation if head else 0,
         "lease": lease_row(view.lease),

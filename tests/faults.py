@@ -42,6 +42,7 @@ LEASE_TTL_ENV = "BATON_TEST_LEASE_TTL"
 RANK_ENV = "BATON_KILLPOINT_RANK"
 HANG_ENV = "BATON_HANG"
 HANG_RANK_ENV = "BATON_HANG_RANK"
+OVERFLOW_ENV = "BATON_OVERFLOW_AT"
 NAMES = ("upload", "before_head", "renew", "step", "load")
 ANNOUNCE = "baton-killpoint:"  # the line a killed process writes to stderr just before dying
 
@@ -137,6 +138,39 @@ def install_from_env() -> bool:
         _wrap_load_model()
     _installed = True
     return True
+
+
+def install_overflow_from_env() -> bool:
+    """BATON_OVERFLOW_AT=N: from the N-th train step on, the forward overflows fp16."""
+    at = os.environ.get(OVERFLOW_ENV)
+    if not at:
+        return False
+    from training.engine import Trainer
+
+    original, nth = Trainer.train_step, int(at)
+
+    @functools.wraps(original)
+    def train_step(self):
+        self._test_steps = getattr(self, "_test_steps", 0) + 1
+        if self._test_steps == nth:
+            blow_up_lora(self.model)
+        return original(self)
+
+    Trainer.train_step = train_step
+    return True
+
+
+def blow_up_lora(model, value: float = 1e6) -> int:
+    """Set every LoRA B of `model` to `value`: finite in fp32, inf in any fp16 matmul."""
+    import torch
+
+    count = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(value)
+                count += 1
+    return count
 
 
 def install_test_settings() -> None:
