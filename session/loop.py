@@ -46,6 +46,7 @@ from .clock import SessionClock, describe, parse_start, resolve_window, utc_iso
 from .codes import FAILED, FINISHED, HELD, INVALID, PAUSED, default_workdir
 from .notify import Report, notify_end
 from .overflow import LossGuard, NonFiniteLossError
+from .probe import decide as decide_kernels
 from .progress import Progress, Say
 from .ranks import Ranks, follow
 from .spec import SpecError, local_inputs, prepare_spec
@@ -266,8 +267,10 @@ class Session:
                      "nothing was changed")
             return PAUSED
         data_path, eval_path = local_inputs(self.runstore, self.spec, self.config, self.workdir)
-        self.ranks.plan(self.spec, data_path, eval_path, ref.path if ref else None)
-        trainer = self._trainer(device, ref, data_path, eval_path)
+        probe = decide_kernels(self.spec, device, self.say)  # a child: an abort cannot kill us
+        self.record.kernels_probe = probe.note
+        self.ranks.plan(self.spec, data_path, eval_path, ref.path if ref else None, probe.path)
+        trainer = self._trainer(device, ref, data_path, eval_path, probe.path)
         checkpoints = self._checkpointer(ref)
         try:
             return self._loop(trainer, checkpoints)
@@ -294,12 +297,12 @@ class Session:
             self.say(f"pushed checkpoint {cid}, kept on this machine by an earlier session "
                      "while the store was down")
 
-    def _trainer(self, device, ref, data_path: Path, eval_path: Optional[Path]):
+    def _trainer(self, device, ref, data_path: Path, eval_path: Optional[Path], kernels: str):
         from training.engine import Trainer
 
         trainer = Trainer(self.spec, data_path=data_path, eval_path=eval_path,
                           micro_batch_size=self.config.train.micro_batch_size,
-                          device=device.device, precision=device.precision)
+                          device=device.device, precision=device.precision, kernels=kernels)
         if ref is not None:
             trainer.load(ref.path)
         self.record.start_step = self.record.end_step = trainer.cursor.step

@@ -68,10 +68,11 @@ class Ranks:
         return box[0]
 
     def plan(self, spec: RunSpec, data: Path, evaluation: Optional[Path],
-             checkpoint: Optional[Path]) -> None:
+             checkpoint: Optional[Path], kernels: Optional[str] = None) -> None:
+        """`kernels`: the path rank 0's probe chose; every rank trains on the same one."""
         self.tell({"spec": spec.model_dump_json(), "data": str(data), "checkpoint":
                    str(checkpoint) if checkpoint else None,
-                   "eval": str(evaluation) if evaluation else None})
+                   "eval": str(evaluation) if evaluation else None, "kernels": kernels})
 
     def close(self, code: int) -> None:
         """Rank 0 releases the followers. After a rank died the word cannot reach it: that is
@@ -115,7 +116,8 @@ def planned_trainer(plan: dict, micro_batch_size: int, precision: str = "auto"):
 
     trainer = Trainer(RunSpec.from_json(plan["spec"]), data_path=Path(plan["data"]),
                       eval_path=Path(plan["eval"]) if plan["eval"] else None,
-                      micro_batch_size=micro_batch_size, precision=precision)
+                      micro_batch_size=micro_batch_size, precision=precision,
+                      kernels=plan.get("kernels"))
     if plan["checkpoint"]:
         trainer.load(Path(plan["checkpoint"]))
     return trainer

@@ -22,6 +22,7 @@ from handoff.runstore import RunStore, parse_checkpoint_id
 
 from .card import num_text, utc_short, write_page
 from .codes import DEFAULT_SESSION_LIMIT_S, FAILED, INVALID, OK, PAUSED
+from .probe import kernels_text
 
 
 class RunNotFoundError(StoreError):
@@ -72,6 +73,7 @@ def session_row(rec: SessionRecord) -> dict[str, Any]:
         "gpu_count": rec.gpu_count, "started": _iso(rec.started), "ended": _iso(rec.ended),
         "start_step": rec.start_step, "end_step": rec.end_step, "steps": rec.steps,
         "tokens_per_s": round(rec.tokens_per_s, 1), "kernels": rec.kernels,
+        "kernels_probe": rec.kernels_probe,
         "precision": rec.precision, "skipped_steps": rec.skipped_steps,
         "exit_code": rec.exit_code,
     }
@@ -244,6 +246,7 @@ def render(status: dict[str, Any], console=None) -> None:
         ("tokens seen", num_text(status["tokens_seen"])),
         ("loss", num_text(status["loss"], "{:.4f}")), ("eval loss", _eval_text(status)),
         ("checkpoint", status["checkpoint"] or "-"),
+        ("kernels", _last_kernels(status["sessions"])),
         ("lease", "-" if lease is None else
          f"{lease['host']} ({lease['gpu']}) until {utc_short(lease['expires_at'])} UTC"
          f"{' live' if lease['live'] else ' (released or expired)'}"),
@@ -253,6 +256,13 @@ def render(status: dict[str, Any], console=None) -> None:
     console.print(summary)
     if status["sessions"]:
         console.print(_sessions_table(status["sessions"]))
+
+
+def _last_kernels(sessions: list[dict[str, Any]]) -> str:
+    """The last session's kernel path: 'reference (probe: lora_mlp killed by SIGABRT)'."""
+    if not sessions:
+        return "-"
+    return kernels_text(sessions[-1]["kernels"], sessions[-1].get("kernels_probe"))
 
 
 def _eval_text(status: dict[str, Any]) -> str:
@@ -283,7 +293,8 @@ def _sessions_table(rows: list[dict[str, Any]]):
         if s["skipped_steps"]:
             steps += f" ({s['skipped_steps']} skipped)"
         table.add_row(f"{s['host']} {gpu}", _span(s["started"], s["ended"]), steps,
-                      f"{s['tokens_per_s']:,.0f}", f"{s['precision']} {s['kernels']}",
+                      f"{s['tokens_per_s']:,.0f}",
+                      f"{s['precision']} {kernels_text(s['kernels'], s.get('kernels_probe'))}",
                       num_text(s["exit_code"]))
     return table
 

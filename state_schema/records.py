@@ -93,6 +93,9 @@ class SessionRecord(Stored):
     gpu: str = "cpu"
     gpu_count: int = 0
     kernels: Literal["triton", "reference", "none"] = "none"
+    # The start-up probe (session/probe.py): "passed 7 ops in 41.2 s", "failed: lora_mlp
+    # killed by SIGABRT" (kernels is then "reference"), "skipped: ..."; None before it existed
+    kernels_probe: Optional[str] = None
     precision: str = "fp32"
     started: datetime = Field(default_factory=utcnow)
     ended: Optional[datetime] = None

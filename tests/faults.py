@@ -43,6 +43,7 @@ RANK_ENV = "BATON_KILLPOINT_RANK"
 HANG_ENV = "BATON_HANG"
 HANG_RANK_ENV = "BATON_HANG_RANK"
 OVERFLOW_ENV = "BATON_OVERFLOW_AT"
+PROBE_FAULT_ENV = "BATON_PROBE_FAULT"
 NAMES = ("upload", "before_head", "renew", "step", "load")
 ANNOUNCE = "baton-killpoint:"  # the line a killed process writes to stderr just before dying
 
@@ -157,6 +158,17 @@ def install_overflow_from_env() -> bool:
         return original(self)
 
     Trainer.train_step = train_step
+    return True
+
+
+def install_probe_fault_from_env() -> bool:
+    """BATON_PROBE_FAULT: the probe's child is tests/probe_entry.py, which injects it."""
+    if not os.environ.get(PROBE_FAULT_ENV):
+        return False
+    from session import probe
+
+    entry = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe_entry.py")
+    probe.probe_command = lambda: [sys.executable, entry]
     return True
 
 

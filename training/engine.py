@@ -59,13 +59,15 @@ def total_steps(spec: RunSpec, n_train: int) -> int:
 class Trainer:
     def __init__(self, spec: RunSpec, *, data_path: Path, eval_path: Optional[Path] = None,
                  micro_batch_size: int, device: Optional[str] = None,
-                 precision: str = "auto"):
+                 precision: str = "auto", kernels: Optional[str] = None):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
         self.spec = spec
         self.micro_batch_size = micro_batch_size
         self.rank, self.world = dist.rank_and_world()
         self.device_info: DeviceInfo = detect_device(device, precision)
+        if kernels:  # a path chosen by the session (its start-up probe), else by the device
+            self.device_info.kernels = kernels
         # The data is checked before the model loads: a wrong file fails in a second, not minutes.
         self.data = RunData(spec, Path(data_path), Path(eval_path) if eval_path else None)
         self.model, self.tokenizer = load_model(spec, self.device_info)
