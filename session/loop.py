@@ -48,7 +48,7 @@ from .notify import Report, notify_end
 from .overflow import LossGuard, NonFiniteLossError
 from .probe import decide as decide_kernels
 from .progress import Progress, Say
-from .ranks import Ranks, follow
+from .ranks import Ranks, follow, word_wait_s
 from .spec import SpecError, local_inputs, prepare_spec
 
 log = logging.getLogger("baton.session")
@@ -69,7 +69,7 @@ def run_session(config: RunConfig, options: SessionOptions) -> int:
     """Run one session of `config.run`; return the exit code DESIGN.md defines. Under a
     multi-GPU launch (agent.py sets RANK), rank 0 runs the session and the others follow."""
     ranks = Ranks()
-    ranks.start()
+    ranks.start(word_wait_s(config))
     code = FAILED
     try:
         code = _lead(config, options, ranks) if ranks.leader else follow(config, ranks)
