@@ -184,7 +184,8 @@ OPS: dict[str, Callable[[ProbeJob], None]] = {
 
 
 def _say(**fields) -> None:
-    print(json.dumps(fields), flush=True)  # one line each, flushed: the parent reads it after a crash
+    # One line each, flushed at once: the parent reads what was printed before a crash.
+    print(json.dumps(fields), flush=True)
 
 
 def run(job: ProbeJob) -> None:

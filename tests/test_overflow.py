@@ -111,8 +111,9 @@ def test_three_non_finite_losses_end_the_session_on_the_last_good_checkpoint(tmp
     fix, HEAD on the step-1 checkpoint (taken right after the first step), whose cursor counts
     only trained samples; the record counts the 3 non-finite steps; the lease is released."""
     store = str(tmp_path / "store")
-    config = write_config(tmp_path, model_dir=tiny_model_dir, train_file=write_data(tmp_path / "d.jsonl"),
-                          store=store, train={"max_steps": 20, "precision": "fp16"})
+    config = write_config(tmp_path, model_dir=tiny_model_dir, store=store,
+                          train_file=write_data(tmp_path / "d.jsonl"),
+                          train={"max_steps": 20, "precision": "fp16"})
     done = run_agent(config, workdir=tmp_path / "work", env=agent_env(BATON_OVERFLOW_AT="3"))
     assert done.returncode == 1, done.stdout + done.stderr
     assert "inf/NaN at 3 steps in a row (steps 3-5) under fp16" in done.stderr
