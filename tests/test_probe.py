@@ -25,12 +25,13 @@ def test_an_aborted_probe_falls_back_to_the_reference_path(tmp_path, tiny_model_
 
     store = str(tmp_path / "store")
     config = write_config(tmp_path, model_dir=tiny_model_dir, store=store,
-                          train_file=write_data(tmp_path / "d.jsonl"), train={"max_steps": 2})
+                          train_file=write_data(tmp_path / "d.jsonl"),
+                          train={"max_steps": 2, "precision": "fp16"})
     done = run_agent(config, workdir=tmp_path / "work", env=agent_env(
         BATON_KERNELS="triton", TRITON_INTERPRET="1", BATON_PROBE_FAULT="abort:lora_mlp"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Triton kernel probe failed (lora_mlp killed by SIGABRT)" in done.stdout
-    assert "(fp32, kernels reference)" in done.stdout
+    assert "(fp16, kernels reference)" in done.stdout
     (record,) = open_run(store).read_sessions()
     assert record.kernels == "reference" and record.end_step == 2
     assert record.kernels_probe == "failed: lora_mlp killed by SIGABRT"
@@ -84,3 +85,29 @@ def test_the_job_has_the_models_sizes_and_the_runs_dtype():
     assert (job["head_dim"], job["kv_heads"], job["vocab"], job["nf4"], job["device"]) == (
         128, 8, 128256, True, "cuda:1")
     assert job["tokens"] <= 16, "cheap: the compile depends on the sizes, not the rows"
+
+
+TINY_JOB = dict(device="cpu", hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16,
+                vocab=512, rank=8, nf4=False, tokens=8)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_every_probe_op_passes_on_the_kernels_it_checks(precision, capsys):
+    """Each op, in Triton's interpreter (conftest sets TRITON_INTERPRET=1), within the
+    probe's tolerance of its reference: a probe that fails on good kernels would quietly
+    send every GPU session to the slow path."""
+    from kernels import probe
+
+    probe.run(probe.ProbeJob(precision=precision, **TINY_JOB))
+    lines = [line for line in capsys.readouterr().out.splitlines() if '"ok": true' in line]
+    assert len(lines) == len(probe.OPS)
+
+
+def test_a_kernel_that_computes_garbage_fails_the_probe(monkeypatch):
+    import torch
+
+    from kernels import probe, swiglu
+
+    monkeypatch.setattr(swiglu, "swiglu", lambda gate, up: torch.zeros_like(gate))
+    with pytest.raises(probe.ProbeMismatch, match="swiglu: relative error"):
+        probe.run(probe.ProbeJob(precision="fp16", ops=["swiglu"], **TINY_JOB))
