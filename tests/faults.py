@@ -148,17 +148,20 @@ def install_overflow_from_env() -> bool:
         return False
     from training.engine import Trainer
 
-    original, nth = Trainer.train_step, int(at)
+    Trainer.train_step = overflowing(Trainer.train_step, int(at))
+    return True
 
-    @functools.wraps(original)
-    def train_step(self):
+
+def overflowing(train_step, nth: int):
+    """`Trainer.train_step` that blows the LoRA weights up just before the nth step."""
+    @functools.wraps(train_step)
+    def wrapped(self):
         self._test_steps = getattr(self, "_test_steps", 0) + 1
         if self._test_steps == nth:
             blow_up_lora(self.model)
-        return original(self)
+        return train_step(self)
 
-    Trainer.train_step = train_step
-    return True
+    return wrapped
 
 
 def install_probe_fault_from_env() -> bool:
@@ -167,9 +170,14 @@ def install_probe_fault_from_env() -> bool:
         return False
     from session import probe
 
-    entry = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe_entry.py")
-    probe.probe_command = lambda: [sys.executable, entry]
+    probe.probe_command = faulty_probe_command
     return True
+
+
+def faulty_probe_command() -> list[str]:
+    """The kernel probe's child behind tests/probe_entry.py (which reads BATON_PROBE_FAULT)."""
+    return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "probe_entry.py")]
 
 
 def blow_up_lora(model, value: float = 1e6) -> int:

@@ -14,8 +14,9 @@ import math
 import pytest
 import torch
 
-from tests.agent_helpers import open_run, run_agent, agent_env, write_config, write_data
-from tests.faults import blow_up_lora
+from tests.agent_helpers import open_run, write_config, write_data
+from tests.faults import blow_up_lora, overflowing
+from tests.inprocess import run_session_here
 from tests.fixtures_tiny import make_spec, make_trainer
 
 OUTLIER = 40000.0  # fp16-representable, as Qwen's massive activations are
@@ -104,20 +105,24 @@ def test_a_non_finite_step_trains_nothing_and_counts_its_samples_as_skipped(tiny
         guard.observe(4, trainer.train_step().loss)
 
 
-@pytest.mark.slow
-def test_three_non_finite_losses_end_the_session_on_the_last_good_checkpoint(tmp_path,
-                                                                            tiny_model_dir):
-    """An agent in fp16 whose forward overflows from step 3 on: exit 1 at step 5 naming the
-    fix, HEAD on the step-1 checkpoint (taken right after the first step), whose cursor counts
-    only trained samples; the record counts the 3 non-finite steps; the lease is released."""
+def test_three_non_finite_losses_end_the_session_on_the_last_good_checkpoint(
+        tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A session in fp16 whose forward overflows from step 3 on (BATON_OVERFLOW_AT=3's hook):
+    exit 1 at step 5 naming the fix, HEAD on the step-1 checkpoint (taken right after the
+    first step), whose cursor counts only trained samples; the record counts the 3 non-finite
+    steps; the lease is released."""
+    from training.engine import Trainer
+
+    monkeypatch.setattr(Trainer, "train_step", overflowing(Trainer.train_step, 3))
     store = str(tmp_path / "store")
     config = write_config(tmp_path, model_dir=tiny_model_dir, store=store,
                           train_file=write_data(tmp_path / "d.jsonl"),
                           train={"max_steps": 20, "precision": "fp16"})
-    done = run_agent(config, workdir=tmp_path / "work", env=agent_env(BATON_OVERFLOW_AT="3"))
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert "inf/NaN at 3 steps in a row (steps 3-5) under fp16" in done.stderr
-    assert "--precision fp32" in done.stderr and "HEAD stays on checkpoint 00000001" in done.stderr
+    code = run_session_here(config, tmp_path / "work")
+    out = capsys.readouterr()
+    assert code == 1, out.out + out.err
+    assert "inf/NaN at 3 steps in a row (steps 3-5) under fp16" in out.err
+    assert "--precision fp32" in out.err and "HEAD stays on checkpoint 00000001" in out.err
     runstore = open_run(store)
     head = runstore.read_head()[0]
     assert head.step == 1

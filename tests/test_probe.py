@@ -12,26 +12,36 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.agent_helpers import agent_env, open_run, run_agent, write_config, write_data
+from tests.agent_helpers import open_run, write_config, write_data
+from tests.faults import faulty_probe_command
+from tests.inprocess import run_session_here
 
 
-def test_an_aborted_probe_falls_back_to_the_reference_path(tmp_path, tiny_model_dir):
-    """The ops before lora_mlp run for real in the child; lora_mlp aborts (SIGABRT). The agent
-    survives, trains on the reference path, and record and status say why."""
+def test_an_aborted_probe_falls_back_to_the_reference_path(tmp_path, tiny_model_dir,
+                                                           monkeypatch, capsys):
+    """The ops before lora_mlp run for real in the child (fp16, Triton's interpreter);
+    lora_mlp aborts (SIGABRT, BATON_PROBE_FAULT's hook). The session survives, trains on the
+    reference path, and record and status say why."""
     from rich.console import Console
 
     from handoff import open_store
+    from session import probe
     from session.status import collect_status, render
+
+    monkeypatch.setattr(probe, "probe_command", faulty_probe_command)
+    for name, value in (("BATON_KERNELS", "triton"), ("TRITON_INTERPRET", "1"),
+                        ("BATON_PROBE_FAULT", "abort:lora_mlp")):
+        monkeypatch.setenv(name, value)
 
     store = str(tmp_path / "store")
     config = write_config(tmp_path, model_dir=tiny_model_dir, store=store,
                           train_file=write_data(tmp_path / "d.jsonl"),
                           train={"max_steps": 2, "precision": "fp16"})
-    done = run_agent(config, workdir=tmp_path / "work", env=agent_env(
-        BATON_KERNELS="triton", TRITON_INTERPRET="1", BATON_PROBE_FAULT="abort:lora_mlp"))
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "Triton kernel probe failed (lora_mlp killed by SIGABRT)" in done.stdout
-    assert "(fp16, kernels reference)" in done.stdout
+    code = run_session_here(config, tmp_path / "work")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "Triton kernel probe failed (lora_mlp killed by SIGABRT)" in out
+    assert "(fp16, kernels reference)" in out
     (record,) = open_run(store).read_sessions()
     assert record.kernels == "reference" and record.end_step == 2
     assert record.kernels_probe == "failed: lora_mlp killed by SIGABRT"
