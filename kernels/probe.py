@@ -81,7 +81,9 @@ def probe_rmsnorm(job: ProbeJob) -> None:
     from kernels.rmsnorm import rmsnorm, rmsnorm_reference
 
     x = _rand(job, job.tokens, job.hidden, dtype=job.stream_dtype)
-    w = torch.ones(job.hidden, device=job.device, requires_grad=True)
+    # A 4-bit model keeps its norms in fp32 (PEFT's kbit preparation); a 16-bit one in its dtype.
+    w = torch.ones(job.hidden, device=job.device, dtype=torch.float32 if job.nf4 else job.dtype,
+                   requires_grad=True)
     y = rmsnorm(x, w, job.eps)
     _compare(y, rmsnorm_reference(x, w, job.eps), job, "rmsnorm")
     _backward(y)
