@@ -246,12 +246,12 @@ def test_ranks_start_from_an_entry_script_only_when_it_says_so(monkeypatch, flag
 # -- the followers outwait a slow pull ----------------------------------------------------
 
 def test_followers_outwait_a_pull_longer_than_the_collective_timeout(tmp_path):
-    """Two gloo ranks, the collectives' timeout cut to 1.5 s, rank 0's pull made to take 4 s
+    """Two gloo ranks, the collectives' timeout cut to 1 s, rank 0's pull made to take 3 s
     (tests/words_worker.py): on the default group the follower times out, as a follower
     behind NCCL's 10-minute watchdog would; over the words' own group it hears the plan."""
     from tests.ddp_worker import free_port
 
-    pull_s, collective_s = 4.0, 1.5
+    pull_s, collective_s = 3.0, 1.0
     env = agent_env(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     procs = [subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "words_worker.py"), str(pull_s), str(collective_s),
