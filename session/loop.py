@@ -14,6 +14,7 @@ ranks.py, and what the person sees in progress.py.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -45,8 +46,10 @@ from .checkpointer import Checkpointer
 from .clock import SessionClock, describe, parse_start, resolve_window, utc_iso
 from .codes import FAILED, FINISHED, HELD, INVALID, PAUSED, default_workdir
 from .notify import Report, notify_end
+from .overflow import LossGuard, NonFiniteLossError
+from .probe import decide as decide_kernels
 from .progress import Progress, Say
-from .ranks import Ranks, follow
+from .ranks import Ranks, follow, word_wait_s
 from .spec import SpecError, local_inputs, prepare_spec
 
 log = logging.getLogger("baton.session")
@@ -67,7 +70,7 @@ def run_session(config: RunConfig, options: SessionOptions) -> int:
     """Run one session of `config.run`; return the exit code DESIGN.md defines. Under a
     multi-GPU launch (agent.py sets RANK), rank 0 runs the session and the others follow."""
     ranks = Ranks()
-    ranks.start()
+    ranks.start(word_wait_s(config))
     code = FAILED
     try:
         code = _lead(config, options, ranks) if ranks.leader else follow(config, ranks)
@@ -215,6 +218,8 @@ class Session:
             code = self.say.error(str(exc), INVALID)
         except (CorruptCheckpointError, StoreUnavailableError, DatasetUnavailableError) as exc:
             code = self.say.error(f"{exc}\nThe store was left as it was.", FAILED)
+        except NonFiniteLossError as exc:
+            code = self.say.error(f"{exc}\nHEAD stays on {self._head_text()}.", FAILED)
         finally:
             self._finish(code, lost)
         return code
@@ -235,6 +240,15 @@ class Session:
             # The lease expires on its own; the next session waits at most one TTL for it.
             log.warning("lease not released (%s); it expires at its TTL", exc)
 
+    def _head_text(self) -> str:
+        try:
+            head = self.runstore.read_head()
+        except StoreError:
+            return "the last committed checkpoint (the store did not answer just now)"
+        if head is None or head[0].checkpoint is None:
+            return "no checkpoint (none was committed yet)"
+        return f"checkpoint {head[0].checkpoint} (step {head[0].step})"
+
     def _write_record(self) -> None:
         """The session record is bookkeeping: a store hiccup while writing it must not end a
         session that can still train and spool its checkpoint."""
@@ -254,8 +268,10 @@ class Session:
                      "nothing was changed")
             return PAUSED
         data_path, eval_path = local_inputs(self.runstore, self.spec, self.config, self.workdir)
-        self.ranks.plan(self.spec, data_path, eval_path, ref.path if ref else None)
-        trainer = self._trainer(device, ref, data_path, eval_path)
+        probe = decide_kernels(self.spec, device, self.say)  # a child: an abort cannot kill us
+        self.record.kernels_probe = probe.note
+        self.ranks.plan(self.spec, data_path, eval_path, ref.path if ref else None, probe.path)
+        trainer = self._trainer(device, ref, data_path, eval_path, probe.path)
         checkpoints = self._checkpointer(ref)
         try:
             return self._loop(trainer, checkpoints)
@@ -282,12 +298,12 @@ class Session:
             self.say(f"pushed checkpoint {cid}, kept on this machine by an earlier session "
                      "while the store was down")
 
-    def _trainer(self, device, ref, data_path: Path, eval_path: Optional[Path]):
+    def _trainer(self, device, ref, data_path: Path, eval_path: Optional[Path], kernels: str):
         from training.engine import Trainer
 
         trainer = Trainer(self.spec, data_path=data_path, eval_path=eval_path,
                           micro_batch_size=self.config.train.micro_batch_size,
-                          device=device.device, precision=device.precision,
+                          device=device.device, precision=device.precision, kernels=kernels,
                           padding_free=self.config.data.padding_free)
         if ref is not None:
             trainer.load(ref.path)
@@ -303,6 +319,7 @@ class Session:
         return trainer
 
     def _loop(self, trainer, checkpoints: Checkpointer) -> int:
+        guard = LossGuard(trainer.device_info.precision)
         with Progress(trainer.cursor.step, trainer.cursor.total_steps, self.clock,
                       self.options.log_every) as bar:
             while not trainer.finished and not self._should_stop():
@@ -310,9 +327,11 @@ class Session:
                 result = trainer.train_step()
                 self._observe(result)
                 bar.update(result, self.record)
+                guard.observe(result.step, result.loss)  # K non-finite in a row: exit 1
                 if checkpoints.poll():
                     self._write_record()
-                if checkpoints.due() and self.clock.room_for_commit():
+                # During a run of non-finite steps a checkpoint would count untrained samples.
+                if checkpoints.due() and self.clock.room_for_commit() and guard.clean:
                     checkpoints.start(trainer)
         self.lease.check()
         return self._last_commit(trainer, checkpoints)
@@ -325,11 +344,12 @@ class Session:
         self.clock.observe_step(result.seconds)
         rec = self.record
         rec.skipped_steps += int(result.skipped)
+        rec.nonfinite_steps += int(not math.isfinite(result.loss))
         rec.end_step = result.step
         rec.tokens += int(result.tokens)
         rec.train_seconds += result.seconds
         rec.slowest_step_s = max(rec.slowest_step_s, result.seconds)
-        if result.loss is not None:
+        if math.isfinite(result.loss):  # JSON has no inf/NaN
             rec.losses.append((result.step, float(result.loss)))
 
     def _last_commit(self, trainer, checkpoints: Checkpointer) -> int:

@@ -22,6 +22,7 @@ from handoff.runstore import RunStore, parse_checkpoint_id
 
 from .card import num_text, utc_short, write_page
 from .codes import DEFAULT_SESSION_LIMIT_S, FAILED, INVALID, OK, PAUSED
+from .probe import kernels_text
 
 
 class RunNotFoundError(StoreError):
@@ -73,6 +74,7 @@ def session_row(rec: SessionRecord) -> dict[str, Any]:
         "start_step": rec.start_step, "end_step": rec.end_step, "steps": rec.steps,
         "tokens_per_s": round(rec.tokens_per_s, 1), "kernels": rec.kernels,
         "attention": rec.attention, "padding_free": rec.padding_free,
+        "kernels_probe": rec.kernels_probe,
         "precision": rec.precision, "skipped_steps": rec.skipped_steps,
         "exit_code": rec.exit_code,
     }
@@ -172,6 +174,7 @@ def summarize(view: RunView, *, session_limit_s: Optional[float] = None) -> dict
         "samples_seen": cursor.samples_seen if cursor else 0,
         "tokens_seen": cursor.tokens_seen if cursor else 0,
         "skipped_steps": cursor.skipped_steps if cursor else 0,  # fp16 overflows, no update
+        "skipped_samples": cursor.skipped_samples if cursor else 0,  # consumed, not trained
         "checkpoint": head.checkpoint if head else None,
         "generation": head.generation if head else 0,
         "lease": lease_row(view.lease),
@@ -246,6 +249,7 @@ def render(status: dict[str, Any], console=None) -> None:
         ("tokens seen", num_text(status["tokens_seen"])),
         ("loss", num_text(status["loss"], "{:.4f}")), ("eval loss", _eval_text(status)),
         ("checkpoint", status["checkpoint"] or "-"),
+        ("kernels", _last_kernels(status["sessions"])),
         ("lease", "-" if lease is None else
          f"{lease['host']} ({lease['gpu']}) until {utc_short(lease['expires_at'])} UTC"
          f"{' live' if lease['live'] else ' (released or expired)'}"),
@@ -255,6 +259,13 @@ def render(status: dict[str, Any], console=None) -> None:
     console.print(summary)
     if status["sessions"]:
         console.print(_sessions_table(status["sessions"]))
+
+
+def _last_kernels(sessions: list[dict[str, Any]]) -> str:
+    """The last session's kernel path: 'reference (probe: lora_mlp killed by SIGABRT)'."""
+    if not sessions:
+        return "-"
+    return kernels_text(sessions[-1]["kernels"], sessions[-1].get("kernels_probe"))
 
 
 def _eval_text(status: dict[str, Any]) -> str:
@@ -296,7 +307,8 @@ def _path(s: dict[str, Any]) -> str:
     """Precision and kernels of a session, its attention below ("fp16 triton" over
     "sdpa_spans"; padded rows say so: "sdpa padded"), so the table stays 80 columns wide."""
     layout = "" if s.get("padding_free") else " padded"
-    return f"{s['precision']} {s['kernels']}\n{s.get('attention', 'sdpa')}{layout}"
+    kernels = kernels_text(s['kernels'], s.get('kernels_probe'))
+    return f"{s['precision']} {kernels}\n{s.get('attention', 'sdpa')}{layout}"
 
 
 def _write_html(store: Store, view: RunView, status: dict[str, Any], out: Path) -> Path:

@@ -25,12 +25,15 @@ class Cursor(Stored):
     total_steps: int
     epoch: int = 0
     epoch_position: int = 0
-    samples_seen: int = 0
-    tokens_seen: int = 0
+    samples_seen: int = 0  # samples of the steps the optimizer applied: what was trained
+    tokens_seen: int = 0  # their tokens
     rng: dict[str, str] = Field(default_factory=dict)  # name -> base64 of the RNG state
     scaler: Optional[dict[str, Any]] = None  # torch GradScaler.state_dict() under fp16
     scheduler_step: int = 0  # optimizer steps applied: step minus the steps the scaler skipped
-    skipped_steps: int = 0  # fp16 steps whose gradients overflowed: data consumed, no update
+    skipped_steps: int = 0  # steps that changed no weight (fp16 gradient overflow, or a
+    # non-finite loss): their samples were consumed (epoch_position moved) but not trained
+    skipped_samples: int = 0  # samples of those steps: consumed = samples_seen + this
+    skipped_tokens: int = 0
     training_seconds: float = 0.0
     loss: Optional[float] = None  # last logged training loss
     eval_loss: Optional[float] = None
@@ -91,6 +94,9 @@ class SessionRecord(Stored):
     gpu: str = "cpu"
     gpu_count: int = 0
     kernels: Literal["triton", "reference", "none"] = "none"
+    # The start-up probe (session/probe.py): "passed 7 ops in 41.2 s", "failed: lora_mlp
+    # killed by SIGABRT" (kernels is then "reference"), "skipped: ..."; None before it existed
+    kernels_probe: Optional[str] = None
     precision: str = "fp32"
     # The attention path (training/attention.py): "flash_varlen" or "sdpa_spans" per sample,
     # or the model's own (e.g. "sdpa") over padded rows; records before it were padded sdpa.
@@ -106,7 +112,8 @@ class SessionRecord(Stored):
     save_seconds: list[float] = Field(default_factory=list)
     upload_seconds: list[float] = Field(default_factory=list)
     exit_code: Optional[int] = None
-    skipped_steps: int = 0  # steps the fp16 loss scaler skipped in this session
+    skipped_steps: int = 0  # steps of this session that changed no weight (see Cursor)
+    nonfinite_steps: int = 0  # of those, steps whose loss was inf/NaN (a forward overflow)
     losses: list[tuple[int, float]] = Field(default_factory=list)
     eval_losses: list[tuple[int, float]] = Field(default_factory=list)
     base_eval_loss: Optional[float] = None  # measured by the session that took step 0

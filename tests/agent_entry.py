@@ -21,6 +21,8 @@ def main() -> int:
 
     faults.install_test_settings()
     faults.install_from_env()
+    faults.install_overflow_from_env()
+    faults.install_probe_fault_from_env()
     import agent
 
     return agent.main(sys.argv[1:])

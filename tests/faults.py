@@ -42,6 +42,8 @@ LEASE_TTL_ENV = "BATON_TEST_LEASE_TTL"
 RANK_ENV = "BATON_KILLPOINT_RANK"
 HANG_ENV = "BATON_HANG"
 HANG_RANK_ENV = "BATON_HANG_RANK"
+OVERFLOW_ENV = "BATON_OVERFLOW_AT"
+PROBE_FAULT_ENV = "BATON_PROBE_FAULT"
 NAMES = ("upload", "before_head", "renew", "step", "load")
 ANNOUNCE = "baton-killpoint:"  # the line a killed process writes to stderr just before dying
 
@@ -137,6 +139,58 @@ def install_from_env() -> bool:
         _wrap_load_model()
     _installed = True
     return True
+
+
+def install_overflow_from_env() -> bool:
+    """BATON_OVERFLOW_AT=N: from the N-th train step on, the forward overflows fp16."""
+    at = os.environ.get(OVERFLOW_ENV)
+    if not at:
+        return False
+    from training.engine import Trainer
+
+    Trainer.train_step = overflowing(Trainer.train_step, int(at))
+    return True
+
+
+def overflowing(train_step, nth: int):
+    """`Trainer.train_step` that blows the LoRA weights up just before the nth step."""
+    @functools.wraps(train_step)
+    def wrapped(self):
+        self._test_steps = getattr(self, "_test_steps", 0) + 1
+        if self._test_steps == nth:
+            blow_up_lora(self.model)
+        return train_step(self)
+
+    return wrapped
+
+
+def install_probe_fault_from_env() -> bool:
+    """BATON_PROBE_FAULT: the probe's child is tests/probe_entry.py, which injects it."""
+    if not os.environ.get(PROBE_FAULT_ENV):
+        return False
+    from session import probe
+
+    probe.probe_command = faulty_probe_command
+    return True
+
+
+def faulty_probe_command() -> list[str]:
+    """The kernel probe's child behind tests/probe_entry.py (which reads BATON_PROBE_FAULT)."""
+    return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "probe_entry.py")]
+
+
+def blow_up_lora(model, value: float = 1e6) -> int:
+    """Set every LoRA B of `model` to `value`: finite in fp32, inf in any fp16 matmul."""
+    import torch
+
+    count = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(value)
+                count += 1
+    return count
 
 
 def install_test_settings() -> None:

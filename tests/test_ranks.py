@@ -7,6 +7,7 @@ and `BATON_KILLPOINT_RANK=1` picks the one that dies.
 
 from __future__ import annotations
 
+import json
 import queue
 import signal
 import sys
@@ -240,3 +241,46 @@ def test_ranks_start_from_an_entry_script_only_when_it_says_so(monkeypatch, flag
     monkeypatch.setitem(sys.modules, "__main__", main)
     want = main.__file__ if flagged else str(ROOT / "agent.py")
     assert agent.entry_script() == want
+
+
+# -- the followers outwait a slow pull ----------------------------------------------------
+
+def test_followers_outwait_a_pull_longer_than_the_collective_timeout(tmp_path):
+    """Two gloo ranks, the collectives' timeout cut to 1 s, rank 0's pull made to take 3 s
+    (tests/words_worker.py): on the default group the follower times out, as a follower
+    behind NCCL's 10-minute watchdog would; over the words' own group it hears the plan."""
+    from tests.ddp_worker import free_port
+
+    pull_s, collective_s = 3.0, 1.0
+    env = agent_env(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    procs = [subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "words_worker.py"), str(pull_s), str(collective_s),
+         str(tmp_path / f"rank{rank}.json")], cwd=ROOT, env={**env, "RANK": str(rank),
+                                                             "LOCAL_RANK": str(rank)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(outputs)
+    follower = json.loads((tmp_path / "rank1.json").read_text())
+    print(follower)
+    assert follower["sum"] == 2.0, "the default group carries the tensor collectives"
+    assert "Timed out" in follower["default_group"]
+    assert collective_s <= follower["default_group_s"] < pull_s
+    assert follower["plan"] == {"plan": "spec, data, checkpoint"}
+    assert follower["plan_s"] >= pull_s > collective_s and follower["last_word"] == "stop"
+
+
+def test_a_follower_waits_as_long_as_the_session_may_last(monkeypatch):
+    from state_schema import RunConfig
+    from session.codes import DEFAULT_SESSION_LIMIT_S
+    from session.ranks import WORD_SLACK_S, word_wait_s
+
+    for name in ("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE", "COLAB_RELEASE_TAG", "COLAB_GPU",
+                 "COLAB_BACKEND_VERSION"):
+        monkeypatch.delenv(name, raising=False)
+    base = {"run": "t", "store": "/tmp/s", "model": {"name": "m"}, "data": {"train": "d.jsonl"},
+            "train": {"max_steps": 1}}
+    assert word_wait_s(RunConfig.model_validate({**base, "session": {"limit": "9h"}})) == \
+        9 * 3600 + WORD_SLACK_S
+    assert word_wait_s(RunConfig.model_validate(base)) == DEFAULT_SESSION_LIMIT_S + WORD_SLACK_S
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")  # Kaggle's 12 h
+    assert word_wait_s(RunConfig.model_validate(base)) == 12 * 3600 + WORD_SLACK_S

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,13 +61,16 @@ def total_steps(spec: RunSpec, n_train: int) -> int:
 class Trainer:
     def __init__(self, spec: RunSpec, *, data_path: Path, eval_path: Optional[Path] = None,
                  micro_batch_size: int, device: Optional[str] = None,
-                 precision: str = "auto", padding_free: bool = True):
+                 precision: str = "auto", padding_free: bool = True,
+                 kernels: Optional[str] = None):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
         self.spec = spec
         self.micro_batch_size = micro_batch_size
         self.rank, self.world = dist.rank_and_world()
         self.device_info: DeviceInfo = detect_device(device, precision)
+        if kernels:  # a path chosen by the session (its start-up probe), else by the device
+            self.device_info.kernels = kernels
         # The data is checked before the model loads: a wrong file fails in a second, not minutes.
         self.classifier = classify.is_classifier(spec)  # padded, pooled: training/classify.py
         self.data = (LabelledData if self.classifier else RunData)(
@@ -141,7 +145,8 @@ class Trainer:
         samples = [self.data.sample(i) for i in self.last_rank_indices]
         lr = float(self.optimizer.param_groups[0]["lr"])
         loss, tokens = self._accumulate(samples)
-        applied = self._optimizer_step()
+        # The summed loss is the same number on every rank, so every rank skips together.
+        applied = self._optimizer_step() if math.isfinite(loss) else self._skip_step()
         seconds = time.perf_counter() - started
         self._advance(picks, loss, tokens, seconds, applied)
         return StepResult(self.cursor.step, loss, lr, tokens, seconds, skipped=not applied)
@@ -214,19 +219,31 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return applied
 
+    def _skip_step(self) -> bool:
+        """A non-finite loss (the forward overflowed): no update, no schedule step, and the
+        scaler keeps its scale (backing it off cannot repair a forward overflow). Without a
+        scaler (bf16, fp32) this is what keeps NaN gradients out of the weights."""
+        self.optimizer.zero_grad(set_to_none=True)
+        return False
+
     def _advance(self, picks, loss: float, tokens: int, seconds: float, applied: bool) -> None:
         c = self.cursor
         _, c.epoch, c.epoch_position = picks[-1]
         if c.epoch_position >= self.data.n_train:
             c.epoch, c.epoch_position = c.epoch + 1, 0
         c.step += 1
-        c.skipped_steps += 0 if applied else 1
-        c.scheduler_step = c.step - c.skipped_steps
-        c.samples_seen += len(picks)
-        c.tokens_seen += tokens
         c.training_seconds += seconds
-        c.loss = loss
-        c.losses.append((c.step, loss))
+        if not applied:  # consumed (the data order moved on) but not trained
+            c.skipped_steps += 1
+            c.skipped_samples += len(picks)
+            c.skipped_tokens += tokens
+        else:
+            c.samples_seen += len(picks)
+            c.tokens_seen += tokens
+        c.scheduler_step = c.step - c.skipped_steps
+        if math.isfinite(loss):  # JSON has no inf/NaN: a non-finite loss is not logged
+            c.loss = loss
+            c.losses.append((c.step, loss))
 
     # -- eval --------------------------------------------------------------------------
 

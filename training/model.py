@@ -185,7 +185,29 @@ def prepare_for_training(model, lora, seed: int, dtype: torch.dtype, quantized: 
             param.data = param.data.float()
     model.config.use_cache = False
     keep_training_layout(model)
+    if dtype == torch.float16:
+        residual_stream_fp32(model)
     return model
+
+
+def _upcast(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
+    return output.float()
+
+
+def residual_stream_fp32(model) -> None:
+    """Under fp16, carry the residual stream in fp32 while the embedding weights stay fp16.
+
+    The residual stream is the embedding's output plus every layer's; it takes the
+    embedding's dtype. fp16 ends at 65504, and the outlier dimensions of some models (Qwen2 and
+    2.5, QwenLM/Qwen3#868) grow past it across layers: the sum becomes inf, the next norm NaN,
+    and no loss scale repairs a forward overflow. Upcasting the embedding's output keeps every
+    sum in fp32 (the matmuls still run in fp16 under autocast), which is PEFT's numerics
+    without PEFT's fp32 copies of the embedding and lm_head weights. Measured on a tiny Qwen2
+    whose outlier dimension sums to 72752 over one layer (tests/test_overflow.py): fp16 stream
+    NaN loss, fp32 stream the fp32 model's loss to 1e-5. Cost: 2 more bytes a hidden value of
+    each layer's saved input (gradient checkpointing keeps one a layer): about 256 KiB a token
+    for an 8B (hidden 4096, 32 layers). bf16 has fp32's range and keeps its bf16 stream."""
+    model.get_input_embeddings().register_forward_hook(_upcast)
 
 
 def embeddings_in_compute_dtype(model, dtype: torch.dtype) -> None:
