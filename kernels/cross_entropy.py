@@ -24,6 +24,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from kernels._triton import tl, triton  # stand-ins when triton is absent
 from kernels.dispatch import check_launchable, next_power_of_2, num_warps_for
+from kernels.guard import on_tensor_device
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum")
@@ -83,6 +84,7 @@ def _ce_grad_kernel(
         tl.store(ptr + start + cols, grad, mask=mask)
 
 
+@on_tensor_device
 def ce_grad_triton(logits: torch.Tensor, labels: torch.Tensor, scale: float,
                    ignore_index: int = IGNORE_INDEX, block: int | None = None) -> torch.Tensor:
     """Launcher: per-row CE loss [rows]; overwrites fp32 `logits` [rows, vocab] with its gradient.
