@@ -52,3 +52,17 @@ def test_asking_for_cuda_without_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UnsupportedGPUError, match="sees no CUDA GPU"):
         detect_device("cuda")
+
+
+def test_more_ranks_than_gpus_share_them_over_gloo(monkeypatch):
+    # The GPU check runs 2 ranks on 1 GPU: NCCL refuses two ranks on one device, gloo does not.
+    from training.devices import rank_cuda_index
+    from training.dist import process_group_backend
+
+    assert process_group_backend(2, 2) == "nccl" and process_group_backend(2, 4) == "nccl"
+    assert process_group_backend(2, 1) == "gloo" and process_group_backend(2, 0) == "gloo"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_cuda_index() == 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert rank_cuda_index() == 1
