@@ -100,7 +100,7 @@ def test_the_guard_wraps_the_launch_and_leaves_cpu_tensors_alone(recorder):
         assert launcher(2.0, x=torch.empty(3, device="cuda:3")) == 2.0  # a keyword tensor
     assert recorder.entered == [torch.device("cuda:3")] and recorder.exited == 1
     assert ran_under == [1]
-    assert launcher(1.0, x=torch.empty(3)) == 1.0  # the CPU (interpreter): no guard
+    assert launcher(1.0, x=torch.empty(3, device="cpu")) == 1.0  # the interpreter: no guard
     assert recorder.entered == [torch.device("cuda:3")] and ran_under == [1, 0]
 
 
