@@ -9,7 +9,8 @@ downloaded) and 8-bit AdamW, and checks what the store then holds:
   ended on; each checkpoint's cursor has consumed exactly step x batch samples (the data
   order continues, nothing dropped or repeated); every learning rate either session logged
   is the schedule's own at that step (`training.optim.make_scheduler` from the stored spec);
-  every logged loss is finite and the run's last loss is below its first.
+  every logged loss is finite and the run's last loss is below its first; the last
+  checkpoint's optimizer state holds 8-bit (uint8) AdamW tensors.
 - `run_single`: one session to the end under an environment (`BATON_WORLD_SIZE=2`: two
   ranks on one GPU through the elastic launcher; `BATON_KERNELS=reference`: the plain-PyTorch
   path a P100 takes); exit 0, every step done, finite losses, the expected kernel path.
@@ -48,7 +49,10 @@ def build_run(work: Path, steps: int) -> Path:
     from scripts.tiny_model import build_tiny
 
     write_jsonl(work / "data" / "train.jsonl", count=BATCH * steps)
-    model = build_tiny(work / "model", "llama")
+    # hidden 512: LoRA A matrices of r x 512 = 4096 values, the size from which bitsandbytes'
+    # AdamW8bit keeps 8-bit states (smaller tensors get 32-bit ones).
+    model = build_tiny(work / "model", "llama", hidden=512, intermediate=1024, heads=8,
+                       kv_heads=4)
     config = {
         "run": RUN, "store": str(work / "store"),
         "model": {"name": str(model), "revision": "main", "load_in_4bit": True},
@@ -144,6 +148,21 @@ def _check_samples(store: Path) -> list[int]:
     return steps
 
 
+def _check_8bit(store: Path) -> int:
+    """The uint8 (8-bit AdamW) state tensors in the last checkpoint's optimizer state."""
+    from safetensors import safe_open
+
+    files = sorted((store / RUN / "checkpoints").glob("*/optimizer.safetensors"))
+    if not files:
+        raise HandoffFailed("no checkpoint holds an optimizer state")
+    with safe_open(str(files[-1]), "pt") as f:
+        count = sum(f.get_slice(k).get_dtype() == "U8" for k in f.keys())
+    if not count:
+        raise HandoffFailed(f"{files[-1].parent.name}'s optimizer state has no 8-bit tensor: "
+                            "the run did not train with AdamW8bit")
+    return count
+
+
 def _check_losses(lines: list[tuple[int, str, str]]) -> tuple[float, float]:
     """(first, last) logged loss, all finite. A step whose samples hold no label token logs
     0 by design (a mean over no token); those are left out of first and last."""
@@ -167,7 +186,12 @@ def run_handoff(work: Path, logs: Path, deadline: float, *, dry_run: bool,
                                    logs / f"handoff_2_{second}.log", deadline)
     if code2 != FINISHED:
         raise HandoffFailed(f"session 2 ({second}) exited {code2}, expected {FINISHED}")
-    status = _status(work / "store")
+    return _check_handoff(work / "store", lines1 + lines2, steps, second)
+
+
+def _check_handoff(store: Path, lines: list, steps: int, second: str) -> dict:
+    """Step, sample, learning-rate and loss continuity of the stored run."""
+    status = _status(store)
     sessions = status["sessions"]
     precisions = [s.get("precision") for s in sessions]
     if precisions != ["fp16", second]:
@@ -176,26 +200,27 @@ def run_handoff(work: Path, logs: Path, deadline: float, *, dry_run: bool,
     if paused != resumed or status["step"] != steps:
         raise HandoffFailed(f"session 1 ended at step {paused}, session 2 started at {resumed}, "
                             f"the run ended at {status['step']} of {steps}")
-    checked = _check_samples(work / "store")
-    expected = _expected_lrs(work / "store", steps)
+    checked = _check_samples(store)
+    eight_bit = _check_8bit(store)
+    expected = _expected_lrs(store, steps)
     skipped = sum(s.get("skipped_steps") or 0 for s in sessions)
-    wrong = [(step, lr, f"{expected[step - 1]:.3g}") for step, _, lr in lines1 + lines2
+    wrong = [(step, lr, f"{expected[step - 1]:.3g}") for step, _, lr in lines
              if lr != f"{expected[step - 1]:.3g}"]
     if wrong and not skipped:
         raise HandoffFailed(f"logged learning rates differ from the schedule: {wrong[:5]}")
-    first, last = _check_losses(lines1 + lines2)
+    first, last = _check_losses(lines)
     if not last < first:
         raise HandoffFailed(f"the loss did not fall across the handoff: {first} -> {last}")
     return {
         "sessions": [{k: s.get(k) for k in ("precision", "start_step", "end_step", "exit_code",
                                             "kernels", "tokens_per_s", "skipped_steps")}
                      for s in sessions],
-        "lr_checked_steps": len(lines1) + len(lines2), "lr_mismatches": wrong[:5],
-        "skipped_steps": skipped, "sample_checked_steps": checked,
-        "first_loss": first, "last_loss": last,
+        "lr_checked_steps": len(lines), "lr_mismatches": wrong[:5], "skipped_steps": skipped,
+        "sample_checked_steps": checked, "first_loss": first, "last_loss": last,
+        "optimizer_8bit_tensors": eight_bit,
         "summary": (f"fp16 paused at step {paused}, {second} resumed at {resumed} and finished "
-                    f"{steps}; samples exact at steps {checked}; {len(lines1) + len(lines2)} "
-                    f"logged LRs match the schedule"
+                    f"{steps}; samples exact at steps {checked}; {len(lines)} logged LRs match "
+                    f"the schedule; {eight_bit} 8-bit AdamW states"
                     + (f" ({len(wrong)} differ: {skipped} skipped fp16 steps)" if wrong else "")
                     + f"; loss {first:.3f} -> {last:.3f}"),
     }
