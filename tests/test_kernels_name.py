@@ -24,6 +24,10 @@ from tests.agent_helpers import agent_env, write_config
 from tests.fixtures_tiny import pairs_records, write_jsonl
 from tests.native_device import skip_on_cuda
 
+# About a package name, not a kernel: one test pip-installs HF's `kernels` from PyPI (the GPU
+# check runs offline) and trains on the CPU's reference path, the others are CPU entry points.
+pytestmark = skip_on_cuda("the package name is checked on the CPU; it needs the network")
+
 ROOT = Path(__file__).resolve().parent.parent
 HF_KERNELS = "kernels==0.17.2"
 NOTICE = ("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
@@ -87,8 +91,6 @@ def hf_kernels_dir() -> Path:
 
 
 @pytest.mark.slow
-@skip_on_cuda("pip-installs HF's kernels from PyPI (the GPU check runs offline) and trains on "
-              "the CPU's reference path")
 def test_baton_imports_and_trains_with_hf_kernels_on_the_path(tiny_model_dir, tmp_path,
                                                               hf_kernels_dir):
     env = agent_env(PYTHONPATH=str(hf_kernels_dir))
