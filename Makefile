@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo setup clean gpu-check
+.PHONY: test demo setup clean gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -25,11 +25,18 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 # The first command on a machine with a GPU (docs/BENCHMARKS.md): the platform's own Python,
-# no venv and no network (bitsandbytes and pytest come from .whl/ when missing); ends within
-# 8 minutes. Results in $(GPU_CHECK_OUT)/gpu_check.json and gpu_check.md.
+# no venv and no network (what the image lacks comes from .whl/, filled by `make gpu-wheels`
+# beforehand); ends within 8 minutes. Results in $(GPU_CHECK_OUT)/gpu_check.json and .md.
 GPU_CHECK_OUT ?= gpu-check-out
 gpu-check:
 	$(PY) scripts/gpu_check.py $(GPU_CHECK_OUT)
+
+# The wheels of scripts/gpu_wheels.txt for linux x86_64 and the GPU image's CPython (needs
+# PyPI; at most 60 MiB; .whl/ is git-ignored: carry it with the working tree).
+GPU_PYTHON ?= 3.12
+WHEELS ?= .whl
+gpu-wheels:
+	$(PY) scripts/gpu_wheels.py download --python-version $(GPU_PYTHON) --dest $(WHEELS)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

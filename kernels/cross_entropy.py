@@ -1,10 +1,19 @@
 """Chunked fused linear cross-entropy: loss of softmax(hidden @ weight.T) without full logits.
 
 The hidden states are multiplied by the lm_head weight one chunk of rows at a time; each
-chunk's fp32 logits live only while its loss and its gradient are taken, and the gradients
-for the hidden states and (when it trains) the weight are accumulated in the forward pass,
-as Liger-Kernel does. The backward only scales the stored gradients by the incoming scalar.
+chunk's fp32 logits live only while its loss (forward) or its gradient (backward) is taken.
 So a 128k-vocabulary model never holds [tokens, vocab] fp32 logits: the peak is one chunk.
+
+The backward recomputes each chunk's logits (one more lm_head matmul, about 2% of an 8B
+step) instead of building the gradients in the forward as Liger-Kernel does, because only
+the backward knows the incoming gradient, which carries the fp16 loss scale. The logits'
+gradient (softmax - onehot) is multiplied by it in fp32 *before* it is cast to the compute
+dtype for the matmuls: with a 128k vocabulary most probabilities are about 1e-5, subnormal in
+fp16 (below 6.1e-5), where a cast keeps a few bits or none; scaled by the loss scale (2^16 at
+the start, over the step's tokens) they are normal numbers that keep fp16's 11 bits, as in
+HF's unfused path, which casts the same scaled gradient. A factor below 1 (a mean without a
+loss scale: bf16, fp32, a test) is applied after the matmuls instead, in fp32, where it
+cannot push the values down into fp16's subnormals.
 
 The Triton part is the per-row softmax / cross-entropy-gradient kernel over a chunk's logits,
 written in place. `backend="reference"` does the same chunking with plain torch ops, which
@@ -24,6 +33,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from kernels._triton import tl, triton  # stand-ins when triton is absent
 from kernels.dispatch import check_launchable, next_power_of_2, num_warps_for
+from kernels.guard import on_tensor_device
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum")
@@ -83,6 +93,7 @@ def _ce_grad_kernel(
         tl.store(ptr + start + cols, grad, mask=mask)
 
 
+@on_tensor_device
 def ce_grad_triton(logits: torch.Tensor, labels: torch.Tensor, scale: float,
                    ignore_index: int = IGNORE_INDEX, block: int | None = None) -> torch.Tensor:
     """Launcher: per-row CE loss [rows]; overwrites fp32 `logits` [rows, vocab] with its gradient.
@@ -120,25 +131,6 @@ def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int) -> int:
     # Liger's rule: a chunk's logits about as large as the hidden states themselves.
     ratio = -(-vocab_size // hidden_size)
     return max(1, min(next_power_of_2(-(-n_rows // ratio)), n_rows))
-
-
-class _Grads:
-    """Per-call buffers for the gradients accumulated chunk by chunk."""
-
-    def __init__(self, hidden, weight, bias, want_x, want_w, want_b):
-        self.x = torch.empty_like(hidden) if want_x else None
-        self.w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
-        self.b = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
-
-    def add(self, rows: slice, grad_logits: torch.Tensor, x_chunk: torch.Tensor,
-            weight: torch.Tensor) -> None:
-        g = grad_logits.to(weight.dtype)
-        if self.x is not None:
-            self.x[rows] = (g @ weight).to(self.x.dtype)
-        if self.w is not None:
-            self.w.add_((g.t() @ x_chunk).float())
-        if self.b is not None:
-            self.b.add_(grad_logits.sum(0))
 
 
 # weight -> ((version, data_ptr, dtype), the weight cast to that dtype). Weak keys compared
@@ -179,28 +171,62 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _chunked_loss(hidden, weight, bias, labels, ignore_index, grads, chunk_size, backend):
-    """Sum of the token losses; fills `grads` (unscaled) chunk by chunk when given.
-
-    Under autocast the weight is cast once (`cast_weight`: not once a chunk, nor once a
-    forward while it is unchanged), and the chunks then run with autocast off in that dtype.
-    """
-    ce_grad = ce_grad_triton if backend == "triton" else ce_grad_reference
+def _chunks(hidden, weight, chunk_size):
     chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
-    dtype = _compute_dtype(weight)
+    return [slice(start, start + chunk) for start in range(0, hidden.shape[0], chunk)]
+
+
+def _chunked_loss(hidden, weight, bias, labels, ignore_index, chunk_size, backend, dtype):
+    """Sum of the token losses, chunk by chunk, the logits in `dtype` (autocast's or the
+    weight's): the weight is cast once (`cast_weight`: not once a chunk, nor once a forward
+    while it is unchanged), and the chunks then run with autocast off in that dtype."""
+    ce_grad = ce_grad_triton if backend == "triton" else ce_grad_reference
     w = cast_weight(weight, dtype)
     b = None if bias is None else bias.to(dtype)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     with torch.autocast(weight.device.type, enabled=False):
-        for start in range(0, hidden.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            x_chunk = hidden[rows].to(dtype)
-            logits = F.linear(x_chunk, w, b).float()
+        for rows in _chunks(hidden, weight, chunk_size):
+            logits = F.linear(hidden[rows].to(dtype), w, b).float()
             total += ce_grad(logits, labels[rows], 1.0, ignore_index).sum()
-            if grads is not None:
-                grads.add(rows, logits, x_chunk, w)
             del logits
     return total
+
+
+def _split(factor: float) -> tuple[float, float]:
+    """(before the cast, after the matmuls): a factor of 1 or more (a loss scale) goes before,
+    where it lifts the gradient out of fp16's subnormals; one below 1 after, in fp32."""
+    return (factor, 1.0) if abs(factor) >= 1.0 else (1.0, factor)
+
+
+def _chunked_grads(ctx, hidden, weight, bias, labels, factor: float):
+    """(dx, dw, db) of `factor` x the summed loss; each chunk's logits recomputed.
+
+    The gradient of the logits is made in fp32, multiplied by `factor` (the incoming gradient,
+    loss scale included, times 1/n of a mean) when that is at least 1, and only then cast to
+    the compute dtype: see the module's docstring. Weight and bias gradients sum in fp32.
+    """
+    pre, post = _split(factor)
+    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.need_bias
+    ce_grad = ce_grad_triton if ctx.backend == "triton" else ce_grad_reference
+    w = cast_weight(weight, ctx.dtype)
+    b = None if bias is None else bias.to(ctx.dtype)
+    dx = torch.empty_like(hidden) if need_x else None
+    dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+    db = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+    with torch.autocast(weight.device.type, enabled=False):
+        for rows in _chunks(hidden, weight, ctx.chunk_size):
+            x_chunk = hidden[rows].to(ctx.dtype)
+            logits = F.linear(x_chunk, w, b).float()
+            ce_grad(logits, labels[rows], pre, ctx.ignore_index)  # in place: the gradient
+            g = logits.to(ctx.dtype)
+            if dx is not None:
+                dx[rows] = ((g @ w).float() * post).to(dx.dtype)
+            if dw is not None:
+                dw.add_((g.t() @ x_chunk).float(), alpha=post)
+            if db is not None:
+                db.add_(logits.sum(0), alpha=post)
+            del logits, g
+    return dx, dw, db
 
 
 def _mean_scale(labels: torch.Tensor, ignore_index: int, reduction: str) -> float:
@@ -211,26 +237,23 @@ def _mean_scale(labels: torch.Tensor, ignore_index: int, reduction: str) -> floa
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, ignore_index, reduction, chunk_size, backend):
-        need = ctx.needs_input_grad
-        grads = _Grads(hidden, weight, bias, need[0], need[1], bias is not None and need[3])
-        # Gradients are built unscaled and the 1/n of a mean is applied in backward, together
-        # with the upstream gradient (which carries the fp16 loss scale): fp16 gradients of
-        # order 1/(tokens * vocab) would otherwise underflow.
-        total = _chunked_loss(hidden, weight, bias, labels, ignore_index, grads, chunk_size,
-                              backend)
-        ctx.grads = grads
+        ctx.dtype = _compute_dtype(weight)  # the backward runs outside autocast: keep it
+        total = _chunked_loss(hidden, weight, bias, labels, ignore_index, chunk_size, backend,
+                              ctx.dtype)
+        ctx.save_for_backward(hidden, weight, labels, bias)
         ctx.scale = _mean_scale(labels, ignore_index, reduction)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.ignore_index, ctx.chunk_size, ctx.backend = ignore_index, chunk_size, backend
+        ctx.need_bias = bias is not None and ctx.needs_input_grad[3]
         return total * ctx.scale
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads, (w_dtype, b_dtype) = ctx.grads, ctx.dtypes
-        ctx.grads = None  # free the stored buffers as soon as they are handed out
-        factor = grad_out.float() * ctx.scale
-        dx = None if grads.x is None else grads.x * factor.to(grads.x.dtype)
-        dw = None if grads.w is None else (grads.w * factor).to(w_dtype)
-        db = None if grads.b is None else (grads.b * factor).to(b_dtype)
+        hidden, weight, labels, bias = ctx.saved_tensors
+        # One host sync a backward: the factor is a launch argument of the gradient kernel.
+        factor = float(grad_out) * ctx.scale
+        dx, dw, db = _chunked_grads(ctx, hidden, weight, bias, labels, factor)
+        dw = None if dw is None else dw.to(weight.dtype)
+        db = None if db is None else db.to(bias.dtype)
         return dx, dw, None, db, None, None, None, None
 
 
@@ -259,8 +282,8 @@ def fused_linear_cross_entropy(
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         # Evaluation: the loss alone, no gradient buffers, no autograd graph.
         with torch.no_grad():
-            total = _chunked_loss(hidden, weight, bias, labels, ignore_index, None, chunk_size,
-                                  backend)
+            total = _chunked_loss(hidden, weight, bias, labels, ignore_index, chunk_size,
+                                  backend, _compute_dtype(weight))
         return total * _mean_scale(labels, ignore_index, reduction)
     return FusedLinearCrossEntropyFunction.apply(
         hidden, weight, labels, bias, ignore_index, reduction, chunk_size, backend

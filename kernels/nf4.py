@@ -26,6 +26,7 @@ import torch
 
 from kernels._triton import tl, triton  # stand-ins when triton is absent
 from kernels.dispatch import check_launchable
+from kernels.guard import on_tensor_device
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BYTES_PER_PROGRAM = 1024  # 2048 outputs a program: large enough to amortise the launch
@@ -135,6 +136,7 @@ def _offset_tensor(offset, device: torch.device) -> torch.Tensor:
     return torch.tensor([float(offset)], dtype=torch.float32, device=device)
 
 
+@on_tensor_device
 def dequantize_nf4(
     weight: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 
 from kernels._triton import tl, triton  # stand-ins when triton is absent
 from kernels.dispatch import check_launchable, next_power_of_2, num_warps_for
+from kernels.guard import on_tensor_device
 
 _MAX_FUSED = 65536  # widest row one program holds in registers
 _TILE = 4096  # elements a program holds at once
@@ -91,6 +92,7 @@ def _blocks(n_rows: int, n_cols: int) -> tuple[int, int]:
     return block_r, block_n
 
 
+@on_tensor_device
 def rmsnorm_fwd(
     x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +119,7 @@ def _num_programs(device: torch.device, n_rows: int) -> int:
     return max(1, min(n_rows, target))
 
 
+@on_tensor_device
 def rmsnorm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ import torch
 
 from kernels._triton import tl, triton  # stand-ins when triton is absent
 from kernels.dispatch import check_launchable, next_power_of_2, num_warps_for
+from kernels.guard import on_tensor_device
 
 _TILE = 4096
 
@@ -73,6 +74,7 @@ def _expand_cs(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.contiguous().expand(batch, -1, -1)
 
 
+@on_tensor_device
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
     bsz, n_heads, seq_len, head_dim = x.shape
     if head_dim % 2:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from kernels._triton import tl, triton  # stand-ins when triton is absent
 from kernels.dispatch import check_launchable
+from kernels.guard import on_tensor_device
 
 _BLOCK = 1024
 
@@ -57,6 +58,7 @@ def _check_shapes(*tensors: torch.Tensor) -> None:
         raise ValueError(f"SwiGLU operands must share one shape, got {shapes}.")
 
 
+@on_tensor_device
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """h = silu(gate) * up, in gate's dtype and shape."""
     _check_shapes(gate, up)
@@ -68,6 +70,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return h
 
 
+@on_tensor_device
 def swiglu_bwd(
     dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:

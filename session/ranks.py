@@ -73,8 +73,11 @@ class Ranks:
         import torch.distributed as dist
 
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            backend = "nccl"
+            from training.devices import rank_cuda_index
+            from training.dist import process_group_backend
+
+            torch.cuda.set_device(rank_cuda_index())
+            backend = process_group_backend(self.world, torch.cuda.device_count())
         else:  # CPU ranks (tests): share the cores instead of oversubscribing them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
             backend = "gloo"

@@ -7,16 +7,41 @@ CPU generators; with this plugin every tensor factory call without an explicit d
 tensor on BATON_TEST_DEVICE instead, and one drawn from a CPU generator is drawn on the CPU
 (the same numbers as in CI) and then moved. So the same tests, with the same tolerances and
 the same values, compare every Triton kernel on the GPU with its plain-PyTorch reference.
-Tests about the CPU itself (the interpreter flag, a CPU fallback) may fail here by design;
-the GPU check reports each failure by name. Without BATON_TEST_DEVICE the plugin does nothing.
+Without BATON_TEST_DEVICE the plugin does nothing.
+
+The kernel tests also import their device from here, whether or not the plugin is loaded:
+`DEVICE` (BATON_TEST_DEVICE, else the CPU), `autocast(dtype)` (autocast on that device: CUDA
+autocast on a GPU, so the fused fp16 and bf16 paths meet their references there), and
+`skip_on_cuda(why)` for the tests that are about the CPU itself or need the network (the GPU
+check runs offline). On a GPU below sm_80 every test parametrised with bf16 is skipped,
+saying why: a session there trains in fp16 (torch's bf16 on a T4 is an emulation).
 """
 
 from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+
+DEVICE = torch.device(os.environ.get("BATON_TEST_DEVICE", "").strip() or "cpu")
+ON_CUDA = DEVICE.type == "cuda"
+BF16_SKIP = "bf16 needs sm_80 or newer; on this GPU a session trains in fp16"
+
+
+def autocast(dtype: torch.dtype):
+    """Autocast in `dtype` on the test device (CPU autocast in CI, CUDA autocast on a GPU)."""
+    return torch.autocast(DEVICE.type, dtype=dtype)
+
+
+def skip_on_cuda(why: str):
+    """Mark a test that holds only on the CPU (or needs the network): skipped on a GPU."""
+    return pytest.mark.skipif(ON_CUDA, reason=f"CPU only: {why}")
+
+
+def bf16_runs_here() -> bool:
+    return not ON_CUDA or torch.cuda.get_device_capability(DEVICE) >= (8, 0)
 
 try:  # the list torch's own `with torch.device(...)` mode uses
     from torch.utils._device import _device_constructors
@@ -58,6 +83,15 @@ def pytest_configure(config) -> None:
             raise RuntimeError(f"BATON_TEST_DEVICE={device} but torch sees no CUDA GPU")
         _MODE = OnDevice(device)
         _MODE.__enter__()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if bf16_runs_here():
+        return
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if any(value is torch.bfloat16 for value in params.values()):
+            item.add_marker(pytest.mark.skip(reason=BF16_SKIP))
 
 
 def pytest_unconfigure(config) -> None:

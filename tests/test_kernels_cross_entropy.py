@@ -19,6 +19,7 @@ from kernels.cross_entropy import (
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
 )
+from tests.native_device import autocast
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -155,7 +156,7 @@ def test_autocast_matches_hf_under_autocast():
     # The trainer runs the model under autocast with an fp32 (upcast) lm_head: the logits
     # are then bf16 matmuls, in HF's path and in the chunked one alike.
     x, w, _, labels = _problem(torch.float32, bias=False, seed=7)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast(torch.bfloat16):
         got = _run(fused_linear_cross_entropy, x, w, None, labels, chunk_size=8, reduction="sum")
         want = _run(linear_cross_entropy_reference, x, w, None, labels, reduction="sum")
     for name, a, b in zip(("loss", "dhidden", "dweight"), got, want):
@@ -188,7 +189,7 @@ def _bf16_losses(x, w, labels, calls: int = 1):
     """(fused loss, full-logits reference loss) under CPU bf16 autocast, `calls` times."""
     out = []
     for _ in range(calls):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(torch.bfloat16):
             got = fused_linear_cross_entropy(x, w, labels, chunk_size=8, backend="reference")
             want = linear_cross_entropy_reference(x, w, labels)
         out.append((got.detach(), want.detach()))
@@ -241,3 +242,66 @@ def test_weight_already_in_the_compute_dtype_is_not_copied():
     w = torch.randn(V, H).to(torch.bfloat16)
     assert cast_weight(w, torch.bfloat16) is w
     assert w not in _WEIGHT_CASTS
+
+
+# --- fp16: the logits' gradient is scaled (by the loss scale) before it is cast ----------
+
+U16 = 2.0**-11  # fp16's unit roundoff (11 significant bits)
+
+
+def _row_128k(seed: int = 0):
+    """One token of a 128k vocabulary (Llama 3's 128256, rounded to 2^17): fp16 lm_head with
+    logits of about N(0, 1), an fp16 hidden state with |x| in [0.5, 1]."""
+    vocab, hidden = 2**17, 64
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).half().requires_grad_()
+    sign = torch.where(torch.rand(1, hidden, generator=g) < 0.5, -1.0, 1.0)
+    x = (sign * (0.5 + 0.5 * torch.rand(1, hidden, generator=g))).half().requires_grad_()
+    return x, w, torch.tensor([12345])
+
+
+@pytest.fixture
+def fp32_reductions():
+    """cuBLAS may keep split-K partial sums of fp16 matmuls in fp16 unless told not to."""
+    matmul = torch.backends.cuda.matmul
+    old = matmul.allow_fp16_reduced_precision_reduction
+    matmul.allow_fp16_reduced_precision_reduction = False
+    yield
+    matmul.allow_fp16_reduced_precision_reduction = old
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_fp16_gradient_of_a_128k_row_is_scaled_before_the_cast(backend, fp32_reductions):
+    # Error bound, derived. With a loss scale S the logits' gradient is S (p - onehot); every
+    # S p here is a normal fp16 number (checked below), so each rounding to fp16 is relative,
+    # at most U16. The weight gradient of one token is dW[v, j] = g_v x_j with g the gradient
+    # cast to fp16 (one rounding), the product exact in the matmul's fp32 accumulator (11 + 11
+    # bits), its fp16 output rounded once more: |dW - S (p - onehot) x| <= (2 U16 + U16^2 +
+    # 4e-6) |S (p - onehot) x| elementwise, where 4e-6 covers the fp32 softmax (exp of z -
+    # lse, |z - lse| < 32: a few fp32 ulps of 2^-19). The hidden state's gradient sums 2^17
+    # such terms: |dx - ref| <= U16 |ref| + (U16 + 2^-17) sum_v |S (p_v - onehot_v) W_v|
+    # (the cast of every g_v, then an fp32 accumulation whose error grows with sqrt(vocab):
+    # 2^-24 * 2^8.5 < 2^-17). Measured: dW 9.4e-4 of the 9.8e-4 allowed; dx 1.4e-4 of 5e-4.
+    # Cast before scaling (the old path) most p (about 1e-5) are fp16 subnormals: their
+    # relative error reaches 9e-2, a hundred times the bound.
+    scale = 2.0**12
+    x, w, labels = _row_128k()
+    loss = fused_linear_cross_entropy(x, w, labels, reduction="sum", backend=backend)
+    (loss * scale).backward()
+    assert x.grad.dtype == w.grad.dtype == torch.float16
+
+    logits = torch.nn.functional.linear(x.detach(), w.detach()).double()  # what the kernel sees
+    onehot = torch.nn.functional.one_hot(labels, w.shape[0]).double()
+    g_ref = scale * (torch.softmax(logits, -1) - onehot)
+    dw_ref = g_ref.t() @ x.detach().double()
+    assert dw_ref.abs().min() >= 2.0**-14, "the bound assumes normal fp16 values throughout"
+    dw_err = ((w.grad.double() - dw_ref).abs() / dw_ref.abs()).max().item()
+    assert dw_err <= 2 * U16 + U16**2 + 4e-6, f"dW relative error {dw_err:.2e}"
+
+    dx_ref = g_ref @ w.detach().double()
+    terms = g_ref.abs() @ w.detach().double().abs()
+    excess = (x.grad.double() - dx_ref).abs() - U16 * dx_ref.abs() - (U16 + 2.0**-17) * terms
+    assert excess.max() <= 0, f"dx outside its bound by {excess.max().item():.2e}"
+
+    unscaled = (g_ref / scale).half().double() * scale  # the cast before the scale
+    assert ((unscaled - g_ref).abs() / g_ref.abs()).max() > 50 * (2 * U16)

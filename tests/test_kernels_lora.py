@@ -22,6 +22,7 @@ from kernels.lora import (  # noqa: E402
     lora_qkv,
     lora_qkv_reference,
 )
+from tests.native_device import autocast  # noqa: E402
 
 # Max error relative to the largest reference magnitude. fp32 differs only by summation order;
 # fp16 and bf16 by where the fused path rounds (it keeps [tokens, r] products and recomputes).
@@ -131,7 +132,7 @@ def test_autocast_runs_in_autocast_dtype():
     p = _projection(11, 64, 32, torch.float32)
     q = _twin(p)
     x, x_ref = _x((4, 64), torch.float32), _x((4, 64), torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast(torch.bfloat16):
         out, ref = lora_linear(x, p), lora_linear_reference(x_ref, q)
     assert out.dtype == ref.dtype == torch.bfloat16
     _compare([out], [ref], x, x_ref, [p], [q], torch.bfloat16)
@@ -189,7 +190,7 @@ def test_qkv_input_gradient_is_summed_in_fp32_not_fp16():
     projs = [_dense(c * eye, d, d, seed, b_scale=0.0) for seed, c in ((1, 1000.0), (2, 0.3),
                                                                        (3, -1000.0))]
     x = torch.randn(4, d).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.float16):
+    with autocast(torch.float16):
         outs = lora_qkv(x, *projs)
     dys = [torch.ones(o.shape, dtype=torch.float16) for o in outs]
     torch.autograd.backward(outs, dys)
@@ -208,7 +209,7 @@ def test_qkv_fp16_input_gradient_error_against_fp64():
     projs = [_dense(torch.randn(d_out, d_in, generator=gen) / d_in**0.5, d_in, d_out, seed)
              for seed, d_out in ((1, d_in), (2, d_in // 4), (3, d_in // 4))]
     x = torch.randn(tokens, d_in, generator=gen).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.float16):
+    with autocast(torch.float16):
         outs = lora_qkv(x, *projs)
     dys = [torch.randn(o.shape, generator=gen).half() for o in outs]
     torch.autograd.backward(outs, dys)

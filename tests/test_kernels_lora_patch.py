@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from kernels import lora, lora_patch  # noqa: E402
+from tests.native_device import DEVICE, skip_on_cuda  # noqa: E402
 
 R = 8  # LoRA rank of the test adapters
 
@@ -58,7 +59,7 @@ def _peft_model(path, quantized: bool = True, **lora_kwargs):
         )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, device_map="cpu", **kwargs
+        path, dtype=torch.float32, device_map=str(DEVICE), **kwargs
     )
     # init_lora_weights=False: B is random too, so every adapter gets a nonzero gradient.
     config = dict(r=R, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
@@ -146,7 +147,7 @@ def test_patched_dense_lora_model_matches_peft(tiny_dirs, calls):
     assert calls["LoRAQKVFunction.backward"] == LAYERS
 
 
-def test_disabled_adapters_fall_back_and_unpatch_restores(tiny_dirs, calls, monkeypatch):
+def test_disabled_adapters_fall_back_and_unpatch_restores(tiny_dirs, calls):
     model = _peft_model(tiny_dirs["llama"])
     ids = _ids(3)
     with torch.no_grad(), model.disable_adapter():
@@ -159,22 +160,28 @@ def test_disabled_adapters_fall_back_and_unpatch_restores(tiny_dirs, calls, monk
     with torch.no_grad():
         patched_logits = model(input_ids=ids).logits
     assert calls["LoRAQKVFunction.forward"] == LAYERS
+    assert lora_patch.unpatch_peft_lora(model) == names
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    torch.testing.assert_close(logits, patched_logits, rtol=1e-4, atol=1e-5)
 
+
+@skip_on_cuda("a CPU tensor without the interpreter is the case tested")
+def test_layers_where_no_kernel_can_run_take_the_model_path(tiny_dirs, calls, monkeypatch):
     # Where no Triton kernel can run (a CPU tensor without the interpreter) the model's own
     # path runs instead of failing.
+    model = _peft_model(tiny_dirs["llama"])
+    ids = _ids(3)
+    lora_patch.patch_peft_lora(model, "triton")
+    with torch.no_grad():
+        patched_logits = model(input_ids=ids).logits
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     calls.clear()
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     torch.testing.assert_close(logits, patched_logits, rtol=1e-4, atol=1e-5)
     assert not calls
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-    assert lora_patch.unpatch_peft_lora(model) == names
-    assert all("forward" not in m.__dict__ for m in model.modules())
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    torch.testing.assert_close(logits, patched_logits, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,11 @@ import pytest
 
 from tests.agent_helpers import agent_env, write_config
 from tests.fixtures_tiny import pairs_records, write_jsonl
+from tests.native_device import skip_on_cuda
+
+# About a package name, not a kernel: one test pip-installs HF's `kernels` from PyPI (the GPU
+# check runs offline) and trains on the CPU's reference path, the others are CPU entry points.
+pytestmark = skip_on_cuda("the package name is checked on the CPU; it needs the network")
 
 ROOT = Path(__file__).resolve().parent.parent
 HF_KERNELS = "kernels==0.17.2"

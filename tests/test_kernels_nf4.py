@@ -24,6 +24,7 @@ from bitsandbytes.backends.default import ops as bnb_default_ops  # noqa: E402
 from bitsandbytes.backends.utils import _get_4bit_code  # noqa: E402
 
 from kernels.nf4 import NF4FormatError, dequantize_nf4, dequantize_nf4_reference  # noqa: E402
+from tests.native_device import DEVICE  # noqa: E402
 
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -125,7 +126,7 @@ def test_bf16_rounds_half_to_even():
     # Truncation (Triton's interpreter cast) or round-half-up would get one of them wrong.
     packed = torch.full((64,), 0xFF, dtype=torch.uint8)
     absmax = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8], dtype=torch.float32)
-    code = bnbf.get_4bit_type("nf4", device="cpu")
+    code = bnbf.get_4bit_type("nf4", device=DEVICE)
     state = bnbf.QuantState(absmax, shape=(2, 64), code=code, blocksize=64, quant_type="nf4")
     got = dequantize_nf4(packed, state, torch.bfloat16)
     assert got[0].unique().tolist() == [1.0] and got[1].unique().tolist() == [1.015625]
@@ -134,7 +135,7 @@ def test_bf16_rounds_half_to_even():
 
 def test_params4bit_of_a_linear4bit_layer():
     layer = bnb.nn.Linear4bit(72, 40, bias=False, quant_type="nf4", compress_statistics=True)
-    layer = layer.to("cpu")  # quantizes the weight
+    layer = layer.to(DEVICE)  # quantizes the weight
     weight = layer.weight
     assert isinstance(weight, bnb.nn.Params4bit) and weight.quant_state is not None
     expected = bnbf.dequantize_4bit(weight, weight.quant_state)

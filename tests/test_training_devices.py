@@ -107,3 +107,17 @@ def test_kaggles_2026_image_refuses_a_p100_with_the_torch_that_runs_it(monkeypat
     with pytest.raises(UnsupportedGPUError, match=r"sm_60.*torch==2\.5\.1"):
         check_gpu(0)
     assert arch_supported((8, 9), CU130_ARCHS) and arch_supported((7, 5), CU130_ARCHS)
+
+
+def test_more_ranks_than_gpus_share_them_over_gloo(monkeypatch):
+    # The GPU check runs 2 ranks on 1 GPU: NCCL refuses two ranks on one device, gloo does not.
+    from training.devices import rank_cuda_index
+    from training.dist import process_group_backend
+
+    assert process_group_backend(2, 2) == "nccl" and process_group_backend(2, 4) == "nccl"
+    assert process_group_backend(2, 1) == "gloo" and process_group_backend(2, 0) == "gloo"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_cuda_index() == 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert rank_cuda_index() == 1

@@ -120,8 +120,13 @@ def check_gpu(index: int) -> tuple[int, int]:
 def _cuda_index(requested: Optional[str]) -> int:
     if requested and ":" in requested:
         return int(requested.split(":", 1)[1])
-    # Under torchrun each process trains on its own GPU.
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    return rank_cuda_index()
+
+
+def rank_cuda_index() -> int:
+    """This rank's GPU: under torchrun each process trains on its own; more ranks than GPUs
+    (BATON_WORLD_SIZE, the GPU check's 2 ranks on 1 GPU) share them in turn."""
+    return int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
 
 
 def detect_device(requested: Optional[str] = None, precision: str = "auto") -> DeviceInfo:

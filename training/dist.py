@@ -18,6 +18,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 
+def process_group_backend(world: int, gpus: int) -> str:
+    """NCCL when each rank has a GPU of its own; gloo when ranks share one (NCCL refuses two
+    ranks on one device: the GPU check runs 2 ranks on 1 GPU), and on the CPU."""
+    return "nccl" if 0 < world <= gpus else "gloo"
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 

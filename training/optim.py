@@ -73,15 +73,21 @@ def make_scheduler(spec: RunSpec, optimizer, total: int, step: int):
 
 def _flatten(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """'<param index>.<name>' keys; a nested dict (bitsandbytes keeps its 8-bit state, qmaps
-    and absmax in one) one level down as '<index>.<name>.<key>'."""
-    tensors, scalars = {}, {}
+    and absmax in one) one level down as '<index>.<name>.<key>'. A tensor whose storage an
+    earlier one holds is copied: AdamW8bit shares one qmap among its parameters, and
+    safetensors refuses shared storage (on a GPU `.cpu()` copies anyway; on the CPU it does
+    not)."""
+    tensors, scalars, seen = {}, {}, set()
     for index, values in state.items():
         for name, value in values.items():
             items = value.items() if isinstance(value, dict) else [(None, value)]
             for sub, item in items:
                 key = f"{index}.{name}" if sub is None else f"{index}.{name}.{sub}"
                 if isinstance(item, torch.Tensor):
-                    tensors[key] = item.detach().cpu().contiguous()
+                    tensor = item.detach().cpu().contiguous()
+                    storage = tensor.untyped_storage().data_ptr()
+                    tensors[key] = tensor.clone() if storage in seen else tensor
+                    seen.add(storage)
                 else:
                     scalars[key] = item
     return tensors, scalars
