@@ -4,6 +4,7 @@ from .config import (
     CheckpointConfig,
     DataConfig,
     DataSpec,
+    EvalConfig,
     LoraConfig,
     ModelConfig,
     RunConfig,
@@ -13,8 +14,10 @@ from .config import (
     TrainSpec,
     check_run_name,
     parse_duration,
+    parse_eval_every,
 )
 from .records import Cursor, FileEntry, Head, Lease, Manifest, SessionRecord, utcnow
+from .timings import PHASES, SessionTimings
 from .versioning import (
     SCHEMA_VERSION,
     UPGRADES,
@@ -24,8 +27,10 @@ from .versioning import (
 )
 
 __all__ = [
-    "CheckpointConfig", "DataConfig", "DataSpec", "LoraConfig", "ModelConfig", "RunConfig",
+    "CheckpointConfig", "DataConfig", "DataSpec", "EvalConfig", "LoraConfig", "ModelConfig", "RunConfig",
     "RunSpec", "SessionConfig", "TrainConfig", "TrainSpec", "check_run_name", "parse_duration",
+    "parse_eval_every",
     "Cursor", "FileEntry", "Head", "Lease", "Manifest", "SessionRecord", "utcnow",
+    "PHASES", "SessionTimings",
     "SCHEMA_VERSION", "UPGRADES", "NewerSchemaError", "SchemaError", "Stored",
 ]

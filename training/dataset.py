@@ -13,7 +13,7 @@ from state_schema import RunSpec
 
 from .data import DataError, check_fingerprint, check_format, read_records
 from .encode import Encoded, Encoder, pack
-from .order import split_eval
+from .order import eval_subset, split_eval
 
 
 class RunData:
@@ -66,9 +66,17 @@ class RunData:
             self._cache[index] = self.encoder(self.train_records[index])
         return self._cache[index]
 
+    @property
+    def eval_used(self) -> list[dict]:
+        """The held-out records every eval measures: at most the spec's eval_records of them,
+        a fixed subset drawn from the seed."""
+        chosen = eval_subset(len(self.eval_records), self.spec.eval_records,
+                             self.spec.train.seed)
+        return [self.eval_records[i] for i in chosen]
+
     def eval_samples(self) -> list[Encoded]:
         if self._eval is None:
-            encoded = [self.encoder(r) for r in self.eval_records]
+            encoded = [self.encoder(r) for r in self.eval_used]
             packing = self.spec.data.packing and encoded
             self._eval = pack(encoded, self.spec.data.max_seq_len) if packing else encoded
         return self._eval
