@@ -117,18 +117,26 @@ def _check_local_revision(folder: Path, revision: str) -> None:
 
 def load_adapted(source: str, revision: Optional[str], adapter_dir: Path, dtype: str):
     """(base + adapter as a PeftModel in `dtype`, tokenizer)."""
+    import time
+
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from training.model import loading_bars
+
+    began = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        base = AutoModelForCausalLM.from_pretrained(source, revision=revision,
-                                                    dtype=getattr(torch, dtype))
+        with loading_bars():  # one line below instead of the bar, off a terminal
+            base = AutoModelForCausalLM.from_pretrained(source, revision=revision,
+                                                        dtype=getattr(torch, dtype))
     except (OSError, ValueError) as exc:
         raise MergeError(f"cannot load the base model {source!r}: {exc}. Pass --base-model with "
                          "a folder or Hub id of the run's base model (HF_TOKEN if gated)") from exc
     model = PeftModel.from_pretrained(base, str(adapter_dir))
+    print(f"model loaded in {time.perf_counter() - began:.1f} s: {source} in {dtype} with the "
+          f"adapter of {adapter_dir.name}")
     return model.eval(), tokenizer
 
 
@@ -174,7 +182,10 @@ def verify_saved(out: Path, dtype: str, reference: list, atol: Optional[float]) 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype)).eval()
+    from training.model import loading_bars
+
+    with loading_bars():
+        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype)).eval()
     logits = probe_logits(reloaded, AutoTokenizer.from_pretrained(out))
     diff, scale = max_abs_diff(reference, logits)
     tolerance = atol if atol is not None else REL_TOLERANCE[dtype] * max(scale, 1.0)

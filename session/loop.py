@@ -240,7 +240,8 @@ class Session:
             return
         self.record.exit_code = code
         self.record.ended = datetime.now(timezone.utc)
-        self.record.timings = self.timings.snapshot(self.record.ended.timestamp())
+        self.record.timings = self.timings.snapshot(self.record.ended.timestamp(),
+                                                    tail=code == PAUSED)
         self._write_record()
         try:
             self.lease.release()
@@ -345,6 +346,7 @@ class Session:
                     if checkpoints.due() and self.clock.room_for_commit():
                         checkpoints.start(trainer)
         self.lease.check()
+        self.record.timings = self.timings.snapshot()  # what the final commit's page shows
         with self.timings.phase("final_commit"):
             return self._last_commit(trainer, checkpoints)
 

@@ -38,12 +38,15 @@ def process_start(proc: Path = Path("/proc")) -> Optional[float]:
 
 class Timings:
     """Seconds per phase of one session. `started` is the process's start, `validated` when
-    agent.py had a valid config (both Unix times); phases are timed with perf_counter."""
+    agent.py had a valid config (both Unix times); phases are timed with perf_counter.
+    Without `validated` (a session run from Python, not from agent.py) both are now."""
 
     def __init__(self, started: Optional[float] = None, validated: Optional[float] = None):
         now = time.time()
-        self.started = started if started is not None else (process_start() or now)
         self.validated = validated if validated is not None else now
+        if started is None:
+            started = (process_start() or now) if validated is not None else now
+        self.started = min(started, self.validated)
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.seconds["startup"] = max(self.validated - self.started, 0.0)
         # Wall-clock (Unix) of the end of the last accounted stretch: `lap` counts from it.
@@ -75,9 +78,11 @@ class Timings:
         self.window_start = start
         self.window_end = None if limit is None else start + limit
 
-    def snapshot(self, ended: Optional[float] = None) -> SessionTimings:
+    def snapshot(self, ended: Optional[float] = None, *, tail: bool = True) -> SessionTimings:
         """The record's timings at `ended` (now, for a record written mid-session: then the
-        phase in progress is not counted yet and the tail is not known)."""
+        phase in progress is not counted yet and the tail is not known). `tail`: count the
+        time from `ended` to the limit; False for a session that had nothing left to do (the
+        run finished) or could not go on, whose wall-clock ends where it ended."""
         final = ended is not None
         ended = time.time() if ended is None else ended
         began = self.started if self.window_start is None else min(self.started,
@@ -85,7 +90,7 @@ class Timings:
         parts = dict(self.seconds)
         parts["before_start"] = max(self.started - began, 0.0)
         end = ended
-        if final and self.window_end is not None and self.window_end > ended:
+        if final and tail and self.window_end is not None and self.window_end > ended:
             parts["tail"], end = self.window_end - ended, self.window_end
         rounded = {k: round(v, 3) for k, v in parts.items()}
         return SessionTimings(**rounded, wall=round(end - began, 3))

@@ -168,9 +168,21 @@ def lora_config(spec: RunSpec):
     )
 
 
+def peft_model(model, config, **kwargs):
+    """PEFT's get_peft_model, less one warning it causes: it asks the model for
+    `is_gradient_checkpointing`, transformers' deprecated alias, to decide whether to hook
+    the inputs. Only that FutureWarning is dropped, and only during this call."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        return get_peft_model(model, config, **kwargs)
+
+
 def load_model(spec: RunSpec, device_info: DeviceInfo):
     """(peft_model, tokenizer), NF4 + LoRA, gradient checkpointing on, ready to train."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     model, tokenizer, quantized = load_base(spec, device_info)
     if quantized:
@@ -183,13 +195,7 @@ def load_model(spec: RunSpec, device_info: DeviceInfo):
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # A fixed seed makes the fresh adapter (lora_A's random init) the same on every machine.
     torch.manual_seed(spec.train.seed)
-    with warnings.catch_warnings():
-        # PEFT asks the model for `is_gradient_checkpointing`, transformers' deprecated alias,
-        # to decide whether to hook the inputs (done above already): only that warning is
-        # dropped, and only here.
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                category=FutureWarning)
-        model = get_peft_model(model, lora_config(spec), autocast_adapter_dtype=True)
+    model = peft_model(model, lora_config(spec), autocast_adapter_dtype=True)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
