@@ -6,7 +6,7 @@
                            [--precision auto|fp32|fp16|bf16] [--[no-]padding-free]
                            [--workdir DIR] [--log-every SECONDS] [--notify URL]
     python agent.py status --store URI --run NAME [--json] [--plot loss.png] [--html OUT.html]
-    python agent.py plan   --config run.yaml [--json]
+    python agent.py plan   --config run.yaml [--json] [--tokens-per-s N]
 
 The config is read and validated before anything heavy is imported, so a typo costs a second,
 not a minute of loading torch. Exit codes of `run`: 0 finished, 75 paused (run again), 73 the
@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Optional
@@ -186,13 +187,14 @@ def check_session_flags(config) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
+    validated = time.time()  # the end of start-up in the session's timings
     world = ranks_wanted()
     if world > 1:
         return launch_ranks(world, args.argv, config)
     from session.loop import SessionOptions, run_session  # heavy: only after validation
 
     options = SessionOptions(takeover=args.takeover, workdir=args.workdir,
-                             log_every=args.log_every)
+                             log_every=args.log_every, validated_at=validated)
     return run_session(config, options)
 
 
@@ -241,7 +243,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = load_config(args)
     from session.plan import plan_main
 
-    return plan_main(config, as_json=args.json)
+    if args.tokens_per_s is not None and args.tokens_per_s <= 0:
+        raise ConfigError(f"--tokens-per-s must be positive, got {args.tokens_per_s}; pass the "
+                          "tokens a second a session trains, e.g. --tokens-per-s 1200")
+    return plan_main(config, as_json=args.json, tokens_per_s=args.tokens_per_s)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="parameters, adapter size, VRAM and steps, without weights")
     plan.add_argument("--config", required=True, type=Path)
     plan.add_argument("--json", action="store_true")
+    plan.add_argument("--tokens-per-s", type=float, default=None,
+                      help="bill the run at this training speed (default: what its earlier "
+                           "sessions measured)")
     for flag in ("store", "run", "session_limit", "session_start", "micro_batch_size",
                  "precision", "notify", "padding_free"):
         plan.set_defaults(**{flag: None})

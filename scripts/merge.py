@@ -129,21 +129,28 @@ def head_of(spec, tokenizer) -> dict:
 def load_adapted(source: str, revision: Optional[str], adapter_dir: Path, dtype: str, spec):
     """(base + adapter as a PeftModel in `dtype`, tokenizer); the base is loaded with the Auto
     class of the run's task, so a classifier's trained head comes back from modules_to_save."""
+    import time
+
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     from training.classify import auto_class
+    from training.model import loading_bars
 
+    began = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        base = auto_class(spec).from_pretrained(source, revision=revision,
-                                                dtype=getattr(torch, dtype),
-                                                **head_of(spec, tokenizer))
+        with loading_bars():  # one line below instead of the bar, off a terminal
+            base = auto_class(spec).from_pretrained(source, revision=revision,
+                                                    dtype=getattr(torch, dtype),
+                                                    **head_of(spec, tokenizer))
     except (OSError, ValueError) as exc:
         raise MergeError(f"cannot load the base model {source!r}: {exc}. Pass --base-model with "
                          "a folder or Hub id of the run's base model (HF_TOKEN if gated)") from exc
     model = PeftModel.from_pretrained(base, str(adapter_dir))
+    print(f"model loaded in {time.perf_counter() - began:.1f} s: {source} in {dtype} with the "
+          f"adapter of {adapter_dir.name}")
     return model.eval(), tokenizer
 
 
@@ -191,8 +198,11 @@ def verify_saved(out: Path, dtype: str, reference: list, atol: Optional[float],
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from training.model import loading_bars
+
     auto = auto or AutoModelForCausalLM
-    reloaded = auto.from_pretrained(out, dtype=getattr(torch, dtype)).eval()
+    with loading_bars():
+        reloaded = auto.from_pretrained(out, dtype=getattr(torch, dtype)).eval()
     logits = probe_logits(reloaded, AutoTokenizer.from_pretrained(out))
     diff, scale = max_abs_diff(reference, logits)
     tolerance = atol if atol is not None else REL_TOLERANCE[dtype] * max(scale, 1.0)

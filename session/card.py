@@ -28,6 +28,24 @@ def utc_short(iso: Optional[str]) -> str:
     return "" if not iso else iso[5:16].replace("T", " ")
 
 
+def percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def seconds_text(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f} s" if value < 600 else f"{value / 60:.0f} min"
+
+
+def gpu_hours_text(hours: dict[str, Any]) -> str:
+    """'Tesla T4 3.20 h, NVIDIA L4 1.00 h; total 4.20 h', or '-' without GPU sessions."""
+    if not hours["by_kind"]:
+        return "-"
+    kinds = ", ".join(f"{kind} {h:.2f} h" for kind, h in hours["by_kind"].items())
+    return f"{kinds}; total {hours['total']:.2f} h"
+
+
 TAGS = ["baton", "qlora", "lora", "peft"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 STATE_NOTE = {
@@ -73,18 +91,21 @@ def state_rows(status: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("base eval loss", num_text(status["base_eval_loss"], "{:.4f}")))
     rows += [("checkpoint", status.get("checkpoint") or "-"),
              ("sessions left (estimate)", num_text(status.get("sessions_left_estimate"))),
+             ("goodput (training / wall-clock)", percent(status.get("goodput"))),
+             ("GPU-hours", gpu_hours_text(status.get("gpu_hours") or {"by_kind": {}})),
              ("updated (UTC)", utc_short(status.get("checked_at")) or "-")]
     return rows
 
 
 def sessions_table(sessions: list[dict[str, Any]]) -> str:
-    lines = ["| # | machine | GPU | started (UTC) | steps | tokens/s | kernels | exit |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| # | machine | GPU | started (UTC) | steps | tokens/s | kernels | goodput | tail "
+             "| exit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for i, s in enumerate(sessions, start=1):
         gpu = f"{s['gpu']} x{s['gpu_count']}" if s.get("gpu_count", 1) > 1 else s["gpu"]
         cells = [i, s["host"], gpu, utc_short(s["started"]),
                  f"{s['start_step']} → {s['end_step']}",
-                 f"{s['tokens_per_s']:,.0f}", s["kernels"],
+                 f"{s['tokens_per_s']:,.0f}", s["kernels"], percent(s.get("goodput")),
+                 seconds_text(s.get("tail_s")),
                  "running" if s["exit_code"] is None else s["exit_code"]]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -134,8 +155,9 @@ class AdapterPlace:
 
 
 def card_markdown(status: dict[str, Any], plot_ref: Optional[str], where: AdapterPlace,
-                  *, metadata: bool = True) -> str:
-    """The model card: metadata, state table, sessions, loss plot, how to load the adapter."""
+                  *, metadata: bool = True, time_ref: Optional[str] = None) -> str:
+    """The model card: metadata, state table, sessions (and where their time went), loss
+    plot, how to load the adapter."""
     parts = [front_matter(status.get("model"))] if metadata else []
     parts += [f"# {status['run']}: a QLoRA adapter trained with Baton", "",
               f"Base model: `{status.get('model') or '-'}`. This page is rewritten with every "
@@ -144,6 +166,8 @@ def card_markdown(status: dict[str, Any], plot_ref: Optional[str], where: Adapte
     parts += [f"| {_cell(k)} | {_cell(v)} |" for k, v in state_rows(status)]
     if status.get("sessions"):
         parts += ["", "## Sessions", "", sessions_table(status["sessions"])]
+    if time_ref:
+        parts += ["", f"![where each session's time went]({time_ref})"]
     if plot_ref:
         parts += ["", "## Loss", "", f"![loss curve of {status['run']}]({plot_ref})"]
     parts += ["", "## Use the adapter", "", usage(status, where), ""]
@@ -168,17 +192,23 @@ pre {{ background: #f5f5f5; padding: .8rem; overflow-x: auto; }}
 """
 
 
-def page_html(status: dict[str, Any], plot_png: Optional[bytes], where: AdapterPlace) -> str:
-    """The card as one self-contained HTML file: no metadata block, the plot inlined."""
+def _inline(png: Optional[bytes]) -> Optional[str]:
+    return ("data:image/png;base64," + base64.b64encode(png).decode()) if png else None
+
+
+def page_html(status: dict[str, Any], plot_png: Optional[bytes], where: AdapterPlace,
+              time_png: Optional[bytes] = None) -> str:
+    """The card as one self-contained HTML file: no metadata block, the plots inlined."""
     import markdown
 
-    ref = ("data:image/png;base64," + base64.b64encode(plot_png).decode()) if plot_png else None
-    text = card_markdown(status, ref, where, metadata=False)
+    text = card_markdown(status, _inline(plot_png), where, metadata=False,
+                         time_ref=_inline(time_png))
     body = markdown.markdown(text, extensions=["tables", "fenced_code"])
     return PAGE.format(title=html.escape(f"Baton run {status['run']}"), body=body)
 
 
-def write_page(store, status: dict[str, Any], plot_png: Optional[bytes], out: Path) -> Path:
+def write_page(store, status: dict[str, Any], plot_png: Optional[bytes], out: Path,
+               time_png: Optional[bytes] = None) -> Path:
     """`status --html`: the run's page for any store as one file, the plot inlined."""
     root = getattr(store, "root", None)
     where = AdapterPlace(status, repo_id=getattr(store, "repo_id", None),
@@ -187,5 +217,5 @@ def write_page(store, status: dict[str, Any], plot_png: Optional[bytes], out: Pa
                          has_final=store.shows_page)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page_html(status, plot_png, where), encoding="utf-8")
+    out.write_text(page_html(status, plot_png, where, time_png), encoding="utf-8")
     return out

@@ -46,17 +46,22 @@ class HubPage:
 
     def files(self, folder: Path, cid: str, finished: bool, last: bool) -> dict[str, Path]:
         """Store key -> local file, for `commit_checkpoint(extra=...)`."""
+        from .goodput import plot_timings
         from .status import plot_losses
 
         status, view = self.status(folder, cid, finished, last)
         self.out.mkdir(parents=True, exist_ok=True)
         plot = plot_losses(view, self.out / "loss.png")
+        bars = plot_timings(status["sessions"], self.out / "time.png")
         store = self.runstore.store
         where = AdapterPlace(status, repo_id=getattr(store, "repo_id", None),
                              base=getattr(store, "base", ""))
         card = self.out / "README.md"
-        card.write_text(card_markdown(status, f"{self.runstore.run}/loss.png", where))
+        card.write_text(card_markdown(status, f"{self.runstore.run}/loss.png", where,
+                                      time_ref=f"{self.runstore.run}/time.png" if bars else None))
         files = {"README.md": card, self.runstore.key("loss.png"): plot}
+        if bars is not None:
+            files[self.runstore.key("time.png")] = bars
         if finished:  # the adapter again, at a path that never changes
             for path in sorted(folder.iterdir()):
                 if path.is_file() and path.name not in NOT_ADAPTER:

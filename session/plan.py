@@ -69,8 +69,10 @@ def meta_lora_model(model_config, lora: Any, num_labels: Optional[int] = None):
     `num_labels`, the sequence classifier a classification run trains (its head in PEFT's
     modules_to_save, as the trainer builds it)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from training.model import peft_model
 
     auto = AutoModelForCausalLM
     if num_labels is not None:
@@ -83,7 +85,7 @@ def meta_lora_model(model_config, lora: Any, num_labels: Optional[int] = None):
             target_modules=lora.target_modules,
             task_type="CAUSAL_LM" if num_labels is None else "SEQ_CLS",
         )
-        return get_peft_model(model, peft_config)
+        return peft_model(model, peft_config)
 
 
 def count_params(peft_model) -> dict[str, int]:
@@ -259,8 +261,11 @@ def gpu_table(params: dict[str, int], vram: int, total_tokens: Optional[int],
     return table
 
 
-def plan(config: RunConfig) -> dict[str, Any]:
-    """The whole plan as the `plan --json` object."""
+def plan(config: RunConfig, *, tokens_per_s: Optional[float] = None) -> dict[str, Any]:
+    """The whole plan as the `plan --json` object; `budget` (session/budget.py) bills the
+    run at `tokens_per_s`, else at the rate its earlier sessions measured."""
+    from .budget import plan_budget
+
     cfg = load_model_config(config.model.name, config.model.revision)
     labels = plan_labels(config)
     n_labels = (len(labels) or 2) if task_of(config) == "classification" else None
@@ -290,6 +295,7 @@ def plan(config: RunConfig) -> dict[str, Any]:
         "tokens_per_step_guess": step_tokens, "tokens_total_guess": total_tokens,
         "session_limit_s": limit,
         "gpus": gpu_table(params, vram["total"], total_tokens, limit),
+        "budget": plan_budget(config, steps, step_tokens, tokens_per_s, limit),
         "notes": notes,
     }
 
@@ -364,6 +370,10 @@ def render(result: dict[str, Any], console=None) -> None:
         head.add_row(label, value)
     console.print(head)
     console.print(_gpu_rich_table(result))
+    from .budget import budget_lines
+
+    for line in budget_lines(result["budget"]):
+        console.print(line, highlight=False)
     for note in result["notes"]:
         console.print(f"[dim]note: {note}[/dim]")
 
@@ -381,10 +391,10 @@ def _gpu_rich_table(result: dict[str, Any]):
     return gpus
 
 
-def plan_main(config: RunConfig, *, as_json: bool) -> int:
+def plan_main(config: RunConfig, *, as_json: bool, tokens_per_s: Optional[float] = None) -> int:
     """Entry point of `agent.py plan`: 0 on success, 2 when the model config cannot be read."""
     try:
-        result = plan(config)
+        result = plan(config, tokens_per_s=tokens_per_s)
     except PlanError as exc:
         from rich.console import Console
 

@@ -65,6 +65,7 @@ def spec_of(config: RunConfig, revision: str, fields: dict[str, Any],
     return RunSpec(
         run=config.run, model=config.model.model_copy(update={"revision": revision}),
         lora=config.lora, keep=config.checkpoint.keep, optimizer_state=config.checkpoint.optimizer,
+        eval_records=config.eval.max_records,
         data={"source": data.train, "eval": data.eval, "eval_key": eval_key,
               "max_seq_len": data.max_seq_len, "packing": data.packing, **fields},
         train=t.model_dump(exclude={"micro_batch_size", "precision"}),
@@ -186,6 +187,8 @@ def spec_differences(spec: RunSpec, config: RunConfig) -> list[str]:
              ("checkpoint.optimizer", spec.optimizer_state, config.checkpoint.optimizer)]
     pairs += [(f"lora.{k}", v, getattr(config.lora, k)) for k, v in spec.lora]
     pairs += [(f"train.{k}", v, getattr(config.train, k)) for k, v in spec.train]
+    if "eval_records" in spec.model_fields_set:  # a spec from before the key: not compared
+        pairs.append(("eval.max_records", spec.eval_records, config.eval.max_records))
     if config.data.format != "auto":
         pairs.append(("data.format", spec.data.format, config.data.format))
     if config.data.columns:  # none given: the run's own (perhaps recognised) mapping stands

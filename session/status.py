@@ -20,8 +20,9 @@ from state_schema import Cursor, Head, Lease, RunSpec, SchemaError, SessionRecor
 from handoff import Store, StoreConfigError, StoreError, open_store
 from handoff.runstore import RunStore, parse_checkpoint_id
 
-from .card import num_text, utc_short, write_page
+from .card import gpu_hours_text, num_text, percent, utc_short, write_page
 from .codes import DEFAULT_SESSION_LIMIT_S, FAILED, INVALID, OK, PAUSED
+from .goodput import plot_timings, run_fields, session_fields, time_table
 from .probe import kernels_text
 
 
@@ -76,7 +77,7 @@ def session_row(rec: SessionRecord) -> dict[str, Any]:
         "attention": rec.attention, "padding_free": rec.padding_free,
         "kernels_probe": rec.kernels_probe,
         "precision": rec.precision, "skipped_steps": rec.skipped_steps,
-        "exit_code": rec.exit_code,
+        "exit_code": rec.exit_code, **session_fields(rec),
     }
 
 
@@ -187,6 +188,7 @@ def summarize(view: RunView, *, session_limit_s: Optional[float] = None) -> dict
         "eval_accuracy": cursor.eval_accuracy if cursor else None,
         "checkpoints": view.checkpoints,
         "sessions_left_estimate": sessions_left(view.sessions, step, total, session_limit_s),
+        **run_fields(view.sessions),  # goodput, gpu_hours (session/goodput.py)
         "checked_at": _iso(utcnow()),
     }
 
@@ -254,11 +256,15 @@ def render(status: dict[str, Any], console=None) -> None:
          f"{lease['host']} ({lease['gpu']}) until {utc_short(lease['expires_at'])} UTC"
          f"{' live' if lease['live'] else ' (released or expired)'}"),
         ("sessions left (estimate)", num_text(status["sessions_left_estimate"])),
+        ("goodput (training / wall-clock)", percent(status["goodput"])),
+        ("GPU-hours", gpu_hours_text(status["gpu_hours"])),
     ]:
         summary.add_row(label, value)
     console.print(summary)
     if status["sessions"]:
         console.print(_sessions_table(status["sessions"]))
+        if any(s["timings"] for s in status["sessions"]):
+            console.print(time_table(status["sessions"]))
 
 
 def _last_kernels(sessions: list[dict[str, Any]]) -> str:
@@ -317,7 +323,9 @@ def _write_html(store: Store, view: RunView, status: dict[str, Any], out: Path) 
 
     with tempfile.TemporaryDirectory(prefix="baton-page-") as tmp:
         plot_png = plot_losses(view, Path(tmp) / "loss.png").read_bytes()
-    return write_page(store, status, plot_png, out)
+        bars = plot_timings(status["sessions"], Path(tmp) / "time.png")
+        time_png = bars.read_bytes() if bars is not None else None
+    return write_page(store, status, plot_png, out, time_png=time_png)
 
 
 def status_main(store_uri: str, run: str, *, as_json: bool, plot: Optional[Path],

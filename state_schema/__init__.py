@@ -4,6 +4,7 @@ from .config import (
     CheckpointConfig,
     DataConfig,
     DataSpec,
+    EvalConfig,
     HubDataSpec,
     LoraConfig,
     ModelConfig,
@@ -14,8 +15,10 @@ from .config import (
     TrainSpec,
     check_run_name,
     parse_duration,
+    parse_eval_every,
 )
 from .records import Cursor, FileEntry, Head, Lease, Manifest, SessionRecord, utcnow
+from .timings import PHASES, SessionTimings
 from .versioning import (
     SCHEMA_VERSION,
     UPGRADES,
@@ -25,9 +28,10 @@ from .versioning import (
 )
 
 __all__ = [
-    "CheckpointConfig", "DataConfig", "DataSpec", "HubDataSpec", "LoraConfig", "ModelConfig",
-    "RunConfig", "RunSpec", "SessionConfig", "TrainConfig", "TrainSpec", "check_run_name",
-    "parse_duration",
+    "CheckpointConfig", "DataConfig", "DataSpec", "EvalConfig", "HubDataSpec", "LoraConfig",
+    "ModelConfig", "RunConfig", "RunSpec", "SessionConfig", "TrainConfig", "TrainSpec",
+    "check_run_name", "parse_duration", "parse_eval_every",
     "Cursor", "FileEntry", "Head", "Lease", "Manifest", "SessionRecord", "utcnow",
+    "PHASES", "SessionTimings",
     "SCHEMA_VERSION", "UPGRADES", "NewerSchemaError", "SchemaError", "Stored",
 ]

@@ -60,7 +60,8 @@ def handoff_run(real_model_dir, tmp_path_factory) -> dict:
         assert second.finish(timeout=1200) == 0, second.text()
     finally:
         second.kill()
-    return {"store": store, "data": data, "folder": folder, "model": real_model_dir}
+    return {"store": store, "data": data, "folder": folder, "model": real_model_dir,
+            "logs": [first.text(), second.text()]}
 
 
 def test_real_tokenizer_and_chat_template_in_all_three_formats(real_model_dir):
@@ -93,6 +94,18 @@ def test_two_session_handoff_ends_below_the_base_eval_loss(handoff_run):
     assert second["start_step"] == first["end_step"] >= 1
     assert status["base_eval_loss"] is not None and status["eval_loss"] is not None
     assert status["eval_loss"] < status["base_eval_loss"], status
+
+
+def test_sessions_say_one_line_and_account_for_their_time(handoff_run):
+    """A plain log (not a terminal) gets one line for the model load: no "Loading weights"
+    bar, no FutureWarning; each session's timed parts add up to its wall-clock within 2%."""
+    for log in handoff_run["logs"]:
+        assert "Loading weights" not in log and "FutureWarning" not in log, log
+        assert len([line for line in log.splitlines() if line.startswith("model loaded in ")]) == 1
+    for rec in open_run(handoff_run["store"], RUN).read_sessions():
+        t = rec.timings
+        assert abs(t.unaccounted) <= 0.02 * t.wall, t
+        assert t.model_load > 0 and t.first_step > 0 and t.eval > 0 and t.final_commit > 0
 
 
 def test_eval_script_stores_the_before_after(handoff_run, evaluated):

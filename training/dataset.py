@@ -15,7 +15,7 @@ from state_schema.fields import task_of
 from .columns import load_records
 from .data import DataError, check_fingerprint
 from .encode import Encoded, Encoder, pack
-from .order import split_eval
+from .order import eval_subset, split_eval
 
 
 class RunData:
@@ -70,9 +70,17 @@ class RunData:
             self._cache[index] = self.encoder(self.train_records[index])
         return self._cache[index]
 
+    @property
+    def eval_used(self) -> list[dict]:
+        """The held-out records every eval measures: at most the spec's eval_records of them,
+        a fixed subset drawn from the seed."""
+        chosen = eval_subset(len(self.eval_records), self.spec.eval_records,
+                             self.spec.train.seed)
+        return [self.eval_records[i] for i in chosen]
+
     def eval_samples(self) -> list[Encoded]:
         if self._eval is None:
-            encoded = [self.encoder(r) for r in self.eval_records]
+            encoded = [self.encoder(r) for r in self.eval_used]
             packing = self.spec.data.packing and encoded
             self._eval = pack(encoded, self.spec.data.max_seq_len) if packing else encoded
         return self._eval

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from state_schema import Cursor, RunSpec
@@ -62,9 +62,12 @@ class Trainer:
     def __init__(self, spec: RunSpec, *, data_path: Path, eval_path: Optional[Path] = None,
                  micro_batch_size: int, device: Optional[str] = None,
                  precision: str = "auto", padding_free: bool = True,
-                 kernels: Optional[str] = None):
+                 kernels: Optional[str] = None, phase: Optional[Callable[[str], Any]] = None):
+        """`phase(name)`, a context manager, times the parts of building the trainer ("data",
+        "model_load") for the session's timings (session/timings.py); none by default."""
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
+        phase = phase or (lambda _name: contextlib.nullcontext())
         self.spec = spec
         self.micro_batch_size = micro_batch_size
         self.rank, self.world = dist.rank_and_world()
@@ -73,18 +76,22 @@ class Trainer:
             self.device_info.kernels = kernels
         # The data is checked before the model loads: a wrong file fails in a second, not minutes.
         self.classifier = classify.is_classifier(spec)  # padded, pooled: training/classify.py
-        self.data = (LabelledData if self.classifier else RunData)(
-            spec, Path(data_path), Path(eval_path) if eval_path else None)
-        self.model, self.tokenizer = load_model(spec, self.device_info)
-        self.data.attach(self.tokenizer)
-        self._patch_kernels()
-        # A classifier pools one row per sample: its batches stay padded (training/classify.py).
-        self._choose_layout(padding_free and not self.classifier)
-        self.params = [p for _, p in trainable_parameters(self.model)]
-        # More than one rank: DDP reduces the LoRA gradients (None on one rank). self.model
-        # stays the PEFT model for eval, save and load; only the training forward goes via DDP.
-        self.ddp = dist.wrap(self.model, self.device)
-        self.optimizer = make_optimizer(spec, self.params, self.device_info.type)
+        with phase("data"):
+            self.data = (LabelledData if self.classifier else RunData)(
+                spec, Path(data_path), Path(eval_path) if eval_path else None)
+        with phase("model_load"):
+            self.model, self.tokenizer = load_model(spec, self.device_info)
+        with phase("data"):
+            self.data.attach(self.tokenizer)
+        with phase("model_load"):
+            self._patch_kernels()
+            # A classifier pools one row per sample: its batches stay padded (classify.py).
+            self._choose_layout(padding_free and not self.classifier)
+            self.params = [p for _, p in trainable_parameters(self.model)]
+            # More than one rank: DDP reduces the LoRA gradients (None on one rank). self.model
+            # stays the PEFT model for eval, save and load; only the training forward uses DDP.
+            self.ddp = dist.wrap(self.model, self.device)
+            self.optimizer = make_optimizer(spec, self.params, self.device_info.type)
         self.cursor = Cursor(total_steps=total_steps(spec, self.data.n_train))
         self.scheduler = make_scheduler(spec, self.optimizer, self.cursor.total_steps, 0)
         self.scaler = (torch.amp.GradScaler(self.device_info.type)
@@ -135,7 +142,7 @@ class Trainer:
         if self.finished:
             raise RuntimeError(f"the run is finished ({self.cursor.step} of "
                                f"{self.cursor.total_steps} steps); nothing left to train")
-        if self.cursor.step == 0 and self.cursor.base_eval_loss is None:
+        if self.needs_base:  # the session measures it first (an eval of its own); else here
             self.measure_base()  # on every rank: evaluate() sums over them
         started = time.perf_counter()
         picks = step_indices(self.spec.train.seed, self.data.n_train, self.cursor.epoch,
@@ -266,6 +273,11 @@ class Trainer:
         self.model.train()
         self.cursor.eval_loss = dist.sum_scalar(loss_sum, self.device)
         return self.cursor.eval_loss
+
+    @property
+    def needs_base(self) -> bool:
+        """True before the run's first step while the base model's eval loss is unmeasured."""
+        return self.cursor.step == 0 and self.cursor.base_eval_loss is None
 
     def measure_base(self) -> Optional[float]:
         """The eval loss before the first optimizer step, kept in the cursor. LoRA's B starts
