@@ -43,6 +43,7 @@ from training.model import ModelUnavailableError
 from .checkpointer import Checkpointer
 from .clock import SessionClock, describe, parse_start, resolve_window, utc_iso
 from .codes import FAILED, FINISHED, HELD, INVALID, PAUSED, default_workdir
+from .datacache import StoreEncodedCache
 from .notify import Report, notify_end
 from .progress import Progress, Say
 from .ranks import Ranks, follow
@@ -286,7 +287,8 @@ class Session:
 
         trainer = Trainer(self.spec, data_path=data_path, eval_path=eval_path,
                           micro_batch_size=self.config.train.micro_batch_size,
-                          device=device.device, precision=device.precision)
+                          device=device.device, precision=device.precision,
+                          data_cache=StoreEncodedCache(self.runstore, self.workdir, self.say))
         if ref is not None:
             trainer.load(ref.path)
         self.record.start_step = self.record.end_step = trainer.cursor.step

@@ -1,5 +1,6 @@
 """Pydantic models of everything Baton stores, with schema versions and upgrades."""
 
+from .cache import EncodedManifest
 from .config import (
     CheckpointConfig,
     DataConfig,
@@ -27,5 +28,5 @@ __all__ = [
     "CheckpointConfig", "DataConfig", "DataSpec", "LoraConfig", "ModelConfig", "RunConfig",
     "RunSpec", "SessionConfig", "TrainConfig", "TrainSpec", "check_run_name", "parse_duration",
     "Cursor", "FileEntry", "Head", "Lease", "Manifest", "SessionRecord", "utcnow",
-    "SCHEMA_VERSION", "UPGRADES", "NewerSchemaError", "SchemaError", "Stored",
+    "EncodedManifest", "SCHEMA_VERSION", "UPGRADES", "NewerSchemaError", "SchemaError", "Stored",
 ]

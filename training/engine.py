@@ -23,6 +23,7 @@ from . import dist, rng
 from .dataset import RunData
 from .devices import DeviceInfo, detect_device
 from .encode import Encoded, collate
+from .encoded import EncodedCache, SharedFile
 from .model import load_model, trainable_parameters
 from .optim import (OPTIMIZER_FILE, OptimizerStateError, load_optimizer, make_optimizer,
                     make_scheduler, save_optimizer)
@@ -58,7 +59,7 @@ def total_steps(spec: RunSpec, n_train: int) -> int:
 class Trainer:
     def __init__(self, spec: RunSpec, *, data_path: Path, eval_path: Optional[Path] = None,
                  micro_batch_size: int, device: Optional[str] = None,
-                 precision: str = "auto"):
+                 precision: str = "auto", data_cache: Optional[EncodedCache] = None):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
         self.spec = spec
@@ -66,9 +67,10 @@ class Trainer:
         self.rank, self.world = dist.rank_and_world()
         self.device_info: DeviceInfo = detect_device(device, precision)
         # The data is checked before the model loads: a wrong file fails in a second, not minutes.
-        self.data = RunData(spec, Path(data_path), Path(eval_path) if eval_path else None)
+        self.data = RunData(spec, Path(data_path), Path(eval_path) if eval_path else None,
+                            cache=data_cache)
         self.model, self.tokenizer = load_model(spec, self.device_info)
-        self.data.attach(self.tokenizer)
+        self._attach_data()
         self._patch_kernels()
         self.params = [p for _, p in trainable_parameters(self.model)]
         # More than one rank: DDP reduces the LoRA gradients (None on one rank). self.model
@@ -83,6 +85,19 @@ class Trainer:
         self.last_rank_indices: list[int] = []  # this rank's share of them
 
     # -- setup -------------------------------------------------------------------------
+
+    def _attach_data(self) -> None:
+        """Encode (or load) the data. The ranks of one machine share rank 0's encoded file:
+        rank 0 fetches or builds it, then tells the others where it is."""
+        if self.world == 1:
+            self.data.attach(self.tokenizer)
+            return
+        if self.rank == 0:
+            self.data.attach(self.tokenizer)
+        shared = dist.from_leader(self.data.encoded_file if self.rank == 0 else None)
+        if self.rank != 0:
+            cache = SharedFile(*shared, rank=self.rank) if isinstance(shared, tuple) else None
+            self.data.attach(self.tokenizer, cache)
 
     def _patch_kernels(self) -> None:
         """Kernels by the device (BATON_KERNELS=none|reference|triton overrides the choice;
