@@ -43,6 +43,7 @@ from training.model import ModelUnavailableError
 from .checkpointer import Checkpointer
 from .clock import SessionClock, describe, parse_start, resolve_window, utc_iso
 from .codes import FAILED, FINISHED, HELD, INVALID, PAUSED, default_workdir
+from .compile_cache import keep_compile_cache
 from .datacache import StoreEncodedCache
 from .notify import Report, notify_end
 from .progress import Progress, Say
@@ -66,6 +67,7 @@ class SessionOptions:
 def run_session(config: RunConfig, options: SessionOptions) -> int:
     """Run one session of `config.run`; return the exit code DESIGN.md defines. Under a
     multi-GPU launch (agent.py sets RANK), rank 0 runs the session and the others follow."""
+    keep_compile_cache(Path(options.workdir or default_workdir(config.run)))  # every rank
     ranks = Ranks()
     ranks.start()
     code = FAILED
