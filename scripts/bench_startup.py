@@ -68,7 +68,7 @@ def write_run(folder: Path, records: int, model_dir: Path) -> Path:
         "run": "startup", "store": str(folder / "store"),
         "model": {"name": str(model_dir), "load_in_4bit": False},
         "lora": {"r": 8, "alpha": 16},
-        "data": {"train": str(data), "format": "chat", "eval": 0.002, "max_seq_len": 256,
+        "data": {"train": str(data), "format": "chat", "eval": 0.0005, "max_seq_len": 256,
                  "packing": True},
         "train": {"max_steps": 2, "batch_size": 2, "micro_batch_size": 1,
                   "optimizer": "adamw", "warmup": 0.0},
