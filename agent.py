@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Optional
@@ -182,13 +183,14 @@ def check_session_flags(config) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
+    validated = time.time()  # the end of start-up in the session's timings
     world = ranks_wanted()
     if world > 1:
         return launch_ranks(world, args.argv, config)
     from session.loop import SessionOptions, run_session  # heavy: only after validation
 
     options = SessionOptions(takeover=args.takeover, workdir=args.workdir,
-                             log_every=args.log_every)
+                             log_every=args.log_every, validated_at=validated)
     return run_session(config, options)
 
 

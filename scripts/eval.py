@@ -134,7 +134,7 @@ def judge(trainer, folder: Path, n_prompts: int, max_new_tokens: int) -> dict[st
     """Base first (a fresh adapter's B is zero: exactly the base model, 4-bit as trained),
     then the checkpoint's adapter on the same model."""
     data = trainer.data
-    records = data.eval_records
+    records = data.eval_used  # the run's own eval subset (eval.max_records)
     if not records:
         raise EvalInputError("the run's held-out split is empty (too few records for its "
                              "data.eval fraction); set a larger data.eval or an eval file")

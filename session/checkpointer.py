@@ -13,7 +13,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from handoff import FencedError, StoreError, StoreUnavailableError
 from handoff.checkpoint import checkpoint_id, commit_checkpoint
@@ -41,7 +41,6 @@ class Checkpointer:
         self.record, self.clock, self.every = record, clock, every
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-upload")
         self.pending: Optional[Future] = None
-        self.announce: Callable[[str], None] = lambda _message: None
         # The run's page (card.HubPage) on a store that shows one: its files ride in each
         # checkpoint's commit. None elsewhere.
         self.page = None
@@ -56,13 +55,10 @@ class Checkpointer:
         return self.measure_first or time.monotonic() - self.last >= self.every
 
     def save(self, trainer) -> tuple[Path, int, float]:
-        """Eval loss and a local save, in the training thread; returns (folder, step, seconds)."""
+        """A local save, in the training thread; returns (folder, step, seconds). No eval:
+        evals run on their own schedule (session/evals.py), never to time a commit."""
         began = time.monotonic()
         step = trainer.cursor.step
-        self.announce("save")  # the other ranks evaluate their share with us
-        eval_loss = trainer.evaluate()
-        if eval_loss is not None:
-            self.record.eval_losses.append((step, float(eval_loss)))
         if trainer.cursor.base_eval_loss is not None:  # for status, beside HEAD's cursor
             self.record.base_eval_loss = trainer.cursor.base_eval_loss
         folder = self.staging / f"{step:08d}-{uuid.uuid4().hex[:6]}"

@@ -45,10 +45,12 @@ from .clock import SessionClock, describe, parse_start, resolve_window, utc_iso
 from .codes import FAILED, FINISHED, HELD, INVALID, PAUSED, default_workdir
 from .compile_cache import keep_compile_cache
 from .datacache import StoreEncodedCache
+from .evals import EvalSchedule
 from .notify import Report, notify_end
 from .progress import Progress, Say
 from .ranks import Ranks, follow
 from .spec import SpecError, local_inputs, prepare_spec
+from .timings import Timings
 
 log = logging.getLogger("baton.session")
 
@@ -62,6 +64,7 @@ class SessionOptions:
     takeover: bool = False
     workdir: Optional[Path] = None
     log_every: Optional[float] = None  # seconds between progress lines off a terminal
+    validated_at: Optional[float] = None  # Unix time agent.py had a valid config (timings)
 
 
 def run_session(config: RunConfig, options: SessionOptions) -> int:
@@ -97,13 +100,14 @@ def _lead(config: RunConfig, options: SessionOptions, ranks: Ranks) -> int:
 def _open_and_run(config: RunConfig, options: SessionOptions, ranks: Ranks, say: Say,
                   report: Report) -> int:
     agent_start = time.time()
+    timings = Timings(validated=options.validated_at)
     try:
         store = open_store(config.store)
     except StoreConfigError as exc:
         return say.error(str(exc), INVALID)
     try:
         return _run_in(RunStore(store, config.run), config, options, agent_start, say, ranks,
-                       report)
+                       report, timings)
     except (SpecError, DeviceError, StoreConfigError, SchemaError) as exc:
         return say.error(str(exc), INVALID)
     except StoreUnavailableError as exc:
@@ -116,7 +120,8 @@ def _open_and_run(config: RunConfig, options: SessionOptions, ranks: Ranks, say:
 
 
 def _run_in(runstore: RunStore, config: RunConfig, options: SessionOptions,
-            agent_start: float, say: Say, ranks: Ranks, report: Report) -> int:
+            agent_start: float, say: Say, ranks: Ranks, report: Report,
+            timings: Optional[Timings] = None) -> int:
     device = this_device(config)  # a device that cannot train is refused before any write
     spec = prepare_spec(runstore, config)
     head = runstore.read_head()
@@ -125,9 +130,13 @@ def _run_in(runstore: RunStore, config: RunConfig, options: SessionOptions,
         say(f"run {config.run!r} is finished (step {head[0].step}, checkpoint "
             f"{head[0].checkpoint}); merge it with scripts/merge.py")
         return FINISHED
-    clock = build_clock(config, runstore, agent_start, say)
+    records = runstore.read_sessions()
+    clock = build_clock(config, runstore, agent_start, say, records)
     session = Session(config, options, runstore, spec, clock, say, ranks)
-    session.report = report
+    session.report, session.prior = report, records
+    if timings is not None:
+        session.timings = timings
+    session.timings.window(clock.start, clock.limit)
     return session.run(agent_start, device)
 
 
@@ -145,10 +154,12 @@ def this_device(config: RunConfig):
     return device
 
 
-def build_clock(config: RunConfig, runstore: RunStore, agent_start: float, say) -> SessionClock:
+def build_clock(config: RunConfig, runstore: RunStore, agent_start: float, say,
+                records: Optional[list] = None) -> SessionClock:
     window = resolve_window(parse_start(config.session.start, now=agent_start),
                             parse_duration(config.session.limit), agent_start=agent_start)
-    clock = SessionClock(window.start, window.limit).seed_from_records(runstore.read_sessions())
+    records = runstore.read_sessions() if records is None else records
+    clock = SessionClock(window.start, window.limit).seed_from_records(records)
     if window.limit is None:
         say(f"session started {utc_iso(window.start)} ({window.start_source}); no time limit")
     else:
@@ -187,6 +198,8 @@ class Session:
         self.lease: Optional[LeaseManager] = None
         self.record: Optional[SessionRecord] = None
         self.report = Report(config.run)  # what the end-of-session notification tells
+        self.timings = Timings()  # where the session's time goes (session/timings.py)
+        self.prior: list[SessionRecord] = []  # earlier sessions' records (evals seed from them)
 
     def run(self, agent_start: float, device) -> int:
         self.lease = LeaseManager(self.runstore, gpu=device.name, holder=self.ranks.holder)
@@ -230,6 +243,7 @@ class Session:
             return
         self.record.exit_code = code
         self.record.ended = datetime.now(timezone.utc)
+        self.record.timings = self.timings.snapshot(self.record.ended.timestamp())
         self._write_record()
         try:
             self.lease.release()
@@ -240,14 +254,18 @@ class Session:
     def _write_record(self) -> None:
         """The session record is bookkeeping: a store hiccup while writing it must not end a
         session that can still train and spool its checkpoint."""
+        if self.record.ended is None:  # mid-session: the timings so far
+            self.record.timings = self.timings.snapshot()
         try:
             self.runstore.write_session(self.record)
         except StoreError as exc:
             log.warning("session record not written (%s); retried at the next checkpoint", exc)
 
     def train(self, device) -> int:
-        self._push_spool()
-        ref = pull_checkpoint(self.runstore, self.workdir / "checkpoint")
+        self.timings.lap("setup")  # store, spec, lease and record since the config was valid
+        with self.timings.phase("pull"):
+            self._push_spool()
+            ref = pull_checkpoint(self.runstore, self.workdir / "checkpoint")
         if ref is not None and ref.fell_back:
             self.say(f"warning: checkpoint {ref.previous_bad} failed verification; resuming "
                      f"from the one before it, {ref.id} (step {ref.step})")
@@ -255,7 +273,9 @@ class Session:
             self.say("paused before training: the session's time is spent (or a signal came); "
                      "nothing was changed")
             return PAUSED
-        data_path, eval_path = local_inputs(self.runstore, self.spec, self.config, self.workdir)
+        with self.timings.phase("data"):
+            data_path, eval_path = local_inputs(self.runstore, self.spec, self.config,
+                                                self.workdir)
         self.ranks.plan(self.spec, data_path, eval_path, ref.path if ref else None)
         trainer = self._trainer(device, ref, data_path, eval_path)
         checkpoints = self._checkpointer(ref)
@@ -268,7 +288,6 @@ class Session:
         checkpoints = Checkpointer(self.runstore, self.lease, self.spec, self.workdir,
                                    self.record, self.clock,
                                    parse_duration(self.config.checkpoint.every))
-        checkpoints.announce = self.ranks.tell
         if self.runstore.store.shows_page:
             from .page import HubPage
 
@@ -286,13 +305,18 @@ class Session:
 
     def _trainer(self, device, ref, data_path: Path, eval_path: Optional[Path]):
         from training.engine import Trainer
+        from training.model import model_summary
 
         trainer = Trainer(self.spec, data_path=data_path, eval_path=eval_path,
                           micro_batch_size=self.config.train.micro_batch_size,
                           device=device.device, precision=device.precision,
+                          phase=self.timings.phase,
                           data_cache=StoreEncodedCache(self.runstore, self.workdir, self.say))
+        self.say(f"model loaded in {self.timings.seconds['model_load']:.1f} s: "
+                 f"{model_summary(self.spec, trainer.model)}")
         if ref is not None:
-            trainer.load(ref.path)
+            with self.timings.phase("pull"):
+                trainer.load(ref.path)
         self.record.start_step = self.record.end_step = trainer.cursor.step
         self.report.total = trainer.cursor.total_steps
         self.record.kernels = getattr(trainer.device_info, "kernels", "none")
@@ -303,19 +327,30 @@ class Session:
         return trainer
 
     def _loop(self, trainer, checkpoints: Checkpointer) -> int:
+        evals = EvalSchedule(self.config.eval.every, self.clock,
+                             fallback_s=parse_duration(self.config.checkpoint.every))
+        evals.seed_from_records(self.prior).attach(self.ranks.tell, self.timings, self.record)
+        if trainer.needs_base:
+            evals.evaluate(trainer)
         with Progress(trainer.cursor.step, trainer.cursor.total_steps, self.clock,
                       self.options.log_every) as bar:
             while not trainer.finished and not self._should_stop():
-                self.ranks.tell("step")
-                result = trainer.train_step()
-                self._observe(result)
-                bar.update(result, self.record)
-                if checkpoints.poll():
-                    self._write_record()
-                if checkpoints.due() and self.clock.room_for_commit():
-                    checkpoints.start(trainer)
+                with self.timings.phase("train" if self.record.steps else "first_step"):
+                    self.ranks.tell("step")
+                    result = trainer.train_step()
+                    self._observe(result)
+                    bar.update(result, self.record)
+                evals.after_step()
+                if evals.due(finished=trainer.finished):
+                    evals.evaluate(trainer)
+                with self.timings.phase("commit_stall"):
+                    if checkpoints.poll():
+                        self._write_record()
+                    if checkpoints.due() and self.clock.room_for_commit():
+                        checkpoints.start(trainer)
         self.lease.check()
-        return self._last_commit(trainer, checkpoints)
+        with self.timings.phase("final_commit"):
+            return self._last_commit(trainer, checkpoints)
 
     def _should_stop(self) -> bool:
         self.lease.check()

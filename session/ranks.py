@@ -25,7 +25,7 @@ log = logging.getLogger("baton.session")
 class Ranks:
     """The ranks of a data-parallel session (agent.py starts one process a GPU). Rank 0 alone
     talks to the store; it broadcasts the plan (spec, data, checkpoint), then one word before
-    each collective the others must join: "step", "save" (eval is collective), "stop"."""
+    each collective the others must join: "step", "eval" (eval is collective), "stop"."""
 
     def __init__(self):
         self.rank = int(os.environ.get("RANK", "0"))
@@ -102,8 +102,8 @@ def follow(config: RunConfig, ranks: Ranks) -> int:
         while (word := ranks.hear()) != "stop":
             if word == "step":
                 trainer.train_step()
-            elif word == "save":
-                trainer.evaluate()
+            elif word == "eval":  # the base model's before step 1, as rank 0 does
+                trainer.measure_base() if trainer.needs_base else trainer.evaluate()
         return FINISHED
     finally:  # the session is over: the launcher's SIGTERM (another rank failed) may end us
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

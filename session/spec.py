@@ -52,6 +52,7 @@ def new_spec(runstore: RunStore, config: RunConfig) -> RunSpec:
     return RunSpec(
         run=config.run, model=config.model.model_copy(update={"revision": revision}),
         lora=config.lora, keep=config.checkpoint.keep, optimizer_state=config.checkpoint.optimizer,
+        eval_records=config.eval.max_records,
         data={"source": data.train, "key": key, "sha256": sha, "format": fmt, "eval": data.eval,
               "eval_key": eval_key, "eval_sha256": eval_sha, "max_seq_len": data.max_seq_len,
               "packing": data.packing},
@@ -102,6 +103,8 @@ def spec_differences(spec: RunSpec, config: RunConfig) -> list[str]:
              ("checkpoint.optimizer", spec.optimizer_state, config.checkpoint.optimizer)]
     pairs += [(f"lora.{k}", v, getattr(config.lora, k)) for k, v in spec.lora]
     pairs += [(f"train.{k}", v, getattr(config.train, k)) for k, v in spec.train]
+    if "eval_records" in spec.model_fields_set:  # a spec from before the key: not compared
+        pairs.append(("eval.max_records", spec.eval_records, config.eval.max_records))
     if config.data.format != "auto":
         pairs.append(("data.format", spec.data.format, config.data.format))
     if not same_model(spec, config):

@@ -5,6 +5,7 @@ from .config import (
     CheckpointConfig,
     DataConfig,
     DataSpec,
+    EvalConfig,
     LoraConfig,
     ModelConfig,
     RunConfig,
@@ -14,8 +15,10 @@ from .config import (
     TrainSpec,
     check_run_name,
     parse_duration,
+    parse_eval_every,
 )
 from .records import Cursor, FileEntry, Head, Lease, Manifest, SessionRecord, utcnow
+from .timings import PHASES, SessionTimings
 from .versioning import (
     SCHEMA_VERSION,
     UPGRADES,
@@ -25,8 +28,10 @@ from .versioning import (
 )
 
 __all__ = [
-    "CheckpointConfig", "DataConfig", "DataSpec", "LoraConfig", "ModelConfig", "RunConfig",
+    "CheckpointConfig", "DataConfig", "DataSpec", "EvalConfig", "LoraConfig", "ModelConfig", "RunConfig",
     "RunSpec", "SessionConfig", "TrainConfig", "TrainSpec", "check_run_name", "parse_duration",
+    "parse_eval_every",
     "Cursor", "FileEntry", "Head", "Lease", "Manifest", "SessionRecord", "utcnow",
-    "EncodedManifest", "SCHEMA_VERSION", "UPGRADES", "NewerSchemaError", "SchemaError", "Stored",
+    "PHASES", "SessionTimings", "EncodedManifest",
+    "SCHEMA_VERSION", "UPGRADES", "NewerSchemaError", "SchemaError", "Stored",
 ]

@@ -18,6 +18,7 @@ from .versioning import Stored
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
+STEPS = re.compile(r"^\s*(\d+)\s*steps?\s*$")
 
 
 def parse_duration(value: Union[str, int, float, None]) -> Optional[float]:
@@ -115,6 +116,44 @@ class CheckpointConfig(Strict):
         return v
 
 
+def parse_eval_every(value: Union[str, float]) -> tuple[str, Optional[float]]:
+    """eval.every -> ("auto", None) | ("off", None) | ("steps", n) | ("seconds", s).
+
+    'auto' spaces evals so that they take at most a fixed share of the session (their
+    measured cost decides, session/evals.py); '200 steps' counts optimizer steps; a duration
+    ('30m', or a number of seconds, as checkpoint.every) counts the session's seconds."""
+    if isinstance(value, str) and value.strip().lower() in ("auto", "off"):
+        return value.strip().lower(), None
+    match = STEPS.match(value) if isinstance(value, str) else None
+    if match:
+        if int(match.group(1)) < 1:
+            raise ValueError("eval.every in steps must be at least 1, e.g. '200 steps'")
+        return "steps", float(match.group(1))
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise ValueError(f"eval.every {value!r} should be 'auto', 'off', a number of steps "
+                         "('200 steps') or a duration ('30m')") from None
+    if not seconds or seconds <= 0:
+        raise ValueError("eval.every as a duration must be positive, e.g. '30m'")
+    return "seconds", seconds
+
+
+class EvalConfig(Strict):
+    """When the held-out loss is measured, and on how many records (never inside a commit)."""
+
+    every: Union[str, float] = "auto"
+    # A fixed subset of the held-out records, drawn from train.seed, so every eval of the run
+    # measures the same records and the losses stay comparable. null: all of them.
+    max_records: Optional[int] = Field(200, ge=1)
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, v):
+        parse_eval_every(v)
+        return v
+
+
 class SessionConfig(Strict):
     limit: Union[str, float, None] = None
     start: Optional[str] = None
@@ -136,6 +175,7 @@ class RunConfig(Strict):
     data: DataConfig
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
     session: SessionConfig = SessionConfig()
     # apprise URLs told when a session pauses, finishes or fails. They hold tokens: they are
     # never part of the spec, the store or status (session/notify.py).
@@ -185,4 +225,7 @@ class RunSpec(Stored):
     train: TrainSpec
     keep: int = 3
     optimizer_state: bool = False
+    # eval.max_records when the run was created; a spec written before the key existed has
+    # none (every held-out record), and then the config's value is not compared.
+    eval_records: Optional[int] = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

@@ -7,6 +7,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field
 
+from .timings import SessionTimings
 from .versioning import Stored
 
 
@@ -105,10 +106,16 @@ class SessionRecord(Stored):
     losses: list[tuple[int, float]] = Field(default_factory=list)
     eval_losses: list[tuple[int, float]] = Field(default_factory=list)
     base_eval_loss: Optional[float] = None  # measured by the session that took step 0
+    eval_seconds: list[float] = Field(default_factory=list)  # each eval of this session
+    timings: Optional[SessionTimings] = None  # where the wall-clock went (state_schema/timings)
 
     @property
     def steps(self) -> int:
         return self.end_step - self.start_step
+
+    @property
+    def goodput(self) -> Optional[float]:
+        return self.timings.goodput if self.timings is not None else None
 
     @property
     def tokens_per_s(self) -> float:

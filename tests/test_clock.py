@@ -25,8 +25,11 @@ def test_margin_never_below_floor():
     clock = SessionClock(T0, 60.0, floor=10.0, factor=1.5)
     assert clock.margin() == 10.0
     clock.observe_step(1.0)
+    assert clock.margin() == 10.0  # no commit measured yet: the floor is the guess
     clock.observe_commit(2.0)
-    assert clock.margin() == 10.0  # 1.5 * 3 = 4.5 < floor
+    assert clock.margin() == 4.5  # both measured: 1.5 * 3, the guess no longer applies
+    quick = SessionClock(T0, 60.0, floor=10.0, factor=1.5).seed([0.2], [0.3])
+    assert quick.margin() == 2.0  # the small floor left for the record and the release
 
 
 def test_margin_grows_with_slowest_step_and_commit():

@@ -87,6 +87,18 @@ def test_cached_samples_equal_uncached_and_a_later_session_tokenizes_nothing(
     assert (again.hits, again.downloads) == (1, 0)
 
 
+def test_the_capped_eval_subset_is_the_uncached_one(tiny_model_dir, tokenizer, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", varied_chat(40))
+    spec = make_spec(tiny_model_dir, data, fmt="chat", eval_=0.25).model_copy(
+        update={"eval_records": 4})
+    plain = RunData(spec, data)
+    plain.attach(tokenizer)
+    cached = RunData(spec, data, cache=cache_in(tmp_path / "store", tmp_path / "w"))
+    cached.attach(tokenizer)
+    assert len(plain.eval_samples()) == 4 and len(plain.eval_records) == 10
+    same_samples(plain, cached)
+
+
 def test_an_eval_file_is_cached_beside_the_train_records(tiny_model_dir, tokenizer, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", chat_records(10))
     held = write_jsonl(tmp_path / "eval.jsonl", chat_records(3))

@@ -22,7 +22,7 @@ def test_nf4_with_fp32_lora_on_all_linear_layers(tiny_model_dir, pairs_file):
     assert four_bit[0].weight.quant_state.nested  # double quantization
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n and p.dtype == torch.float32 for n, p in trainable)
-    assert base.is_gradient_checkpointing and tokenizer.pad_token_id is not None
+    assert base.is_activation_checkpointing and tokenizer.pad_token_id is not None
 
 
 def test_local_revision_is_the_config_fingerprint(tiny_model_dir, tmp_path):

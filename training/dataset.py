@@ -20,7 +20,7 @@ from .data import DataError, check_fingerprint, check_format, read_records
 from .encode import Encoded, Encoder, pack
 from .encoded import (EncodedCache, EncodedFileError, EncodedSet, cache_key, read_encoded,
                       tokenizer_fingerprint, tokenizer_folder, write_encoded)
-from .order import split_eval
+from .order import eval_subset, split_eval
 
 log = logging.getLogger("baton.data")
 
@@ -130,6 +130,8 @@ class RunData:
         else:
             train_ix, held_ix = split_eval(len(every), self.spec.data.eval, self.spec.train.seed)
             train, held = every.select(train_ix), every.select(held_ix)
+        # The fixed subset every eval measures, as eval_used picks it from the records.
+        held = held.select(eval_subset(len(held), self.spec.eval_records, self.spec.train.seed))
         if self.spec.data.packing:
             train = train.pack(self.spec.data.max_seq_len)
             held = held.pack(self.spec.data.max_seq_len) if len(held) else held
@@ -156,11 +158,19 @@ class RunData:
             self._cache[index] = self.encoder(self.train_records[index])
         return self._cache[index]
 
+    @property
+    def eval_used(self) -> list[dict]:
+        """The held-out records every eval measures: at most the spec's eval_records of them,
+        a fixed subset drawn from the seed."""
+        chosen = eval_subset(len(self.eval_records), self.spec.eval_records,
+                             self.spec.train.seed)
+        return [self.eval_records[i] for i in chosen]
+
     def eval_samples(self) -> list[Encoded]:
         if self._eval is None and self._sets is not None:
             self._eval = self._sets[1].as_list()
         if self._eval is None:
-            encoded = [self.encoder(r) for r in self.eval_records]
+            encoded = [self.encoder(r) for r in self.eval_used]
             packing = self.spec.data.packing and encoded
             self._eval = pack(encoded, self.spec.data.max_seq_len) if packing else encoded
         return self._eval

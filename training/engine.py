@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from state_schema import Cursor, RunSpec
@@ -59,24 +59,33 @@ def total_steps(spec: RunSpec, n_train: int) -> int:
 class Trainer:
     def __init__(self, spec: RunSpec, *, data_path: Path, eval_path: Optional[Path] = None,
                  micro_batch_size: int, device: Optional[str] = None,
-                 precision: str = "auto", data_cache: Optional[EncodedCache] = None):
+                 precision: str = "auto", phase: Optional[Callable[[str], Any]] = None,
+                 data_cache: Optional[EncodedCache] = None):
+        """`phase(name)`, a context manager, times the parts of building the trainer ("data",
+        "model_load") for the session's timings (session/timings.py); none by default.
+        `data_cache` keeps the encoded data between sessions (training/encoded.py)."""
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
+        phase = phase or (lambda _name: contextlib.nullcontext())
         self.spec = spec
         self.micro_batch_size = micro_batch_size
         self.rank, self.world = dist.rank_and_world()
         self.device_info: DeviceInfo = detect_device(device, precision)
         # The data is checked before the model loads: a wrong file fails in a second, not minutes.
-        self.data = RunData(spec, Path(data_path), Path(eval_path) if eval_path else None,
-                            cache=data_cache)
-        self.model, self.tokenizer = load_model(spec, self.device_info)
-        self._attach_data()
-        self._patch_kernels()
-        self.params = [p for _, p in trainable_parameters(self.model)]
-        # More than one rank: DDP reduces the LoRA gradients (None on one rank). self.model
-        # stays the PEFT model for eval, save and load; only the training forward goes via DDP.
-        self.ddp = dist.wrap(self.model, self.device)
-        self.optimizer = make_optimizer(spec, self.params, self.device_info.type)
+        with phase("data"):
+            self.data = RunData(spec, Path(data_path), Path(eval_path) if eval_path else None,
+                                cache=data_cache)
+        with phase("model_load"):
+            self.model, self.tokenizer = load_model(spec, self.device_info)
+        with phase("data"):
+            self._attach_data()
+        with phase("model_load"):
+            self._patch_kernels()
+            self.params = [p for _, p in trainable_parameters(self.model)]
+            # More than one rank: DDP reduces the LoRA gradients (None on one rank). self.model
+            # stays the PEFT model for eval, save and load; only the training forward uses DDP.
+            self.ddp = dist.wrap(self.model, self.device)
+            self.optimizer = make_optimizer(spec, self.params, self.device_info.type)
         self.cursor = Cursor(total_steps=total_steps(spec, self.data.n_train))
         self.scheduler = make_scheduler(spec, self.optimizer, self.cursor.total_steps, 0)
         self.scaler = (torch.amp.GradScaler(self.device_info.type)
@@ -129,7 +138,7 @@ class Trainer:
         if self.finished:
             raise RuntimeError(f"the run is finished ({self.cursor.step} of "
                                f"{self.cursor.total_steps} steps); nothing left to train")
-        if self.cursor.step == 0 and self.cursor.base_eval_loss is None:
+        if self.needs_base:  # the session measures it first (an eval of its own); else here
             self.measure_base()  # on every rank: evaluate() sums over them
         started = time.perf_counter()
         picks = step_indices(self.spec.train.seed, self.data.n_train, self.cursor.epoch,
@@ -242,6 +251,11 @@ class Trainer:
         self.model.train()
         self.cursor.eval_loss = dist.sum_scalar(loss_sum, self.device)
         return self.cursor.eval_loss
+
+    @property
+    def needs_base(self) -> bool:
+        """True before the run's first step while the base model's eval loss is unmeasured."""
+        return self.cursor.step == 0 and self.cursor.base_eval_loss is None
 
     def measure_base(self) -> Optional[float]:
         """The eval loss before the first optimizer step, kept in the cursor. LoRA's B starts

@@ -6,9 +6,12 @@ LoRA weights stay fp32 whatever the compute dtype: small updates to bf16 weights
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -113,6 +116,25 @@ def quantization_config(spec: RunSpec, device_info: DeviceInfo):
     )
 
 
+@contextlib.contextmanager
+def loading_bars(stream=None):
+    """transformers' "Loading weights" bar only on a terminal: in a notebook cell or a CI log
+    it is 25 lines of carriage returns. The bar's switch is transformers' global; it is put
+    back as it was."""
+    from transformers.utils import logging as hf_logging
+
+    stream = sys.stderr if stream is None else stream
+    on_terminal = bool(getattr(stream, "isatty", lambda: False)())
+    was = hf_logging.is_progress_bar_enabled()
+    if was and not on_terminal:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not on_terminal:
+            hf_logging.enable_progress_bar()
+
+
 def load_base(spec: RunSpec, device_info: DeviceInfo):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,10 +142,11 @@ def load_base(spec: RunSpec, device_info: DeviceInfo):
     quant = quantization_config(spec, device_info)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, revision=revision, quantization_config=quant,
-            dtype=device_info.dtype, device_map={"": device_info.device},
-        )
+        with loading_bars():
+            model = AutoModelForCausalLM.from_pretrained(
+                source, revision=revision, quantization_config=quant,
+                dtype=device_info.dtype, device_map={"": device_info.device},
+            )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot load model {source!r} (revision {revision or 'local'}): {exc}. Check "
@@ -150,17 +173,23 @@ def load_model(spec: RunSpec, device_info: DeviceInfo):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     model, tokenizer, quantized = load_base(spec, device_info)
-    checkpointing = {"use_reentrant": False}  # reentrant checkpointing breaks with DDP hooks
     if quantized:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=checkpointing)
+        # PEFT's own checkpointing switch calls transformers' deprecated name (a FutureWarning
+        # each session): PEFT casts and freezes, transformers' current API checkpoints.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         embeddings_in_compute_dtype(model, device_info.dtype)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-        model.enable_input_require_grads()
+    # Non-reentrant: reentrant checkpointing breaks with DDP hooks. transformers' enable also
+    # makes the embeddings' output require grad, so the frozen layers pass gradients on.
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # A fixed seed makes the fresh adapter (lora_A's random init) the same on every machine.
     torch.manual_seed(spec.train.seed)
-    model = get_peft_model(model, lora_config(spec), autocast_adapter_dtype=True)
+    with warnings.catch_warnings():
+        # PEFT asks the model for `is_gradient_checkpointing`, transformers' deprecated alias,
+        # to decide whether to hook the inputs (done above already): only that warning is
+        # dropped, and only here.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        model = get_peft_model(model, lora_config(spec), autocast_adapter_dtype=True)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
@@ -192,6 +221,17 @@ def keep_training_layout(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def model_summary(spec: RunSpec, model) -> str:
+    """'SmolLM2-135M-Instruct, 134.5M params (NF4), LoRA r 8: 2.4M trainable', for the one
+    line a session prints once the model is loaded."""
+    trainable, total = model.get_nb_trainable_parameters()
+    quantized = any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    name = Path(spec.model.name).name if is_local(spec.model.name) else spec.model.name
+    return (f"{name}, {(total - trainable) / 1e6:.1f}M params "
+            f"({'NF4' if quantized else str(model.dtype).removeprefix('torch.')}), LoRA r "
+            f"{spec.lora.r}: {trainable / 1e6:.2f}M trainable")
 
 
 def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:

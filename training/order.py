@@ -15,6 +15,8 @@ import torch
 
 # Mixes the epoch into the seed so that (seed, e) and (seed + 1, e - 1) give different orders.
 EPOCH_MIX = 1_000_003
+# Mixes a constant into the seed for the eval subset, so it is not the epoch-0 order's head.
+EVAL_MIX = 7_919
 
 
 @lru_cache(maxsize=4)
@@ -42,6 +44,16 @@ def split_eval(n: int, fraction: Union[float, None], seed: int) -> tuple[list[in
     generator = torch.Generator().manual_seed(seed)
     held = set(torch.randperm(n, generator=generator)[:n_eval].tolist())
     return [i for i in range(n) if i not in held], sorted(held)
+
+
+def eval_subset(n: int, cap: Optional[int], seed: int) -> list[int]:
+    """Which of n held-out records the run evaluates on: all, or `cap` of them drawn from the
+    seed, in file order. The same for every session, so every eval loss measures the same
+    records and the losses stay comparable."""
+    if not cap or n <= cap:
+        return list(range(n))
+    generator = torch.Generator().manual_seed(seed * EPOCH_MIX + EVAL_MIX)
+    return sorted(torch.randperm(n, generator=generator)[:cap].tolist())
 
 
 def total_steps(max_steps: Optional[int], epochs: Optional[float], batch_size: int,
