@@ -117,7 +117,21 @@ def bench_data(args) -> dict:
         row["timings"] = getattr(record, "timings", None)
         if hasattr(row["timings"], "model_dump"):
             row["timings"] = row["timings"].model_dump()
-    return {"records": args.records, "folder": str(folder), "sessions": results}
+    return {"records": args.records, "folder": str(folder), "sessions": results,
+            **summary(results)}
+
+
+def summary(results: list[dict]) -> dict:
+    """The two goals: session 2's data time against session 1's, and the seconds from the
+    loaded model to the first step (data attach and checkpoint pull; the base eval, which
+    only the run's first session runs before step 1, is shown apart)."""
+    timings = [row.get("timings") or {} for row in results]
+    if len(timings) < 2 or not all(t.get("data") for t in timings):
+        return {}
+    first, second = timings[0], timings[1]
+    return {"data_ratio": round(second["data"] / first["data"], 4),
+            "to_first_step_s": [round(t["data"] + t["pull"], 2) for t in timings],
+            "base_eval_s": round(first["eval"], 2)}
 
 
 def bench_triton(args) -> dict:
