@@ -2,13 +2,17 @@
 """Start Kaggle sessions of a run, one after another, until it is finished.
 
     python scripts/autopilot.py --kaggle OWNER/KERNEL --store URI --run NAME
-                                [--every 10m] [--max-sessions N]
+                                [--every 10m] [--max-sessions N] [--reserve 2h]
+                                [--accelerator NvidiaTeslaT4|NvidiaTeslaT4Highmem|NvidiaL4]
                                 [--repo GIT_URL] [--config run.yaml]
 
 Run it on any always-on machine (or a scheduled job). Each look it reads the run's state as
-`agent.py status` does; when the run is paused and no lease is live, it pushes a new version
-of the Kaggle notebook in scripts/kaggle/ (GPU T4 x2, internet on, private), which runs one
-session of `agent.py run`, and then polls it. It stops when the run is finished (0), after two
+`agent.py status` does; when the run is paused, no lease is live and the weekly GPU quota left
+(less `--reserve`) covers a model load plus one checkpoint interval (kaggle_quota.py), it
+pushes a new version of the Kaggle notebook in scripts/kaggle/ (on `--accelerator`: one T4 by
+default, `NvidiaTeslaT4Highmem` for the free 2xT4 the agent trains on data-parallel; internet
+on, private), which runs one session of `agent.py run`, and then polls it. While the quota is
+short it says when the quota refreshes. It stops when the run is finished (0), after two
 sessions in a row failed (1), or after --max-sessions (0). It never pushes while a lease is live
 or a version is running: there are never two sessions on one run. One line per decision.
 
@@ -32,15 +36,25 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from handoff import StoreConfigError, StoreError, open_store  # noqa: E402
+from handoff.runstore import RunStore  # noqa: E402
 from handoff.secrets import scrub  # noqa: E402
 from session.codes import FAILED, INVALID, OK  # noqa: E402
 from session.status import RunNotFoundError, collect_status  # noqa: E402
 from state_schema import parse_duration  # noqa: E402
 
+from scripts.kaggle_quota import (DEFAULT_MODEL_LOAD_S, checkpoint_every_s,  # noqa: E402
+                                  model_load_s, read_quota, verdict)
+
 TEMPLATE = ROOT / "scripts" / "kaggle"
 LIVE = {"QUEUED", "RUNNING", "NEW_SCRIPT", "CANCEL_REQUESTED"}  # a version still holds a GPU
 FAILED_STATES = {"ERROR", "CANCEL_ACKNOWLEDGED"}
 FAILURES_TO_STOP = 2
+# kernel-metadata.json's machine_shape: the GPU names of kaggle-cli's docs/kernels.md
+# (`kaggle kernels push --accelerator`); the free tier has the first three.
+ACCELERATORS = {"NvidiaTeslaT4": "GPU T4", "NvidiaTeslaT4Highmem": "GPU T4 x2",
+                "NvidiaL4": "GPU L4", "NvidiaL4X1": "GPU L4 x1",
+                "NvidiaTeslaA100": "GPU A100", "NvidiaH100": "GPU H100",
+                "NvidiaRtxPro6000": "GPU RTX Pro 6000"}
 
 
 class KaggleError(Exception):
@@ -89,6 +103,7 @@ def render_notebook(folder: Path, args: argparse.Namespace) -> Path:
     """The template of scripts/kaggle/ filled in for this run, in `folder`."""
     meta = json.loads((TEMPLATE / "kernel-metadata.json").read_text())
     meta["id"], meta["title"] = args.kaggle, args.kaggle.split("/", 1)[1]
+    meta["machine_shape"], meta["enable_gpu"] = args.accelerator, True
     (folder / "kernel-metadata.json").write_text(json.dumps(meta, indent=2))
     text = (TEMPLATE / meta["code_file"]).read_text()
     for name, value in (("REPO", args.repo), ("CONFIG", args.config), ("STORE", args.store),
@@ -169,7 +184,31 @@ def look(api, store, args: argparse.Namespace, pilot: Pilot) -> Optional[int]:
         say(f"waiting: the lease is live ({lease['host']}, until {lease['expires_at']}); "
             "not pushing")
         return None
+    if not quota_allows(api, store, args):
+        return None
     return start_session(api, args, pilot, status)
+
+
+def quota_allows(api, store, args: argparse.Namespace) -> bool:
+    """Whether the weekly GPU quota left covers a session's model load and first checkpoint
+    (kaggle_quota.py); says so either way. A quota Kaggle does not report is not guessed."""
+    from requests.exceptions import RequestException
+
+    try:
+        quota = read_quota(api)
+    except (RequestException, ValueError) as exc:  # ValueError: the client's 401/403
+        say(f"GPU quota unreadable ({exc}); pushing without checking it")
+        return True
+    if quota is None:
+        say("Kaggle reports no GPU quota for this account; pushing without checking it")
+        return True
+    measured = model_load_s(RunStore(store, args.run).read_sessions())
+    load = measured or DEFAULT_MODEL_LOAD_S
+    why = (f"model load {load / 60:.0f} min {'measured' if measured else 'assumed'} + "
+           f"{args.checkpoint_why}")
+    ok, line = verdict(quota, load + args.checkpoint_every_s, args.reserve_s, why)
+    say(line)
+    return ok
 
 
 def start_session(api, args: argparse.Namespace, pilot: Pilot, status: dict) -> None:
@@ -180,7 +219,7 @@ def start_session(api, args: argparse.Namespace, pilot: Pilot, status: dict) -> 
     pilot.sessions += 1
     pilot.pushed_at_step = status["step"]
     say(f"pushed {what}: session {pilot.sessions} of run {args.run} ({status['state']} at "
-        f"step {status['step']})")
+        f"step {status['step']}) on {ACCELERATORS[args.accelerator]} ({args.accelerator})")
     return None
 
 
@@ -217,7 +256,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="push at most N sessions, then stop")
     parser.add_argument("--repo", default="https://github.com/<you>/baton.git",
                         help="git URL the notebook clones Baton (and run.yaml) from")
-    parser.add_argument("--config", default="run.yaml", help="run.yaml's path in that repo")
+    parser.add_argument("--config", default="run.yaml", help="run.yaml's path in that repo "
+                        "(read here too, when it exists, for checkpoint.every)")
+    parser.add_argument("--accelerator", default="NvidiaTeslaT4", choices=list(ACCELERATORS),
+                        metavar="NAME", help="the notebook's machine_shape: NvidiaTeslaT4 (one "
+                        "T4, default), NvidiaTeslaT4Highmem (two T4), NvidiaL4, or another name "
+                        "of `kaggle kernels push --accelerator`")
+    parser.add_argument("--reserve", default="0", help="GPU quota to hold back for other use, "
+                        "e.g. 2h (default none)")
     args = parser.parse_args(argv)
     owner, _, slug = args.kaggle.partition("/")
     if not owner or not slug or "/" in slug:
@@ -228,6 +274,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         parser.error(f"--every: {exc}")
     if args.max_sessions is not None and args.max_sessions < 1:
         parser.error("--max-sessions must be at least 1")
+    try:
+        args.reserve_s = parse_duration(args.reserve)
+    except ValueError as exc:
+        parser.error(f"--reserve: {exc}")
+    args.checkpoint_every_s, args.checkpoint_why = checkpoint_every_s(args.config)
     return args
 
 

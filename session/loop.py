@@ -45,6 +45,8 @@ from training.model import ModelUnavailableError
 from .checkpointer import Checkpointer
 from .clock import SessionClock, describe, parse_start, resolve_window, utc_iso
 from .codes import FAILED, FINISHED, HELD, INVALID, PAUSED, default_workdir
+from .compile_cache import keep_compile_cache
+from .datacache import StoreEncodedCache
 from .evals import EvalSchedule
 from .notify import Report, notify_end
 from .overflow import LossGuard, NonFiniteLossError
@@ -72,6 +74,7 @@ class SessionOptions:
 def run_session(config: RunConfig, options: SessionOptions) -> int:
     """Run one session of `config.run`; return the exit code DESIGN.md defines. Under a
     multi-GPU launch (agent.py sets RANK), rank 0 runs the session and the others follow."""
+    keep_compile_cache(Path(options.workdir or default_workdir(config.run)))  # every rank
     ranks = Ranks()
     ranks.start(word_wait_s(config))
     code = FAILED
@@ -326,7 +329,8 @@ class Session:
         trainer = Trainer(self.spec, data_path=data_path, eval_path=eval_path,
                           micro_batch_size=self.config.train.micro_batch_size,
                           device=device.device, precision=device.precision, kernels=kernels,
-                          padding_free=self.config.data.padding_free, phase=self.timings.phase)
+                          padding_free=self.config.data.padding_free, phase=self.timings.phase,
+                          data_cache=StoreEncodedCache(self.runstore, self.workdir, self.say))
         self.say(f"model loaded in {self.timings.seconds['model_load']:.1f} s: "
                  f"{model_summary(self.spec, trainer.model)}")
         if ref is not None:

@@ -1,5 +1,6 @@
 """Pydantic models of everything Baton stores, with schema versions and upgrades."""
 
+from .cache import EncodedManifest
 from .config import (
     CheckpointConfig,
     DataConfig,
@@ -32,6 +33,6 @@ __all__ = [
     "ModelConfig", "RunConfig", "RunSpec", "SessionConfig", "TrainConfig", "TrainSpec",
     "check_run_name", "parse_duration", "parse_eval_every",
     "Cursor", "FileEntry", "Head", "Lease", "Manifest", "SessionRecord", "utcnow",
-    "PHASES", "SessionTimings",
+    "PHASES", "SessionTimings", "EncodedManifest",
     "SCHEMA_VERSION", "UPGRADES", "NewerSchemaError", "SchemaError", "Stored",
 ]

@@ -152,6 +152,9 @@ def test_signal_pause_lease_resume_finish(tiny, tmp_path, agent_store):
                      workdir=tmp_path / "work3")
     assert done.returncode == 0, done.stdout + done.stderr
     assert list((tmp_path / "work3" / "data").glob("*.jsonl")), "data came from the store"
+    # Tokenized once for the run: the first session stored the encoding, this one loaded it.
+    assert "data: encoded once for the run, loaded from" in done.stdout, done.stdout
+    assert "stored as t/cache/encoded/" in agent.text()
     second = sessions_of(uri)[-1]
     assert second.start_step == head.step and second.end_step == 6
     from handoff import open_store
@@ -358,3 +361,5 @@ def test_two_ranks_train_one_run_data_parallel(tiny, tmp_path):
     record = sessions_of(uri)[-1]
     assert [step for step, _ in record.losses] == [1, 2, 3]
     assert record.eval_losses, "eval ran on both ranks' shares"
+    encoded = sorted(p.name for p in (tmp_path / "work" / "data").glob("encoded-*"))
+    assert len(encoded) == 1 and ".rank" not in encoded[0], "rank 1 used rank 0's encoding"

@@ -107,9 +107,63 @@ def test_never_pushes_while_the_lease_is_live(kaggle_server, tmp_path):
     assert "stopping: --max-sessions 1 reached; run at step 2" in out
 
 
+def test_waits_for_the_quota_says_when_it_refreshes_then_pushes_on_two_t4(kaggle_server,
+                                                                          tmp_path):
+    """Left 2.5 h, 2 h held back: 0.5 h does not cover the assumed 10 min model load plus the
+    30 min checkpoint interval, so nothing is pushed until the quota refreshes."""
+    store = tmp_path / "store"
+    state = kaggle_server.state
+    state.on_push = session_standin(store, tmp_path, pause=0.2)
+    state.quota_used_s = 27.5 * 3600
+    proc = autopilot(kaggle_server, tmp_path, store, "--max-sessions", "1", "--reserve", "2h",
+                     "--accelerator", "NvidiaTeslaT4Highmem")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while sum("waiting: GPU quota" in line for line in lines) < 2 \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert kaggle_server.versions(KERNEL) == [], "".join(lines)
+    with state.lock:
+        state.quota_used_s = 0.0  # the weekly window reset
+    assert proc.wait(timeout=60) == 0
+    reader.join(timeout=10)
+    out = "".join(lines)
+    waiting = next(line for line in out.splitlines() if "waiting: GPU quota" in line)
+    assert "2.5 h left of 30.0 h (27.5 h used, 2.0 h held in reserve)" in waiting, waiting
+    assert "needs 0.7 h (model load 10 min assumed + checkpoint.every default 30m)" in waiting
+    assert f"the quota refreshes {state.quota_refresh:%Y-%m-%d %H:%M} UTC (in 2 d 23 h" \
+        in waiting or "(in 3 d 0 h" in waiting, waiting
+    versions = kaggle_server.versions(KERNEL)
+    assert len(versions) == 1 and versions[0].request["machineShape"] == "NvidiaTeslaT4Highmem"
+    assert "on GPU T4 x2 (NvidiaTeslaT4Highmem)" in out, out
+
+
+def test_the_quota_a_session_needs_comes_from_measured_model_loads():
+    from datetime import datetime, timezone
+    from types import SimpleNamespace
+
+    from scripts.kaggle_quota import Quota, model_load_s, verdict
+
+    records = [SimpleNamespace(timings={"model_load": 95.0}), SimpleNamespace(timings=None),
+               SimpleNamespace(timings={"model_load": 140.0, "data": 3.0})]
+    assert model_load_s(records) == 140.0 and model_load_s([]) is None
+    now = datetime(2026, 12, 1, 12, tzinfo=timezone.utc)
+    quota = Quota(used_s=28 * 3600, reserved_s=1800, total_s=30 * 3600,
+                  refresh=datetime(2026, 12, 3, 0, 30, tzinfo=timezone.utc))
+    assert quota.left_s == 1.5 * 3600
+    ok, line = verdict(quota, need_s=1.5 * 3600, reserve_s=0, why_need="x", now=now)
+    assert ok and "1.5 h left" in line
+    ok, line = verdict(quota, need_s=1.5 * 3600, reserve_s=60, why_need="x", now=now)
+    assert not ok and "refreshes 2026-12-03 00:30 UTC (in 1 d 12 h 30 min)" in line
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--kaggle", "no-owner"], "write OWNER/KERNEL"),
     (["--kaggle", KERNEL, "--every", "often"], "--every"),
+    (["--kaggle", KERNEL, "--reserve", "lots"], "--reserve"),
+    (["--kaggle", KERNEL, "--accelerator", "T4x2"], "NvidiaTeslaT4Highmem"),
 ])
 def test_bad_input_exits_2(tmp_path, flags, message):
     done = subprocess.run([sys.executable, str(SCRIPT), "--store", str(tmp_path), "--run", "t",

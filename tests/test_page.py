@@ -3,14 +3,16 @@
 
 The Hub tests drive the real huggingface_hub client against the Hub double and read its commit
 history; the browser test opens the page in headless Chromium when the `chromium` binary is
-installed (Debian: `apt-get install chromium`) and is skipped otherwise: CI does not install
-it, so there it is skipped and the page's content is checked without a browser.
+installed (Debian: `apt-get install chromium`). `.ci/run` installs it on the CI machine and sets
+BATON_REQUIRE_CHROMIUM=1, so there the test runs (and fails without a browser); on a machine
+without Chromium it is skipped, saying why, and the page's content is checked without one.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from tests.agent_helpers import ROOT, agent_env, open_run, run_agent, write_conf
 from tests.store_helpers import make_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+REQUIRE_CHROMIUM = os.environ.get("BATON_REQUIRE_CHROMIUM") == "1"  # set by .ci/run
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +158,12 @@ def test_status_html_of_a_local_run_is_one_self_contained_page(local_page):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get "
-                    "install chromium); CI does not install it, the page's content is checked "
-                    "by the test above")
+@pytest.mark.skipif(CHROMIUM is None and not REQUIRE_CHROMIUM, reason="chromium is not "
+                    "installed (Debian: apt-get install chromium; .ci/run installs it in CI); "
+                    "the page's content is checked by the test above")
 def test_status_html_renders_table_and_plot_in_headless_chromium(local_page):
     """The screenshot holds the tables' borders and the plot's line (matplotlib's blue)."""
+    assert CHROMIUM, "BATON_REQUIRE_CHROMIUM=1 but no chromium on PATH: .ci/run installs it"
     import numpy as np
     from matplotlib import image
 

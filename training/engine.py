@@ -25,6 +25,7 @@ from .classify_data import LabelledData
 from .dataset import RunData
 from .devices import DeviceInfo, detect_device
 from .encode import Encoded
+from .encoded import EncodedCache, SharedFile
 from .layout import collator, needs_varlen_attention, uses_padding_free
 from .model import load_model, trainable_parameters
 from .optim import (OPTIMIZER_FILE, OptimizerStateError, load_optimizer, make_optimizer,
@@ -62,9 +63,11 @@ class Trainer:
     def __init__(self, spec: RunSpec, *, data_path: Path, eval_path: Optional[Path] = None,
                  micro_batch_size: int, device: Optional[str] = None,
                  precision: str = "auto", padding_free: bool = True,
-                 kernels: Optional[str] = None, phase: Optional[Callable[[str], Any]] = None):
+                 kernels: Optional[str] = None, phase: Optional[Callable[[str], Any]] = None,
+                 data_cache: Optional[EncodedCache] = None):
         """`phase(name)`, a context manager, times the parts of building the trainer ("data",
-        "model_load") for the session's timings (session/timings.py); none by default."""
+        "model_load") for the session's timings (session/timings.py); none by default.
+        `data_cache` keeps the encoded data between sessions (training/encoded.py)."""
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
         phase = phase or (lambda _name: contextlib.nullcontext())
@@ -77,12 +80,16 @@ class Trainer:
         # The data is checked before the model loads: a wrong file fails in a second, not minutes.
         self.classifier = classify.is_classifier(spec)  # padded, pooled: training/classify.py
         with phase("data"):
-            self.data = (LabelledData if self.classifier else RunData)(
-                spec, Path(data_path), Path(eval_path) if eval_path else None)
+            if self.classifier:  # labels, not token streams: encoded per sample, uncached
+                self.data = LabelledData(spec, Path(data_path),
+                                         Path(eval_path) if eval_path else None)
+            else:
+                self.data = RunData(spec, Path(data_path),
+                                    Path(eval_path) if eval_path else None, cache=data_cache)
         with phase("model_load"):
             self.model, self.tokenizer = load_model(spec, self.device_info)
         with phase("data"):
-            self.data.attach(self.tokenizer)
+            self._attach_data()
         with phase("model_load"):
             self._patch_kernels()
             # A classifier pools one row per sample: its batches stay padded (classify.py).
@@ -100,6 +107,19 @@ class Trainer:
         self.last_rank_indices: list[int] = []  # this rank's share of them
 
     # -- setup -------------------------------------------------------------------------
+
+    def _attach_data(self) -> None:
+        """Encode (or load) the data. The ranks of one machine share rank 0's encoded file:
+        rank 0 fetches or builds it, then tells the others where it is."""
+        if self.world == 1:
+            self.data.attach(self.tokenizer)
+            return
+        if self.rank == 0:
+            self.data.attach(self.tokenizer)
+        shared = dist.from_leader(self.data.encoded_file if self.rank == 0 else None)
+        if self.rank != 0:
+            cache = SharedFile(*shared, rank=self.rank) if isinstance(shared, tuple) else None
+            self.data.attach(self.tokenizer, cache)
 
     def _patch_kernels(self) -> None:
         """Kernels by the device (BATON_KERNELS=none|reference|triton overrides the choice;

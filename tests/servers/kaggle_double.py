@@ -3,12 +3,15 @@
 The official `kaggle` client (kagglesdk) POSTs JSON to `<endpoint>/api/v1/<service>/<method>`;
 its endpoint comes only from KAGGLE_API_ENVIRONMENT (LOCALHOST: http://localhost), so the
 client reaches this double as an HTTP proxy (HTTP_PROXY=127.0.0.1:<port>): requests then sends
-the absolute URL here, and no fixed port is needed. Two methods are served:
+the absolute URL here, and no fixed port is needed. Three methods are served:
 
 - `kernels.KernelsApiService/SaveKernel` (`kaggle kernels push`): a new version, refused with
   409 while the latest version is queued or running;
 - `kernels.KernelsApiService/GetKernelSessionStatus` (`kaggle kernels status`): the latest
-  version's state, 404 for a kernel without versions.
+  version's state, 404 for a kernel without versions;
+- `kernels.KernelsApiService/GetAcceleratorQuotaStatistics` (`kaggle quota`, `quota_view`): the
+  weekly GPU quota from the state's `quota_*` fields, on the wire as Kaggle's JSON has it
+  (durations as "<seconds>s", the refresh time as ISO UTC with a Z).
 
 A pushed version "runs" the test's `on_push(version)` in a thread (a stand-in for the notebook:
 it may commit a checkpoint to the run's store), then ends COMPLETE, or ERROR when the callable
@@ -21,6 +24,7 @@ import base64
 import json
 import threading
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional
 from urllib.parse import urlsplit
@@ -51,6 +55,14 @@ class KaggleState:
     # so the API refuses the caller: the race the autopilot must survive.
     hand_push_on: Optional[int] = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # The weekly GPU quota: 30 h by default, none of it used; a test moves these.
+    quota_total_s: float = 30 * 3600.0
+    quota_used_s: float = 0.0
+    quota_reserved_s: float = 0.0
+    quota_refresh: datetime = field(
+        default_factory=lambda: datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+        + timedelta(days=3))
+    quota_reads: int = 0
 
     def latest(self, slug: str) -> Optional[Version]:
         found = self.versions.get(slug)
@@ -97,6 +109,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._save(body)
         if path == API + "GetKernelSessionStatus":
             return self._status(f"{body.get('userName')}/{body.get('kernelSlug')}")
+        if path == API + "GetAcceleratorQuotaStatistics":
+            return self._quota()
         return self._json(404, {"code": 404, "message": f"no route for {path}"})
 
     def _save(self, body: dict) -> None:
@@ -126,6 +140,18 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(404, {"code": 404, "message": f"kernel {slug} not found"})
         self._json(200, {"status": status,
                          "failureMessage": "the notebook raised" if status == "ERROR" else None})
+
+
+    def _quota(self) -> None:
+        with self.state.lock:
+            st = self.state
+            st.quota_reads += 1
+            gpu = {"timeUsed": f"{int(st.quota_used_s)}s",
+                   "timeReserved": f"{int(st.quota_reserved_s)}s",
+                   "totalTimeAllowed": f"{int(st.quota_total_s)}s",
+                   "minimumTimeAllowed": f"{int(st.quota_total_s)}s", "hasEverRun": True}
+            refresh = st.quota_refresh.isoformat(timespec="milliseconds") + "Z"
+        self._json(200, {"quotaRefreshTime": refresh, "gpuQuota": gpu})
 
 
 class KaggleDouble:
