@@ -132,10 +132,9 @@ def _ranges(starts: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor) 
 def tokenizer_folder(spec: RunSpec) -> Optional[Path]:
     """The folder the run's tokenizer was loaded from: the model's local folder, or its
     snapshot in the Hugging Face cache (no network: the tokenizer was just loaded)."""
-    from .model import is_local
-
-    if is_local(spec.model.name):
-        return Path(spec.model.name).expanduser()
+    local = Path(spec.model.name).expanduser()
+    if local.is_dir():  # training.model.is_local's rule; importing it would close a cycle
+        return local
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(spec.model.name, "tokenizer_config.json",
