@@ -43,10 +43,6 @@ class Segments:
     max_len: int
     batch: int  # rows
 
-    @property
-    def total(self) -> int:
-        return self.spans[-1][1] if self.spans else 0
-
 
 # The segments of the last position_ids seen: every layer of a forward (and the checkpoint's
 # recompute in backward) gets the same tensor, so the one host sync happens once a forward.
@@ -66,7 +62,7 @@ def segments_of(position_ids: torch.Tensor, batch: int) -> Segments:
     index = starts.reshape(-1).nonzero().flatten()
     total = pos.numel()
     bounds = torch.cat([index, index.new_tensor([total])])
-    host = bounds.tolist()  # the one sync: span ends are needed as Python ints to slice
+    host = bounds.tolist()  # the one sync: span lengths are needed as Python ints to split
     segments = Segments(
         spans=tuple(zip(host[:-1], host[1:])), cu_seqlens=bounds.to(torch.int32),
         max_len=max(b - a for a, b in zip(host[:-1], host[1:])), batch=batch)

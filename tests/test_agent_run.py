@@ -127,6 +127,7 @@ def test_signal_pause_lease_resume_finish(tiny, tmp_path, agent_store):
     assert 2 <= head.step < 6 and not head.finished
     assert head.checkpoint.startswith(f"{head.step:08d}-g"), "HEAD names the step it paused at"
     assert first.end_step == head.step and first.exit_code == 75 and first.precision == "fp16"
+    assert (first.attention, first.padding_free) == ("sdpa_spans", True)  # the default layout
     assert "SIGTERM received" in agent.text()
 
     # 2. Another live agent holds the lease: exit 73, nothing changed.
@@ -145,11 +146,11 @@ def test_signal_pause_lease_resume_finish(tiny, tmp_path, agent_store):
 
     # 3. Released: the next session resumes at that step and finishes, on a "fresh machine"
     # without the data file (fetched from the store), with another micro-batch size and in
-    # another precision (an A100-like bf16 session).
+    # another precision (an A100-like bf16 session), on padded micro-batches.
     fresh = write_config(tmp_path, model_dir=tiny["model"], train_file=tmp_path / "absent.jsonl",
                          store=uri)
     done = run_agent(fresh, "--micro-batch-size", "1", "--precision", "bf16",
-                     workdir=tmp_path / "work3")
+                     "--no-padding-free", workdir=tmp_path / "work3")
     assert done.returncode == 0, done.stdout + done.stderr
     assert list((tmp_path / "work3" / "data").glob("*.jsonl")), "data came from the store"
     # Tokenized once for the run: the first session stored the encoding, this one loaded it.
@@ -162,6 +163,8 @@ def test_signal_pause_lease_resume_finish(tiny, tmp_path, agent_store):
 
     shown = collect_status(open_store(uri), "t")["sessions"]
     assert [s["precision"] for s in shown] == ["fp16", "bf16"], "status shows each precision"
+    assert [(s["attention"], s["padding_free"]) for s in shown] == [
+        ("sdpa_spans", True), ("sdpa", False)], "and each session's attention and layout"
     final = head_of(uri)
     assert final.finished and final.step == 6 and final.generation == other.generation + 1
 
