@@ -169,6 +169,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mlp-shape", type=_pair, help="HIDDEN,INTERMEDIATE for --kernel lora_mlp")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens a row (--data: the most)")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--num-layers", type=int, help="a preset with this many decoder layers")
     p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int, default=1,
                    help="samples a micro-batch (one micro-batch an optimizer step)")
     p.add_argument("--repeats", type=int, default=1, help="runs of the pair; tokens/s: median")
@@ -224,7 +225,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     args.precision = resolve_precision(args.precision, device_capability(device))
     _apply_memory_cap(args.memory_cap_gb, device)
-    result = {"preset": args.preset, "model": _text(args.model), "data": _text(args.data),
+    result = {"preset": args.preset, "num_layers": args.num_layers,
+              "model": _text(args.model), "data": _text(args.data),
               "seq_len": args.seq_len, "steps": args.steps, "batch_size": args.batch_size,
               "repeats": args.repeats, "seed": args.seed, "precision": args.precision,
               "padding_free": args.padding_free if args.data else None,

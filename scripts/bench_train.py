@@ -185,7 +185,8 @@ def preset_run(impl: str, args, device: torch.device, result: dict) -> tuple:
     from scripts.bench_data import RandomTokens
     from scripts.bench_presets import build_model
 
-    model = build_model(args.preset, impl, device, compute_dtype(args.precision), args.seed)
+    model = build_model(args.preset, impl, device, compute_dtype(args.precision), args.seed,
+                        args.num_layers)
     if impl == "baton":
         report = patch_model(model, device)
         result.update(kernels=report.path, patched=report.patched)
@@ -268,6 +269,16 @@ def _hf_data_run(spec, args, device: torch.device) -> tuple:
     return model.train(), step
 
 
+def _advance(progress, task, impl: str) -> Callable[[], None]:
+    """Moves the bar; where the output is not a terminal (a log file), one line a step."""
+    def advance() -> None:
+        progress.advance(task)
+        if not progress.console.is_terminal:
+            done = int(progress.tasks[task].completed)
+            progress.console.log(f"{impl}: step {done} of {progress.tasks[task].total:g} done")
+    return advance
+
+
 def run_impl(impl: str, args, device: torch.device, progress) -> dict:
     """Build, train, measure one implementation; out of memory is a result, not a crash."""
     task = progress.add_task(f"{impl}: build", total=args.steps)
@@ -278,7 +289,7 @@ def run_impl(impl: str, args, device: torch.device, progress) -> dict:
         model, step = build(impl, args, device, result)
         was_reset = reset_peak(device)  # the build's transient buffers are not the training's
         progress.update(task, description=f"{impl}: train")
-        result.update(measure(model, step, args.steps, device, lambda: progress.advance(task)))
+        result.update(measure(model, step, args.steps, device, _advance(progress, task, impl)))
         result.update(peak_memory(device, was_reset))
     except torch.OutOfMemoryError as exc:  # torch.cuda.OutOfMemoryError is this class
         result.update(oom=True, error=str(exc).splitlines()[0], **peak_memory(device, True))
