@@ -138,6 +138,14 @@ def _merge_repeats(rounds: list[dict]) -> dict:
     return runs
 
 
+def _save_partial(args, rounds: list[dict]) -> None:
+    """What is measured so far, beside --json: a long CPU bench that is cut keeps it."""
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.json.with_name(args.json.name + ".partial")
+        partial.write_text(json.dumps({"rounds": rounds}, indent=2) + "\n")
+
+
 def run_training(args, device: torch.device) -> dict:
     impls = ["hf", "baton"] if args.impl == "both" else [args.impl]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -146,7 +154,10 @@ def run_training(args, device: torch.device) -> dict:
     with Progress(*columns, console=console) as progress:
         for i in range(args.repeats):
             order = impls if i % 2 == 0 else impls[::-1]  # neither always pays the warm-up
-            rounds.append({impl: run_impl(impl, args, device, progress) for impl in order})
+            rounds.append({})
+            for impl in order:
+                rounds[-1][impl] = run_impl(impl, args, device, progress)
+                _save_partial(args, rounds)
     runs = _merge_repeats(rounds)
     _print_table(runs)
     out = {"runs": runs, "max_loss_diff": max_loss_diff(runs)}
@@ -248,6 +259,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+        args.json.with_name(args.json.name + ".partial").unlink(missing_ok=True)
     return 0
 
 

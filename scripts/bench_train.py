@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import re
 import resource
+import statistics
 import time
 import types
 from pathlib import Path
@@ -124,10 +125,14 @@ def measure(model, step: Callable[[], tuple[float, int]], steps: int, device, ad
     finally:
         meter.close()
     timed = slice(1, None) if steps > 1 else slice(None)
+    by_step = [n / t for n, t in zip(real, seconds)]
     return {
         "losses": losses, "step_seconds": seconds, "real_tokens": sum(real),
         "computed_tokens": meter.computed,
         "tokens_per_s": sum(real[timed]) / sum(seconds[timed]),
+        # Each step's own rate; the steps hold the same samples for both implementations.
+        "tokens_per_s_by_step": by_step,
+        "tokens_per_s_median_step": statistics.median(by_step[timed]),
         "tokens_per_s_incl_first": sum(real) / sum(seconds),
         "token_efficiency": sum(real) / max(meter.computed, 1),
         "matmul_flops_first_step": flops.total,
