@@ -60,6 +60,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 T4_MEMORY_CAP_GB = 14.0
 # The figures every implementation reports (bench_train.py), copied to the top-level entries.
 FIELDS = ("tokens_per_s", "token_efficiency", "matmul_flops_per_token", "oom")
+_PEAK_KEYS = ("peak_memory_bytes", "peak_reserved_bytes", "peak_rss_bytes")
 
 
 def device_capability(device: torch.device) -> tuple[int, int] | None:
@@ -165,8 +166,6 @@ def run_training(args, device: torch.device) -> dict:
                 for impl, r in runs.items()})
     return out
 
-
-_PEAK_KEYS = ("peak_memory_bytes", "peak_reserved_bytes", "peak_rss_bytes")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
