@@ -149,6 +149,7 @@ def _save_partial(args, rounds: list[dict]) -> None:
 
 def run_training(args, device: torch.device) -> dict:
     impls = ["hf", "baton"] if args.impl == "both" else [args.impl]
+    impls = sorted(impls, key=lambda impl: impl != args.first)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     rounds = []
@@ -183,6 +184,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int, default=1,
                    help="samples a micro-batch (one micro-batch an optimizer step)")
     p.add_argument("--repeats", type=int, default=1, help="runs of the pair; tokens/s: median")
+    p.add_argument("--first", choices=["hf", "baton"], default="hf",
+                   help="which implementation of the pair runs first (in the first round)")
     p.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=True,
                    help="Baton's layout with --data (the agent's default: padding-free)")
     p.add_argument("--seed", type=int, default=3407)
