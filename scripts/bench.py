@@ -60,6 +60,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 T4_MEMORY_CAP_GB = 14.0
 # The figures every implementation reports (bench_train.py), copied to the top-level entries.
 FIELDS = ("tokens_per_s", "token_efficiency", "matmul_flops_per_token", "oom")
+_PEAK_KEYS = ("peak_memory_bytes", "peak_reserved_bytes", "peak_rss_bytes")
 
 
 def device_capability(device: torch.device) -> tuple[int, int] | None:
@@ -138,15 +139,27 @@ def _merge_repeats(rounds: list[dict]) -> dict:
     return runs
 
 
+def _save_partial(args, rounds: list[dict]) -> None:
+    """What is measured so far, beside --json: a long CPU bench that is cut keeps it."""
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.json.with_name(args.json.name + ".partial")
+        partial.write_text(json.dumps({"rounds": rounds}, indent=2) + "\n")
+
+
 def run_training(args, device: torch.device) -> dict:
     impls = ["hf", "baton"] if args.impl == "both" else [args.impl]
+    impls = sorted(impls, key=lambda impl: impl != args.first)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     rounds = []
     with Progress(*columns, console=console) as progress:
         for i in range(args.repeats):
             order = impls if i % 2 == 0 else impls[::-1]  # neither always pays the warm-up
-            rounds.append({impl: run_impl(impl, args, device, progress) for impl in order})
+            rounds.append({})
+            for impl in order:
+                rounds[-1][impl] = run_impl(impl, args, device, progress)
+                _save_partial(args, rounds)
     runs = _merge_repeats(rounds)
     _print_table(runs)
     out = {"runs": runs, "max_loss_diff": max_loss_diff(runs)}
@@ -154,8 +167,6 @@ def run_training(args, device: torch.device) -> dict:
                 for impl, r in runs.items()})
     return out
 
-
-_PEAK_KEYS = ("peak_memory_bytes", "peak_reserved_bytes", "peak_rss_bytes")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -169,9 +180,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mlp-shape", type=_pair, help="HIDDEN,INTERMEDIATE for --kernel lora_mlp")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens a row (--data: the most)")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--num-layers", type=int, help="a preset with this many decoder layers")
     p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int, default=1,
                    help="samples a micro-batch (one micro-batch an optimizer step)")
     p.add_argument("--repeats", type=int, default=1, help="runs of the pair; tokens/s: median")
+    p.add_argument("--first", choices=["hf", "baton"], default="hf",
+                   help="which implementation of the pair runs first (in the first round)")
     p.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=True,
                    help="Baton's layout with --data (the agent's default: padding-free)")
     p.add_argument("--seed", type=int, default=3407)
@@ -224,7 +238,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     args.precision = resolve_precision(args.precision, device_capability(device))
     _apply_memory_cap(args.memory_cap_gb, device)
-    result = {"preset": args.preset, "model": _text(args.model), "data": _text(args.data),
+    result = {"preset": args.preset, "num_layers": args.num_layers,
+              "model": _text(args.model), "data": _text(args.data),
               "seq_len": args.seq_len, "steps": args.steps, "batch_size": args.batch_size,
               "repeats": args.repeats, "seed": args.seed, "precision": args.precision,
               "padding_free": args.padding_free if args.data else None,
@@ -246,6 +261,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+        args.json.with_name(args.json.name + ".partial").unlink(missing_ok=True)
     return 0
 
 

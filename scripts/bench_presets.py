@@ -31,6 +31,12 @@ PRESETS: dict[str, tuple[str, dict]] = {
         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
         rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         use_sliding_window=False, tie_word_embeddings=True)),
+    # HuggingFaceTB/SmolLM2-135M(-Instruct), the test suite's real model (GQA 9/3, tied).
+    "smollm2-135m": ("llama", dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        tie_word_embeddings=True)),
     "tiny": ("llama", dict(
         vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -42,10 +48,14 @@ INIT_STD = 0.02
 # --- model ------------------------------------------------------------------------------
 
 
-def preset_config(name: str):
+def preset_config(name: str, num_layers: int | None = None):
+    """The preset's config; `num_layers` keeps the shapes with fewer decoder layers (a FLOP
+    count of a few layers under Triton's interpreter, where all 30 would take long)."""
     from transformers import AutoConfig
 
     model_type, kwargs = PRESETS[name]
+    if num_layers:
+        kwargs = {**kwargs, "num_hidden_layers": num_layers}
     return AutoConfig.for_model(model_type, **kwargs)
 
 
@@ -98,11 +108,12 @@ def _materialise(model, device, dtype, seed: int) -> None:
                 module._buffers[name] = buf.to(device)
 
 
-def _random_base(preset: str, device: torch.device, dtype: torch.dtype, seed: int):
+def _random_base(preset: str, device: torch.device, dtype: torch.dtype, seed: int,
+                 num_layers: int | None):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    config = preset_config(preset)
+    config = preset_config(preset, num_layers)
     with init_empty_weights():  # parameters on meta, buffers (rotary tables) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.tie_weights()  # init_empty_weights skips tying (Qwen2.5 shares embeddings and lm_head)
@@ -112,13 +123,14 @@ def _random_base(preset: str, device: torch.device, dtype: torch.dtype, seed: in
     return model
 
 
-def build_model(preset: str, impl: str, device: torch.device, dtype: torch.dtype, seed: int):
+def build_model(preset: str, impl: str, device: torch.device, dtype: torch.dtype, seed: int,
+                num_layers: int | None = None):
     """NF4-quantized random model of the preset, LoRA (r 16, alpha 32) on all linear layers."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from state_schema.config import LoraConfig
     from training.model import lora_config, prepare_for_training
 
-    model = _random_base(preset, device, dtype, seed)
+    model = _random_base(preset, device, dtype, seed, num_layers)
     if impl == "baton":
         return prepare_for_training(model, LoraConfig(), seed, dtype, quantized=True)
     model = prepare_model_for_kbit_training(

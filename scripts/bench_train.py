@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import re
 import resource
+import statistics
 import time
 import types
 from pathlib import Path
@@ -124,10 +125,14 @@ def measure(model, step: Callable[[], tuple[float, int]], steps: int, device, ad
     finally:
         meter.close()
     timed = slice(1, None) if steps > 1 else slice(None)
+    by_step = [n / t for n, t in zip(real, seconds)]
     return {
         "losses": losses, "step_seconds": seconds, "real_tokens": sum(real),
         "computed_tokens": meter.computed,
         "tokens_per_s": sum(real[timed]) / sum(seconds[timed]),
+        # Each step's own rate; the steps hold the same samples for both implementations.
+        "tokens_per_s_by_step": by_step,
+        "tokens_per_s_median_step": statistics.median(by_step[timed]),
         "tokens_per_s_incl_first": sum(real) / sum(seconds),
         "token_efficiency": sum(real) / max(meter.computed, 1),
         "matmul_flops_first_step": flops.total,
@@ -185,7 +190,8 @@ def preset_run(impl: str, args, device: torch.device, result: dict) -> tuple:
     from scripts.bench_data import RandomTokens
     from scripts.bench_presets import build_model
 
-    model = build_model(args.preset, impl, device, compute_dtype(args.precision), args.seed)
+    model = build_model(args.preset, impl, device, compute_dtype(args.precision), args.seed,
+                        args.num_layers)
     if impl == "baton":
         report = patch_model(model, device)
         result.update(kernels=report.path, patched=report.patched)
@@ -268,6 +274,16 @@ def _hf_data_run(spec, args, device: torch.device) -> tuple:
     return model.train(), step
 
 
+def _advance(progress, task, impl: str) -> Callable[[], None]:
+    """Moves the bar; where the output is not a terminal (a log file), one line a step."""
+    def advance() -> None:
+        progress.advance(task)
+        if not progress.console.is_terminal:
+            done = int(progress.tasks[task].completed)
+            progress.console.log(f"{impl}: step {done} of {progress.tasks[task].total:g} done")
+    return advance
+
+
 def run_impl(impl: str, args, device: torch.device, progress) -> dict:
     """Build, train, measure one implementation; out of memory is a result, not a crash."""
     task = progress.add_task(f"{impl}: build", total=args.steps)
@@ -278,7 +294,7 @@ def run_impl(impl: str, args, device: torch.device, progress) -> dict:
         model, step = build(impl, args, device, result)
         was_reset = reset_peak(device)  # the build's transient buffers are not the training's
         progress.update(task, description=f"{impl}: train")
-        result.update(measure(model, step, args.steps, device, lambda: progress.advance(task)))
+        result.update(measure(model, step, args.steps, device, _advance(progress, task, impl)))
         result.update(peak_memory(device, was_reset))
     except torch.OutOfMemoryError as exc:  # torch.cuda.OutOfMemoryError is this class
         result.update(oom=True, error=str(exc).splitlines()[0], **peak_memory(device, True))

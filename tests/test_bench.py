@@ -64,7 +64,7 @@ def test_presets_are_the_published_architectures():
 
     # Parameter counts of the published checkpoints (Qwen2.5 ties lm_head to the embeddings).
     published = {"llama-3.1-8b": 8_030_261_248, "mistral-7b": 7_248_023_552,
-                 "qwen2.5-1.5b": 1_543_714_304}
+                 "qwen2.5-1.5b": 1_543_714_304, "smollm2-135m": 134_515_008}
     for preset, count in published.items():
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(bench.preset_config(preset))
