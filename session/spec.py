@@ -2,7 +2,8 @@
 
 The spec pins what must not change within a run (model revision, LoRA, training settings, the
 data by content), so a later session with a different config is refused before it writes
-anything. The data files themselves travel through the store, so a fresh machine can resume.
+anything. The data files themselves travel through the store (a Hub dataset through its pinned
+commit: session/hub_source.py), so a fresh machine can resume.
 """
 
 from __future__ import annotations

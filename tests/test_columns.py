@@ -155,9 +155,9 @@ def spec_for(tmp_path, model_dir, train, **data):
     """The spec a session would create from this data config, as `agent.py run` does."""
     from session.spec import inspect_data
 
-    sha, fmt, columns, _ = inspect_data(config(train, **data))
-    spec = make_spec(model_dir, train, fmt=fmt, max_steps=2, eval_=0.0)
-    spec.data.columns = columns
+    found = inspect_data(config(train, **data))
+    spec = make_spec(model_dir, train, fmt=found["format"], max_steps=2, eval_=0.0)
+    spec.data.columns = found["columns"]
     return spec
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from state_schema import RunConfig
 from tests.agent_helpers import open_run, run_agent, write_config
-from training.data import DataError
+from training.data import DataError, fingerprint
 from training.hub_data import CONVERTED, DatasetUnavailableError, _by_name, _config_splits, pin
 
 NAMES = itertools.count(1)
@@ -144,6 +144,7 @@ def test_a_loading_script_is_read_through_its_parquet_conversion_or_refused(hub)
     pinned = pin(repo, None, "en")
     assert pinned.ref == CONVERTED and pinned.splits == {
         "train": ["en/train/0000.parquet"], "test": ["en/partial-test/0000.parquet"]}
+    assert pin(repo, CONVERTED, "fr").splits == {"train": ["fr/train/0000.parquet"]}
 
 
 # -- access --------------------------------------------------------------------------------
@@ -197,6 +198,7 @@ def test_later_sessions_read_the_pinned_commit_and_refuse_a_vanished_one(
         hub, tmp_path, monkeypatch, tiny_model_dir):
     import huggingface_hub.constants as hf_constants
 
+    from scripts.eval import fetch_inputs
     from session.spec import local_inputs, new_spec, spec_differences
     from training.columns import load_records
 
@@ -211,6 +213,8 @@ def test_later_sessions_read_the_pinned_commit_and_refuse_a_vanished_one(
     records = load_records(train, spec.data.columns, spec.data.format)
     assert len(records) == 20 and records[0]["text"].startswith("Quote 0")
     assert len(load_records(held, spec.data.columns, spec.data.format)) == 4
+    got = fetch_inputs(None, spec, tmp_path / "eval-work")  # eval.py: the same files
+    assert [fingerprint(p) for p in got] == [spec.data.sha256, spec.data.eval_sha256]
     assert spec_differences(spec, cfg) == []  # main moved: still the run's config
     moved = spec_differences(spec, config(repo, str(tiny_model_dir), columns={"text": "quote"},
                                           split="test", eval=0.1))

@@ -71,7 +71,7 @@ def resolve_columns(record: dict[str, Any], columns: dict[str, str], fmt: str,
 
 def recognise(record: dict[str, Any]) -> Optional[tuple[str, dict[str, str]]]:
     """(format, mapping) of a record in a shape Baton knows, or None."""
-    if isinstance(record.get("messages"), (list, str)) and "messages" in record:
+    if isinstance(record.get("messages"), list):
         return "chat", {}
     if "prompt" in record and "completion" in record:
         return "pairs", {}
@@ -161,6 +161,8 @@ def normalise_turns(turns: Any, source: Any, number: int) -> Any:
 
 
 def _turn(turn: dict[str, Any], source: Any, number: int) -> dict[str, Any]:
+    """One turn as role/content; its other keys (name, tool_calls, ...) are kept for the
+    chat template."""
     if "role" in turn and "content" in turn:
         speaker, content = turn["role"], turn["content"]
     elif "from" in turn and "value" in turn:
@@ -168,5 +170,6 @@ def _turn(turn: dict[str, Any], source: Any, number: int) -> dict[str, Any]:
     else:
         raise DataError(f"{source} record {number}: a turn has keys {sorted(turn)}; give "
                         "role/content (or ShareGPT's from/value) in every turn")
+    rest = {k: v for k, v in turn.items() if k not in ("role", "content", "from", "value")}
     # A role the table does not know passes as it is: the chat template judges it.
-    return {"role": ROLES.get(str(speaker).lower(), speaker), "content": content}
+    return {**rest, "role": ROLES.get(str(speaker).lower(), speaker), "content": content}

@@ -68,6 +68,8 @@ def pin(repo: str, revision: Optional[str], subset: Optional[str]) -> Pinned:
     with hub_errors(repo, asked):
         commit = api.dataset_info(repo, revision=asked).sha
         files = _tree(api, repo, commit)
+        if asked == CONVERTED:  # named outright: its own layout, one folder a subset
+            return Pinned(repo, commit, asked, *_converted_splits(files, subset, repo))
         configs = _yaml_configs(api, repo, commit, files)
         found = _splits(files, configs, subset, repo)
         if found is not None:
