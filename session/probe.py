@@ -29,7 +29,7 @@ log = logging.getLogger("baton.session")
 
 ROOT = Path(__file__).resolve().parent.parent  # `-m kernels.probe` must find our `kernels`
 PROBE_TIMEOUT_S = 600.0  # a cold Triton cache compiles ~10 kernels: a minute or two on a T4
-PROBE_TOKENS = 8
+PROBE_TOKENS = 16  # few rows, divisible by 16 as most runs' token counts are
 
 
 @dataclass
