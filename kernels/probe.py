@@ -12,7 +12,9 @@ on `tokens` rows (a handful: the compile depends on the sizes, not on the row co
 forward is held to its plain-PyTorch reference loosely (a kernel that compiles but computes
 garbage fails too). Before each op the child prints `{"op": name}`, after it `{"op": name,
 "ok": true, "seconds": s}`, so the parent can name the op that was running when the child
-died. Triton caches what it compiled on disk, so the session's own first step reuses it.
+died. Triton keeps what it compiled in its disk cache; the session's first step reuses a
+kernel only where its launch matches (block sizes that follow the row count, and Triton's
+specialisation of sizes divisible by 16, may differ), and compiles the others again.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class ProbeJob:
     rank: int = 16
     nf4: bool = False
     eps: float = 1e-6
-    tokens: int = 8
+    tokens: int = 16
     ops: list[str] = field(default_factory=list)  # empty: every op in OPS
 
     @property

@@ -25,11 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from kernels.architectures import ARCHITECTURES, SILU_ACTIVATIONS
+
 log = logging.getLogger("baton.session")
 
 ROOT = Path(__file__).resolve().parent.parent  # `-m kernels.probe` must find our `kernels`
 PROBE_TIMEOUT_S = 600.0  # a cold Triton cache compiles ~10 kernels: a minute or two on a T4
-PROBE_TOKENS = 8
+PROBE_TOKENS = 16  # few rows, divisible by 16 as most runs' token counts are
 
 
 @dataclass
@@ -52,9 +54,11 @@ def job_for(spec, device, model_config) -> dict[str, Any]:
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     ops = ["rmsnorm", "rope", "lora_qkv", "lora_linear", "cross_entropy"]
-    if getattr(c, "hidden_act", "silu") in ("silu", "swish"):
+    if getattr(c, "hidden_act", "silu") in SILU_ACTIVATIONS:
         ops[2:2] = ["swiglu"]
         ops.insert(-1, "lora_mlp")
+    if getattr(c, "model_type", "") not in ARCHITECTURES:  # patch_model fuses the LoRA only
+        ops = [op for op in ops if op.startswith("lora_")]
     return {"device": device.device, "precision": device.precision, "hidden": c.hidden_size,
             "intermediate": c.intermediate_size, "heads": heads,
             "kv_heads": getattr(c, "num_key_value_heads", None) or heads, "head_dim": head_dim,

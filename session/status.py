@@ -247,7 +247,9 @@ def render(status: dict[str, Any], console=None) -> None:
         ("state", status["state"]), ("model", status["model"] or "-"),
         ("step", f"{status['step']:,} / {num_text(total)}{done}"),
         ("epoch (from 0)", f"{status['epoch']}, {status['epoch_position']:,} samples in"),
-        ("samples seen", num_text(status["samples_seen"])),
+        ("samples seen", num_text(status["samples_seen"]) + (
+            f" (+{status['skipped_samples']:,} skipped, not trained)"
+            if status.get("skipped_samples") else "")),
         ("tokens seen", num_text(status["tokens_seen"])),
         ("loss", num_text(status["loss"], "{:.4f}")), ("eval loss", _eval_text(status)),
         ("checkpoint", status["checkpoint"] or "-"),

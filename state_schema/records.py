@@ -34,7 +34,7 @@ class Cursor(Stored):
     skipped_steps: int = 0  # steps that changed no weight (fp16 gradient overflow, or a
     # non-finite loss): their samples were consumed (epoch_position moved) but not trained
     skipped_samples: int = 0  # samples of those steps: consumed = samples_seen + this
-    skipped_tokens: int = 0
+    skipped_tokens: int = 0  # their tokens
     training_seconds: float = 0.0
     loss: Optional[float] = None  # last logged training loss
     eval_loss: Optional[float] = None
@@ -107,7 +107,7 @@ class SessionRecord(Stored):
     ended: Optional[datetime] = None
     start_step: int = 0
     end_step: int = 0
-    tokens: int = 0
+    tokens: int = 0  # every step's, skipped or not: the numerator of tokens_per_s
     train_seconds: float = 0.0
     slowest_step_s: float = 0.0
     save_seconds: list[float] = Field(default_factory=list)

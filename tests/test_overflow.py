@@ -133,3 +133,11 @@ def test_three_non_finite_losses_end_the_session_on_the_last_good_checkpoint(
     assert record.exit_code == 1 and record.nonfinite_steps == 3 and record.end_step == 5
     assert all(math.isfinite(loss) for _, loss in record.losses)
     assert runstore.read_lease()[0].released
+    from rich.console import Console
+
+    from session.status import collect_status, render
+
+    console = Console(record=True, width=200)
+    render(collect_status(runstore.store, "t"), console)
+    assert f"0->5 ({record.skipped_steps} skipped)" in console.export_text()
+    assert record.skipped_steps >= 3, "the 3 non-finite ones, and any fp16 gradient overflow"

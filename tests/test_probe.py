@@ -85,7 +85,7 @@ def test_the_probe_names_the_op_that_failed(code, events, reason):
 def test_the_job_has_the_models_sizes_and_the_runs_dtype():
     from session.probe import job_for
 
-    llama8b = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+    llama8b = SimpleNamespace(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                               num_key_value_heads=8, vocab_size=128256, hidden_act="silu",
                               rms_norm_eps=1e-5)
     spec = SimpleNamespace(lora=SimpleNamespace(r=16), model=SimpleNamespace(load_in_4bit=True))
@@ -95,6 +95,9 @@ def test_the_job_has_the_models_sizes_and_the_runs_dtype():
     assert (job["head_dim"], job["kv_heads"], job["vocab"], job["nf4"], job["device"]) == (
         128, 8, 128256, True, "cuda:1")
     assert job["tokens"] <= 16, "cheap: the compile depends on the sizes, not the rows"
+    other = SimpleNamespace(**{**vars(llama8b), "model_type": "gemma2"})
+    assert job_for(spec, SimpleNamespace(device="cuda:0", precision="bf16"), other)["ops"] == [
+        "lora_qkv", "lora_linear", "lora_mlp"], "an unknown architecture gets the fused LoRA only"
 
 
 TINY_JOB = dict(device="cpu", hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16,
