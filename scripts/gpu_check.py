@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 from scripts import gpu_parts as parts  # noqa: E402
 from scripts.gpu_parts import Check, PartFailed, PartTimedOut  # noqa: E402,F401
 
-DEADLINE_S, DRY_DEADLINE_S = 480.0, 1200.0
+DEADLINE_S, DRY_DEADLINE_S = 480.0, 2700.0
 MIN_START_S = 15  # a part that would get less than this is not run
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
 
@@ -77,15 +77,15 @@ def plan(check: Check) -> list[Part]:
     # nothing; the GPU's add up to DEADLINE_S.
     b = (lambda gpu, cpu: cpu if dry else gpu)
     return [
-        Part("wheels", b(30, 120), parts.wheels),
-        Part("kernel_tests", b(130, 120), parts.kernel_tests, no_triton),
-        Part(f"bench_{preset}_fp16", b(70, 120), parts.training_bench(preset, "fp16")),
-        Part(f"bench_{preset}_bf16", b(70, 120), parts.training_bench(preset, "bf16"), no_bf16),
-        Part("nf4_fp16", b(15, 60), parts.nf4_bench(preset, "fp16"), no_triton),
-        Part("nf4_bf16", b(15, 60), parts.nf4_bench(preset, "bf16"), no_triton or no_bf16),
-        Part("handoff", b(70, 180), parts.handoff),
-        Part("ranks", b(45, 180), parts.two_ranks),
-        Part("reference", b(35, 120), parts.reference_path),
+        Part("wheels", b(30, 240), parts.wheels),
+        Part("kernel_tests", b(130, 240), parts.kernel_tests, no_triton),
+        Part(f"bench_{preset}_fp16", b(70, 240), parts.training_bench(preset, "fp16")),
+        Part(f"bench_{preset}_bf16", b(70, 240), parts.training_bench(preset, "bf16"), no_bf16),
+        Part("nf4_fp16", b(15, 180), parts.nf4_bench(preset, "fp16"), no_triton),
+        Part("nf4_bf16", b(15, 180), parts.nf4_bench(preset, "bf16"), no_triton or no_bf16),
+        Part("handoff", b(70, 480), parts.handoff),
+        Part("ranks", b(45, 360), parts.two_ranks),
+        Part("reference", b(35, 240), parts.reference_path),
     ]
 
 

@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -83,6 +84,9 @@ def run_session(config: Path, workdir: Path, precision: str, log: Path, deadline
         handle.write("$ " + " ".join(args) + "\n")
         proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True, bufsize=1,
                                 stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        # Killed at the deadline even while it prints nothing (a hang, a slow load).
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), proc.kill)
+        watchdog.start()
         signalled = False
         try:
             for line in proc.stdout:
@@ -94,13 +98,12 @@ def run_session(config: Path, workdir: Path, precision: str, log: Path, deadline
                     if stop_at and not signalled and int(match.group(1)) >= stop_at:
                         proc.send_signal(signal.SIGTERM)
                         signalled = True
-                if time.monotonic() > deadline:
-                    raise HandoffFailed("budget")
-            return proc.wait(timeout=max(1.0, deadline - time.monotonic())), lines, "".join(text)
-        except (HandoffFailed, subprocess.TimeoutExpired):
-            proc.kill()
-            proc.wait()
+            code = proc.wait()
+        finally:
+            watchdog.cancel()
+        if time.monotonic() >= deadline:
             raise HandoffFailed(f"session ({precision}) ran past the part's budget; see {log}")
+        return code, lines, "".join(text)
 
 
 def _expected_lrs(store: Path, total: int) -> list[float]:
