@@ -104,6 +104,9 @@ def test_hub_run_commits_its_page_with_every_checkpoint(tiny, tmp_path, hub_serv
     assert "## Sessions" in card and "![loss curve of t](t/loss.png)" in card
     assert f'PeftModel.from_pretrained(base, "{repo_of(uri)}", subfolder="t/final")' in card
     assert final["t/loss.png"].startswith(b"\x89PNG")
+    # Where each session's time went: a stacked bar a session, in the same commit.
+    assert "![where each session's time went](t/time.png)" in card
+    assert final["t/time.png"].startswith(b"\x89PNG") and "| goodput (training / wall" in card
     assert final["t/final/adapter_model.safetensors"] == \
         final[f"t/checkpoints/{open_run(uri).read_head()[0].checkpoint}/adapter_model.safetensors"]
     check_final_adapter_loads(uri, tiny["model"], tmp_path)
@@ -149,7 +152,7 @@ def test_status_html_of_a_local_run_is_one_self_contained_page(local_page):
     text = local_page["page"].read_text()
     assert "<table>" in text and "<td>finished</td>" in text
     assert "<td>6 of 6 (100.0%)</td>" in text and "<h2>Sessions</h2>" in text
-    assert 'src="data:image/png;base64,' in text, "the plot is inlined"
+    assert text.count('src="data:image/png;base64,') == 2, "the loss plot and the time bars"
     assert "http://" not in text and "https://" not in text, "nothing fetched from elsewhere"
     adapter = local_page["store"] / "t" / "checkpoints" / "00000006-g1"
     assert f'"{adapter}"' in html.unescape(text), "the page loads the adapter from where it is"
