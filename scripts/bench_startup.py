@@ -2,6 +2,7 @@
 """What a session pays before it trains, measured: the data's encoding and Triton's compiles.
 
     python scripts/bench_startup.py data   [--records 20000] [--out DIR] [--json OUT]
+    python scripts/bench_startup.py encode [--records 20000] [--json OUT]
     python scripts/bench_startup.py triton [--json OUT]
 
 `data`: two real sessions of `agent.py run` on SmolLM2-135M-Instruct (scripts/real_model.py)
@@ -11,6 +12,9 @@ step (it commits and pauses), session 2 resumes and finishes the second. The fig
 session's record as stored (its phase timings when the record has them), so they are what
 `agent.py status` reads; session 1 tokenizes and packs every record and stores the encoding,
 session 2 loads it.
+
+`encode`: the same data start-up in one process, the sessions side by side (session 1 encodes
+and stores, session 2 loads on a fresh machine and on the same one), twice in turn.
 
 `triton`: every Baton kernel compiled for a T4 (sm_75) and for sm_90, cold in a fresh process
 with an empty TRITON_CACHE_DIR and again in a fresh process over the same folder, which is what
@@ -134,6 +138,42 @@ def summary(results: list[dict]) -> dict:
             "base_eval_s": round(first["eval"], 2)}
 
 
+def bench_encode(args) -> dict:
+    """The data start-up of session 1 (encode and store) and session 2 (load: from the store
+    on a fresh machine, from the workdir on the same one), side by side in one process, twice
+    in turn, so the machine's load falls on both alike."""
+    from transformers import AutoTokenizer
+
+    from handoff import open_store
+    from handoff.runstore import RunStore
+    from scripts.real_model import ensure_model
+    from session.datacache import StoreEncodedCache
+    from session.spec import new_spec
+    from state_schema import RunConfig
+    from training.dataset import RunData
+
+    folder = Path(tempfile.mkdtemp(prefix="baton-encode-"))
+    config = RunConfig.model_validate(__import__("yaml").safe_load(
+        write_run(folder, args.records, ensure_model()).read_text()))
+    tokenizer = AutoTokenizer.from_pretrained(config.model.name)
+    rows = {"session_1": [], "session_2_fresh_machine": [], "session_2_same_machine": []}
+    for round_ in range(2):
+        runstore = RunStore(open_store(str(folder / f"store{round_}")), config.run)
+        spec = new_spec(runstore, config)
+        for name, workdir in (("session_1", "w1"), ("session_2_fresh_machine", "w2"),
+                              ("session_2_same_machine", "w2")):
+            started = time.perf_counter()
+            data = RunData(spec, Path(config.data.train),
+                           cache=StoreEncodedCache(runstore, folder / f"{workdir}-{round_}",
+                                                   lambda _line: None))
+            data.attach(tokenizer)
+            rows[name].append(round(time.perf_counter() - started, 3))
+    best = {name: min(times) for name, times in rows.items()}
+    return {"records": args.records, "seconds": rows, "n_train_blocks": data.n_train,
+            "ratio_fresh": round(best["session_2_fresh_machine"] / best["session_1"], 4),
+            "ratio_same": round(best["session_2_same_machine"] / best["session_1"], 4)}
+
+
 def bench_triton(args) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json; from scripts.aot_kernels import compile_all; "
@@ -155,12 +195,12 @@ def bench_triton(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["data", "triton"])
+    parser.add_argument("what", choices=["data", "encode", "triton"])
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--out", help="folder for the data, store and workdir (kept)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-    result = bench_data(args) if args.what == "data" else bench_triton(args)
+    result = {"data": bench_data, "encode": bench_encode, "triton": bench_triton}[args.what](args)
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if args.json:

@@ -146,8 +146,11 @@ def test_the_quota_a_session_needs_comes_from_measured_model_loads():
 
     from scripts.kaggle_quota import Quota, model_load_s, verdict
 
-    records = [SimpleNamespace(timings={"model_load": 95.0}), SimpleNamespace(timings=None),
-               SimpleNamespace(timings={"model_load": 140.0, "data": 3.0})]
+    from state_schema import SessionTimings
+
+    records = [SimpleNamespace(timings=SessionTimings(model_load=95.0)),
+               SimpleNamespace(timings=None),  # a record from before the timings
+               SimpleNamespace(timings=SessionTimings(model_load=140.0, data=3.0))]
     assert model_load_s(records) == 140.0 and model_load_s([]) is None
     now = datetime(2026, 12, 1, 12, tzinfo=timezone.utc)
     quota = Quota(used_s=28 * 3600, reserved_s=1800, total_s=30 * 3600,
