@@ -24,8 +24,10 @@ from .codes import DEFAULT_SESSION_LIMIT_S
 
 DEFAULT_FLOOR_S = 10.0  # the margin before a step and a commit are measured: a guess
 # Once both are measured the margin is what they cost (times the factor), with only this floor
-# for what follows the final commit (the session record, the lease's release).
-MEASURED_FLOOR_S = 2.0
+# for what follows the final commit: the session record, the lease's release and the process's
+# exit (about a second on a busy 2-core machine; a lease left unreleased at a hard kill would
+# make the next session wait out its TTL).
+MEASURED_FLOOR_S = 3.0
 DEFAULT_FACTOR = 1.5
 RECENT = 8  # how many recent steps and commits "recent" means
 
@@ -188,7 +190,8 @@ class SessionClock:
 
         With steady costs (step s, commit c) the last step ends within s after the deadline
         and the commit takes c, so the unused tail is at most margin - c = 1.5 s + 0.5 c:
-        under 2 s + c (tests/test_goodput.py checks it on a fake clock)."""
+        under 2 s + c (tests/test_goodput.py checks it on a fake clock) once steps and commits
+        outweigh the close-out floor (3 s); below that the floor is the tail."""
         measured = self.factor * (self.slowest_commit + self.slowest_step)
         floor = MEASURED_FLOOR_S if self._steps and self._commits else self.floor
         return max(floor, measured)

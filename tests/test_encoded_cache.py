@@ -75,7 +75,7 @@ def test_cached_samples_equal_uncached_and_a_later_session_tokenizes_nothing(
     def forbidden(*_args, **_kwargs):
         raise AssertionError("a cached session must not read or encode records")
 
-    monkeypatch.setattr(dataset, "read_records", forbidden)
+    monkeypatch.setattr(dataset, "load_records", forbidden)
     monkeypatch.setattr(Encoder, "__call__", forbidden)
     cache = cache_in(tmp_path / "store", tmp_path / "w2", said)
     later = RunData(spec, data, cache=cache)

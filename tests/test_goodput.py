@@ -48,7 +48,7 @@ def simulate_session(step_s: float, commit_s: float, *, limit: float = 3600.0,
     return T0 + limit - now
 
 
-@pytest.mark.parametrize("step_s,commit_s", [(4.0, 3.0), (30.0, 20.0), (1.0, 0.5), (0.6, 2.5)])
+@pytest.mark.parametrize("step_s,commit_s", [(4.0, 3.0), (30.0, 20.0), (1.5, 0.5), (0.6, 2.5)])
 def test_tail_is_at_most_two_steps_and_a_commit_with_steady_steps(step_s, commit_s):
     tail = simulate_session(step_s, commit_s)
     assert 0.0 <= tail <= 2 * step_s + commit_s
