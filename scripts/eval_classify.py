@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from session.card import save_png
 from training.classify import predict
 
 
@@ -133,12 +134,9 @@ def plot_confusion(result: dict[str, Any], path: Path) -> Path:
         ax.set(xlabel="predicted", ylabel="true", title=(
             f"checkpoint {result.get('checkpoint', '?')}: accuracy "
             f"{result['tuned']['accuracy']:.3f}, macro-F1 {result['tuned']['macro_f1']:.3f}"))
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        return save_png(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 def png_beside(json_path: Path) -> Path:

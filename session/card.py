@@ -18,6 +18,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+def save_png(fig, path) -> Path:
+    """Write a matplotlib figure as the PNG at `path` (its folder made): the loss plot, the
+    time bars and the confusion matrix all leave through here, alike."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
 def num_text(value: Optional[float], fmt: str = "{:,}") -> str:
     """A number as the page and `status` show it; '-' when there is none."""
     return "-" if value is None else fmt.format(value)

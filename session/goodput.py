@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from state_schema import PHASES, SessionRecord
 
-from .card import percent, utc_short
+from .card import percent, save_png, utc_short
 
 # One colour a phase on the page's bars: training green, waiting greys, the rest distinct.
 COLOURS = {
@@ -110,12 +110,9 @@ def plot_timings(sessions: list[dict[str, Any]], path: Path) -> Optional[Path]:
     fig, ax = plt.subplots(figsize=(8, 0.9 + 0.45 * len(timed)))
     try:
         _draw_bars(ax, timed)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        return save_png(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 def _draw_bars(ax, timed: list[tuple[int, dict[str, float]]]) -> None:

@@ -20,7 +20,7 @@ from state_schema import Cursor, Head, Lease, RunSpec, SchemaError, SessionRecor
 from handoff import Store, StoreConfigError, StoreError, open_store
 from handoff.runstore import RunStore, parse_checkpoint_id
 
-from .card import gpu_hours_text, num_text, percent, utc_short, write_page
+from .card import gpu_hours_text, num_text, percent, save_png, utc_short, write_page
 from .codes import DEFAULT_SESSION_LIMIT_S, FAILED, INVALID, OK, PAUSED
 from .goodput import plot_timings, run_fields, session_fields, time_table
 from .probe import kernels_text
@@ -225,12 +225,9 @@ def plot_losses(view: RunView, path: Path) -> Path:
         ax.set(xlabel="optimizer step", ylabel="loss", title=f"run {view.run}")
         if train or evals:
             ax.legend()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        return save_png(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 def render(status: dict[str, Any], console=None) -> None:
