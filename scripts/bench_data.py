@@ -19,7 +19,6 @@ from typing import Iterator
 
 import torch
 
-IGNORE = -100  # the label of a position that carries no loss (HF's and the engine's value)
 
 
 class BenchInputError(ValueError):
@@ -69,17 +68,11 @@ def step_samples(spec, n_train: int, steps: int) -> Iterator[list[int]]:
 
 def pad_batch(samples, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch to its longest sample, with a 2D attention mask and -100 labels
-    on the padding: TRL's SFTTrainer default (its collator pads per batch)."""
-    width = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for row, s in enumerate(samples):
-        n = len(s.input_ids)
-        ids[row, :n] = torch.tensor(s.input_ids)
-        labels[row, :n] = torch.tensor(s.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    on the padding: TRL's SFTTrainer default (its collator pads per batch), which is exactly
+    the engine's padded collate (`training.encode.collate` of unpacked samples)."""
+    from training.encode import collate
+
+    return collate(samples, pad_id)
 
 
 @dataclass
