@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo setup clean gpu-check gpu-wheels
+.PHONY: test demo setup clean gpu-check gpu-wheels fresh-check
 
 setup: $(STAMP)
 
@@ -24,6 +24,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
+# What a new user installs today: a fresh venv from requirements.txt (newest releases its ranges
+# allow), the tiny two-session run with and without HF's `kernels`, status and merge, and the GPU
+# check's dry run on the newest transformers/peft/accelerate (scripts/fresh_install.sh; needs
+# PyPI; a few minutes). .ci/run runs it after `make test`.
+fresh-check: $(STAMP)
+	bash scripts/fresh_install.sh
+
 # The first command on a machine with a GPU (docs/BENCHMARKS.md): the platform's own Python,
 # no venv and no network (what the image lacks comes from .whl/, filled by `make gpu-wheels`
 # beforehand); ends within 8 minutes. Results in $(GPU_CHECK_OUT)/gpu_check.json and .md.
@@ -39,4 +46,4 @@ gpu-wheels:
 	$(PY) scripts/gpu_wheels.py download --python-version $(GPU_PYTHON) --dest $(WHEELS)
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out .pytest_cache .cache/fresh-install

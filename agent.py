@@ -26,9 +26,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-from handoff.secrets import ScrubFilter, scrub
-from session.codes import FAILED, INVALID, PAUSED
-from session.quiet import silence_bnb_kernel_notice
+from baton.handoff.secrets import ScrubFilter, scrub
+from baton.session.codes import FAILED, INVALID, PAUSED
+from baton.session.quiet import silence_bnb_kernel_notice
 
 class ConfigError(ValueError):
     """The config or the flags are wrong; the message says which key and how to fix it."""
@@ -148,7 +148,7 @@ def load_config(args: argparse.Namespace):
     """run.yaml plus flags -> a validated RunConfig; ConfigError says what to fix."""
     from pydantic import ValidationError
 
-    from state_schema import RunConfig
+    from baton.state_schema import RunConfig
 
     path = Path(args.config).expanduser()
     doc = apply_overrides(read_yaml(path), args)
@@ -166,7 +166,7 @@ def check_notify(config) -> None:
     """Notify URLs hold tokens: registered with the scrubber first, then checked."""
     if not config.notify:
         return
-    from session.notify import NotifyConfigError, check_urls
+    from baton.session.notify import NotifyConfigError, check_urls
 
     try:
         check_urls(config.notify)
@@ -175,7 +175,7 @@ def check_notify(config) -> None:
 
 
 def check_session_flags(config) -> None:
-    from session.clock import ClockError, parse_start
+    from baton.session.clock import ClockError, parse_start
 
     try:
         parse_start(config.session.start)
@@ -191,7 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     world = ranks_wanted()
     if world > 1:
         return launch_ranks(world, args.argv, config)
-    from session.loop import SessionOptions, run_session  # heavy: only after validation
+    from baton.session.loop import SessionOptions, run_session  # heavy: only after validation
 
     options = SessionOptions(takeover=args.takeover, workdir=args.workdir,
                              log_every=args.log_every, validated_at=validated)
@@ -216,7 +216,7 @@ def launch_ranks(world: int, argv: list[str], config) -> int:
     """One process a GPU under torch's elastic launcher (session/launch.py), each running this
     same command through the same entry script; rank 0's exit code is the session's (a pause
     stays 75), a dead rank ends the session with 1 and the lease released."""
-    from session.launch import launch
+    from baton.session.launch import launch
 
     return launch(world, entry_script(), argv, store=config.store, run=config.run)
 
@@ -234,14 +234,14 @@ def entry_script() -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from session.status import status_main
+    from baton.session.status import status_main
 
     return status_main(args.store, args.run, as_json=args.json, plot=args.plot, html=args.html)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     config = load_config(args)
-    from session.plan import plan_main
+    from baton.session.plan import plan_main
 
     if args.tokens_per_s is not None and args.tokens_per_s <= 0:
         raise ConfigError(f"--tokens-per-s must be positive, got {args.tokens_per_s}; pass the "

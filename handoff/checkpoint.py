@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from state_schema import FileEntry, Head, Manifest, SchemaError, utcnow
+from baton.state_schema import FileEntry, Head, Manifest, SchemaError, utcnow
 
 from .errors import ConflictError, CorruptCheckpointError, FencedError, NotFoundError, StoreError
 from .runstore import RunStore, parse_checkpoint_id

@@ -16,7 +16,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Callable, Optional
 
-from state_schema import Head, Lease, utcnow
+from baton.state_schema import Head, Lease, utcnow
 
 from .errors import ConflictError, StoreError
 from .runstore import RunStore

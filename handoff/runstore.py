@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from state_schema import Head, Lease, Manifest, RunSpec, SchemaError, SessionRecord
-from state_schema import check_run_name
+from baton.state_schema import Head, Lease, Manifest, RunSpec, SchemaError, SessionRecord
+from baton.state_schema import check_run_name
 
 from .errors import ConflictError
 from .store import ABSENT, Expect, Store

@@ -108,9 +108,9 @@ class Store(ABC):
 
 # scheme -> (module, class, pip package that provides the client)
 REGISTRY: dict[str, tuple[str, str, Optional[str]]] = {
-    "file": ("handoff.local", "LocalStore", None),
-    "s3": ("handoff.s3", "S3Store", "boto3"),
-    "hf": ("handoff.hub", "HubStore", "huggingface_hub"),
+    "file": ("baton.handoff.local", "LocalStore", None),
+    "s3": ("baton.handoff.s3", "S3Store", "boto3"),
+    "hf": ("baton.handoff.hub", "HubStore", "huggingface_hub"),
 }
 
 

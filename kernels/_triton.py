@@ -16,7 +16,7 @@ is itself imported only by kernel modules, never by `kernels/__init__.py` or `di
 
 from __future__ import annotations
 
-from kernels.errors import TritonMissingError
+from baton.kernels.errors import TritonMissingError
 
 
 def _missing_message(what: str) -> str:

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from kernels._triton import tl, triton  # stand-ins when triton is absent
-from kernels.dispatch import check_launchable, next_power_of_2, num_warps_for
-from kernels.guard import on_tensor_device
+from baton.kernels._triton import tl, triton  # stand-ins when triton is absent
+from baton.kernels.dispatch import check_launchable, next_power_of_2, num_warps_for
+from baton.kernels.guard import on_tensor_device
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum")

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 # The errors live in kernels.errors (kernels._triton raises them too); callers import them here.
-from kernels.errors import KernelBackendError, KernelChoiceError, TritonMissingError  # noqa: F401
+from baton.kernels.errors import KernelBackendError, KernelChoiceError, TritonMissingError  # noqa: F401
 
 Backend = Literal["triton", "reference"]
 BACKENDS: tuple[str, ...] = ("triton", "reference")
@@ -40,7 +40,7 @@ def triton_available() -> bool:
     """
     if importlib.util.find_spec("triton") is None:
         return False
-    from kernels._triton import HAS_TRITON
+    from baton.kernels._triton import HAS_TRITON
 
     return HAS_TRITON
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.nf4 import dequantize_nf4
-from kernels.swiglu import swiglu_fwd, swiglu_bwd
+from baton.kernels.nf4 import dequantize_nf4
+from baton.kernels.swiglu import swiglu_fwd, swiglu_bwd
 
 _FIELDS = 6  # tensors and settings one projection passes through `Function.apply`
 

@@ -16,9 +16,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from kernels.architectures import ATTENTION_CLASSES, MLP_CLASSES, SILU_ACTIVATIONS
-from kernels.dispatch import launchable
-from kernels.lora import Projection, lora_linear, lora_mlp, lora_qkv
+from baton.kernels.architectures import ATTENTION_CLASSES, MLP_CLASSES, SILU_ACTIVATIONS
+from baton.kernels.dispatch import launchable
+from baton.kernels.lora import Projection, lora_linear, lora_mlp, lora_qkv
 
 _MARK = "_baton_lora"  # set on every forward this module installs, so patching is idempotent
 

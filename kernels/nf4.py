@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import tl, triton  # stand-ins when triton is absent
-from kernels.dispatch import check_launchable
-from kernels.guard import on_tensor_device
+from baton.kernels._triton import tl, triton  # stand-ins when triton is absent
+from baton.kernels.dispatch import check_launchable
+from baton.kernels.guard import on_tensor_device
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BYTES_PER_PROGRAM = 1024  # 2048 outputs a program: large enough to amortise the launch

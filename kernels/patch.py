@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.architectures import (
+from baton.kernels.architectures import (
     ARCHITECTURES, SILU_ACTIVATIONS, Architecture, known_architectures,
 )
-from kernels.dispatch import BACKENDS, NO_PATCHING, launchable, patching_enabled, select_backend
+from baton.kernels.dispatch import BACKENDS, NO_PATCHING, launchable, patching_enabled, select_backend
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _causal_lm(model: nn.Module) -> nn.Module:
 
 
 def _rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    from kernels.rmsnorm import rmsnorm, rmsnorm_reference
+    from baton.kernels.rmsnorm import rmsnorm, rmsnorm_reference
 
     if not launchable(hidden_states):
         return rmsnorm_reference(hidden_states, self.weight, self.variance_epsilon)
@@ -94,7 +94,7 @@ def _rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    from kernels.swiglu import swiglu, swiglu_reference
+    from baton.kernels.swiglu import swiglu, swiglu_reference
 
     gate, up = self.gate_proj(x), self.up_proj(x)
     fits = launchable(gate) and gate.dtype == up.dtype
@@ -106,7 +106,7 @@ def _make_rope(original):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         if not launchable(q):
             return original(q, k, cos, sin, unsqueeze_dim)
-        from kernels.rope import apply_rope
+        from baton.kernels.rope import apply_rope
 
         return apply_rope(q, k, cos, sin, unsqueeze_dim)
 
@@ -125,7 +125,7 @@ def _plain_lm_head(lm_head: nn.Module) -> bool:
 
 def causal_lm_loss(hidden, lm_head, labels, backend, kwargs) -> torch.Tensor:
     """HF's ForCausalLMLoss (shift, ignore_index, num_items_in_batch) over the fused CE."""
-    from kernels.cross_entropy import fused_linear_cross_entropy
+    from baton.kernels.cross_entropy import fused_linear_cross_entropy
 
     ignore_index = kwargs.get("ignore_index", -100)
     shift_labels = kwargs.get("shift_labels")
@@ -225,7 +225,7 @@ def _patch_lora(model: nn.Module, backend: str, report: KernelReport) -> None:
         return  # the reference path keeps PEFT's own LoRA layers (patch_peft_lora patches none)
     # Imported here, like the other kernel modules, so the reference path never imports Triton;
     # on the Triton path a missing or broken module is an error, not a silent fallback.
-    from kernels.lora_patch import patch_peft_lora
+    from baton.kernels.lora_patch import patch_peft_lora
 
     report.lora_modules = list(patch_peft_lora(model, backend))
     if report.lora_modules:

@@ -4,7 +4,7 @@ A Triton compile error raises, but an LLVM abort (or a bad launch that corrupts 
 context) kills the whole process. So the session (session/probe.py) runs this module in a
 child process before it loads the model:
 
-    python -m kernels.probe < job.json
+    python -m baton.kernels.probe < job.json
 
 The job names the device, the compute dtype and the model's sizes (hidden, intermediate,
 heads, head_dim, vocabulary, LoRA rank, NF4 or dense base). Each op runs forward and backward
@@ -80,7 +80,7 @@ def _backward(*outs: torch.Tensor) -> None:
 
 
 def probe_rmsnorm(job: ProbeJob) -> None:
-    from kernels.rmsnorm import rmsnorm, rmsnorm_reference
+    from baton.kernels.rmsnorm import rmsnorm, rmsnorm_reference
 
     x = _rand(job, job.tokens, job.hidden, dtype=job.stream_dtype)
     # A 4-bit model keeps its norms in fp32 (PEFT's kbit preparation); a 16-bit one in its dtype.
@@ -92,7 +92,7 @@ def probe_rmsnorm(job: ProbeJob) -> None:
 
 
 def probe_rope(job: ProbeJob) -> None:
-    from kernels.rope import apply_rope, rope_reference
+    from baton.kernels.rope import apply_rope, rope_reference
 
     q = _rand(job, 1, job.heads, job.tokens, job.head_dim)
     k = _rand(job, 1, job.kv_heads, job.tokens, job.head_dim)
@@ -105,7 +105,7 @@ def probe_rope(job: ProbeJob) -> None:
 
 
 def probe_swiglu(job: ProbeJob) -> None:
-    from kernels.swiglu import swiglu, swiglu_reference
+    from baton.kernels.swiglu import swiglu, swiglu_reference
 
     gate, up = (_rand(job, job.tokens, job.intermediate) for _ in range(2))
     h = swiglu(gate, up)
@@ -116,7 +116,7 @@ def probe_swiglu(job: ProbeJob) -> None:
 def probe_cross_entropy(job: ProbeJob) -> None:
     """The fused loss's Triton part: softmax gradient rows over the whole vocabulary (the
     logits matmul around it is torch's)."""
-    from kernels.cross_entropy import ce_grad_reference, ce_grad_triton
+    from baton.kernels.cross_entropy import ce_grad_reference, ce_grad_triton
 
     logits = torch.randn(job.tokens, job.vocab, device=job.device) * 2
     labels = torch.randint(0, job.vocab, (job.tokens,), device=job.device)
@@ -126,7 +126,7 @@ def probe_cross_entropy(job: ProbeJob) -> None:
 
 
 def _projection(job: ProbeJob, d_in: int, d_out: int):
-    from kernels.lora import Projection
+    from baton.kernels.lora import Projection
 
     w = torch.randn(d_out, d_in, device=job.device) / d_in ** 0.5
     state = None
@@ -157,7 +157,7 @@ def _lora(job: ProbeJob, fused: Callable, reference: Callable, shapes, d_in: int
 
 
 def probe_lora_qkv(job: ProbeJob) -> None:
-    from kernels.lora import lora_qkv, lora_qkv_reference
+    from baton.kernels.lora import lora_qkv, lora_qkv_reference
 
     q, kv = job.heads * job.head_dim, job.kv_heads * job.head_dim
     _lora(job, lora_qkv, lora_qkv_reference, [(job.hidden, q), (job.hidden, kv),
@@ -165,7 +165,7 @@ def probe_lora_qkv(job: ProbeJob) -> None:
 
 
 def probe_lora_linear(job: ProbeJob) -> None:
-    from kernels.lora import lora_linear, lora_linear_reference
+    from baton.kernels.lora import lora_linear, lora_linear_reference
 
     d_in = job.heads * job.head_dim
     _lora(job, lora_linear, lora_linear_reference, [(d_in, job.hidden)], d_in,
@@ -173,7 +173,7 @@ def probe_lora_linear(job: ProbeJob) -> None:
 
 
 def probe_lora_mlp(job: ProbeJob) -> None:
-    from kernels.lora import lora_mlp, lora_mlp_reference
+    from baton.kernels.lora import lora_mlp, lora_mlp_reference
 
     h, m = job.hidden, job.intermediate
     _lora(job, lora_mlp, lora_mlp_reference, [(h, m), (h, m), (m, h)], h, "fused LoRA MLP")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import tl, triton  # stand-ins when triton is absent
-from kernels.dispatch import check_launchable, next_power_of_2, num_warps_for
-from kernels.guard import on_tensor_device
+from baton.kernels._triton import tl, triton  # stand-ins when triton is absent
+from baton.kernels.dispatch import check_launchable, next_power_of_2, num_warps_for
+from baton.kernels.guard import on_tensor_device
 
 _MAX_FUSED = 65536  # widest row one program holds in registers
 _TILE = 4096  # elements a program holds at once

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import tl, triton  # stand-ins when triton is absent
-from kernels.dispatch import check_launchable
-from kernels.guard import on_tensor_device
+from baton.kernels._triton import tl, triton  # stand-ins when triton is absent
+from baton.kernels.dispatch import check_launchable
+from baton.kernels.guard import on_tensor_device
 
 _BLOCK = 1024
 

@@ -23,7 +23,7 @@ TARGETS = ((75, "fp16"), (90, "bf16"))  # T4 trains in fp16, sm_80 and newer in 
 
 def kernel_specs(dt: str) -> list[tuple]:
     """(kernel, signature, constexprs, options) of every Baton kernel in compute dtype `dt`."""
-    from kernels import cross_entropy, nf4, rmsnorm, rope, swiglu
+    from baton.kernels import cross_entropy, nf4, rmsnorm, rope, swiglu
 
     p, i, c = f"*{dt}", "i32", "constexpr"
     rope_sig = [("OUT", p), ("X", p), ("COS", p), ("SIN", p)] + [(n, i) for n in (

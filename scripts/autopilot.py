@@ -35,14 +35,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from handoff import StoreConfigError, StoreError, open_store  # noqa: E402
-from handoff.runstore import RunStore  # noqa: E402
-from handoff.secrets import scrub  # noqa: E402
-from session.codes import FAILED, INVALID, OK  # noqa: E402
-from session.status import RunNotFoundError, collect_status  # noqa: E402
-from state_schema import parse_duration  # noqa: E402
+from baton.handoff import StoreConfigError, StoreError, open_store  # noqa: E402
+from baton.handoff.runstore import RunStore  # noqa: E402
+from baton.handoff.secrets import scrub  # noqa: E402
+from baton.session.codes import FAILED, INVALID, OK  # noqa: E402
+from baton.session.status import RunNotFoundError, collect_status  # noqa: E402
+from baton.state_schema import parse_duration  # noqa: E402
 
-from scripts.kaggle_quota import (DEFAULT_MODEL_LOAD_S, checkpoint_every_s,  # noqa: E402
+from baton.scripts.kaggle_quota import (DEFAULT_MODEL_LOAD_S, checkpoint_every_s,  # noqa: E402
                                   model_load_s, read_quota, verdict)
 
 TEMPLATE = ROOT / "scripts" / "kaggle"

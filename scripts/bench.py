@@ -48,9 +48,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.bench_kernels import bench_lora_mlp, bench_nf4, check_kernel_device  # noqa: E402,F401
-from scripts.bench_presets import PRESETS, preset_config  # noqa: E402,F401
-from scripts.bench_train import compute_dtype, run_impl  # noqa: E402
+from baton.scripts.bench_kernels import bench_lora_mlp, bench_nf4, check_kernel_device  # noqa: E402,F401
+from baton.scripts.bench_presets import PRESETS, preset_config  # noqa: E402,F401
+from baton.scripts.bench_train import compute_dtype, run_impl  # noqa: E402
 
 console = Console(stderr=True)
 
@@ -71,7 +71,7 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
 
 def resolve_precision(requested: str, capability: tuple[int, int] | None) -> str:
     """`--precision`: "auto" is the agent's own choice for the device, else as asked."""
-    from training.devices import precision_for
+    from baton.training.devices import precision_for
 
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {requested!r}")
@@ -231,8 +231,8 @@ def _kernel(args, device: torch.device) -> dict:
 
 
 def main(argv=None) -> int:
-    from kernels.dispatch import KernelChoiceError
-    from scripts.bench_data import BenchInputError, run_spec
+    from baton.kernels.dispatch import KernelChoiceError
+    from baton.scripts.bench_data import BenchInputError, run_spec
 
     args = parse_args(argv)
     device = torch.device(args.device)

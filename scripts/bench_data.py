@@ -30,9 +30,9 @@ def run_spec(model_dir: Path, data_file: Path, *, seq_len: int, micro: int, step
     """The RunSpec of a run on this model and data: the defaults a user's run.yaml gets."""
     from pydantic import ValidationError
 
-    from session.spec import SpecError, inspect_data, spec_of
-    from state_schema import RunConfig
-    from training.model import ModelLoadError, resolve_revision
+    from baton.session.spec import SpecError, inspect_data, spec_of
+    from baton.state_schema import RunConfig
+    from baton.training.model import ModelLoadError, resolve_revision
 
     if not Path(model_dir).is_dir():
         raise BenchInputError(f"--model {model_dir} is not a folder; give a model folder "
@@ -55,7 +55,7 @@ def run_spec(model_dir: Path, data_file: Path, *, seq_len: int, micro: int, step
 def step_samples(spec, n_train: int, steps: int) -> Iterator[list[int]]:
     """The sample indices of each optimizer step, in the run's order (`training.order`),
     advanced as the engine's cursor advances."""
-    from training.order import step_indices
+    from baton.training.order import step_indices
 
     epoch, position = 0, 0
     for _ in range(steps):
@@ -70,7 +70,7 @@ def pad_batch(samples, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch to its longest sample, with a 2D attention mask and -100 labels
     on the padding: TRL's SFTTrainer default (its collator pads per batch), which is exactly
     the engine's padded collate (`training.encode.collate` of unpacked samples)."""
-    from training.encode import collate
+    from baton.training.encode import collate
 
     return collate(samples, pad_id)
 

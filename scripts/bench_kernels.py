@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from scripts.bench_presets import INIT_STD, preset_config
+from baton.scripts.bench_presets import INIT_STD, preset_config
 
 
 def _time(stmt, globals_: dict, min_run_time: float) -> float:
@@ -24,7 +24,7 @@ def _time(stmt, globals_: dict, min_run_time: float) -> float:
 
 def check_kernel_device(capability: tuple[int, int] | None) -> None:
     """`--kernel` times a Triton kernel: refuse a CUDA GPU below sm_75 (KernelChoiceError)."""
-    from kernels.dispatch import check_triton_capability
+    from baton.kernels.dispatch import check_triton_capability
 
     check_triton_capability(capability)
 
@@ -36,7 +36,7 @@ def bench_nf4(args, device: torch.device, dtype: torch.dtype, capability) -> dic
     check_kernel_device(capability)
     import bitsandbytes.functional as bnbf
 
-    from kernels.dispatch import launchable, triton_available
+    from baton.kernels.dispatch import launchable, triton_available
 
     config = preset_config(args.preset)
     shape = (config.intermediate_size, config.hidden_size)
@@ -52,7 +52,7 @@ def bench_nf4(args, device: torch.device, dtype: torch.dtype, capability) -> dic
         return {**result, "baton_s": None, "note": "triton is not installed"}
     if not launchable(packed):
         return {**result, "baton_s": None, "note": "Triton needs CUDA or TRITON_INTERPRET=1"}
-    from kernels.nf4 import dequantize_nf4
+    from baton.kernels.nf4 import dequantize_nf4
 
     g["dequantize_nf4"] = dequantize_nf4
     result["baton_s"] = _time("dequantize_nf4(packed, state, dtype)", {**g, "dtype": dtype},
@@ -104,8 +104,8 @@ def peft_mlp(hidden: int, inter: int, r: int, dtype: torch.dtype, device: torch.
 
 def bench_lora_mlp(args, device: torch.device, dtype: torch.dtype) -> dict:
     """Saved-tensor bytes of one LoRA MLP: PEFT's own path against Baton's fused one."""
-    from kernels.dispatch import launchable
-    from kernels.lora_patch import patch_peft_lora
+    from baton.kernels.dispatch import launchable
+    from baton.kernels.lora_patch import patch_peft_lora
 
     hidden, inter = args.mlp_shape or _preset_mlp(args.preset)
     r, tokens = 16, args.seq_len

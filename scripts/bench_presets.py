@@ -127,8 +127,8 @@ def build_model(preset: str, impl: str, device: torch.device, dtype: torch.dtype
                 num_layers: int | None = None):
     """NF4-quantized random model of the preset, LoRA (r 16, alpha 32) on all linear layers."""
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from state_schema.config import LoraConfig
-    from training.model import lora_config, prepare_for_training
+    from baton.state_schema.config import LoraConfig
+    from baton.training.model import lora_config, prepare_for_training
 
     model = _random_base(preset, device, dtype, seed, num_layers)
     if impl == "baton":

@@ -46,7 +46,7 @@ PHRASES = ("{p}", "Write this Python function. {p}", "In Python: {p}", "Implemen
 
 def chat_records(count: int) -> list[dict]:
     """`count` chat records: the stdlib pairs, each round with other phrasings of the prompt."""
-    from scripts.demo_data import as_chat, build_pairs
+    from baton.scripts.demo_data import as_chat, build_pairs
 
     pairs = build_pairs(100_000)
     out = []
@@ -102,9 +102,9 @@ def session(config: Path, workdir: Path, stop_after_step: Optional[int]) -> tupl
 
 
 def bench_data(args) -> dict:
-    from handoff import open_store
-    from handoff.runstore import RunStore
-    from scripts.real_model import ensure_model
+    from baton.handoff import open_store
+    from baton.handoff.runstore import RunStore
+    from baton.scripts.real_model import ensure_model
 
     folder = Path(args.out or tempfile.mkdtemp(prefix="baton-startup-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -144,13 +144,13 @@ def bench_encode(args) -> dict:
     in turn, so the machine's load falls on both alike."""
     from transformers import AutoTokenizer
 
-    from handoff import open_store
-    from handoff.runstore import RunStore
-    from scripts.real_model import ensure_model
-    from session.datacache import StoreEncodedCache
-    from session.spec import new_spec
-    from state_schema import RunConfig
-    from training.dataset import RunData
+    from baton.handoff import open_store
+    from baton.handoff.runstore import RunStore
+    from baton.scripts.real_model import ensure_model
+    from baton.session.datacache import StoreEncodedCache
+    from baton.session.spec import new_spec
+    from baton.state_schema import RunConfig
+    from baton.training.dataset import RunData
 
     folder = Path(tempfile.mkdtemp(prefix="baton-encode-"))
     config = RunConfig.model_validate(__import__("yaml").safe_load(
@@ -176,7 +176,7 @@ def bench_encode(args) -> dict:
 
 def bench_triton(args) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json; from scripts.aot_kernels import compile_all; "
+    code = ("import json; from baton.scripts.aot_kernels import compile_all; "
             "print(json.dumps(compile_all()))")
     with tempfile.TemporaryDirectory(prefix="baton-triton-") as cache:
         env["TRITON_CACHE_DIR"] = cache

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from scripts.bench_flops import count_flops
+from baton.scripts.bench_flops import count_flops
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -147,7 +147,7 @@ def _default_train_spec(seed: int):
     """A run's train settings with every default (8-bit AdamW, lr 2e-4, clip 0.3, linear
     schedule), for the presets, which have no run; the optimizer and schedule factories read
     only `spec.train`."""
-    from state_schema.config import TrainConfig, TrainSpec
+    from baton.state_schema.config import TrainConfig, TrainSpec
 
     train = TrainConfig(seed=seed).model_dump(exclude={"micro_batch_size", "precision"})
     return types.SimpleNamespace(train=TrainSpec(**train))
@@ -158,7 +158,7 @@ class _Loop:
     clipping, the run's optimizer and schedule (the engine's own factories)."""
 
     def __init__(self, model, spec, device: torch.device, precision: str, total: int):
-        from training.optim import make_optimizer, make_scheduler
+        from baton.training.optim import make_optimizer, make_scheduler
 
         self.model, self.device, self.spec = model, device, spec
         self.amp = None if precision == "fp32" else compute_dtype(precision)
@@ -186,9 +186,9 @@ class _Loop:
 
 def preset_run(impl: str, args, device: torch.device, result: dict) -> tuple:
     """(model, step) of a preset: random NF4 model and tokens, one batch of seq a step."""
-    from kernels.patch import patch_model
-    from scripts.bench_data import RandomTokens
-    from scripts.bench_presets import build_model
+    from baton.kernels.patch import patch_model
+    from baton.scripts.bench_data import RandomTokens
+    from baton.scripts.bench_presets import build_model
 
     model = build_model(args.preset, impl, device, compute_dtype(args.precision), args.seed,
                         args.num_layers)
@@ -215,7 +215,7 @@ def data_run(impl: str, args, device: torch.device, result: dict) -> tuple:
 
 
 def _baton_data_run(spec, args, result: dict) -> tuple:
-    from training.engine import Trainer
+    from baton.training.engine import Trainer
 
     trainer = Trainer(spec, data_path=args.data, micro_batch_size=args.batch_size,
                       device=args.device, precision=args.precision,
@@ -236,7 +236,7 @@ def _hf_model(spec, device: torch.device, dtype: torch.dtype):
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from training.model import lora_config
+    from baton.training.model import lora_config
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
@@ -256,8 +256,8 @@ def _hf_model(spec, device: torch.device, dtype: torch.dtype):
 
 
 def _hf_data_run(spec, args, device: torch.device) -> tuple:
-    from scripts.bench_data import pad_batch, step_samples
-    from training.dataset import RunData
+    from baton.scripts.bench_data import pad_batch, step_samples
+    from baton.training.dataset import RunData
 
     model, tokenizer = _hf_model(spec, device, compute_dtype(args.precision))
     data = RunData(spec, args.data)

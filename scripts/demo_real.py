@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from session.codes import OK
+from baton.session.codes import OK
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python scripts/eval.py` puts scripts/ on the path, not the root
     sys.path.insert(0, str(ROOT))
 
-from session.codes import FAILED, INVALID, OK  # noqa: E402 - after the path set-up
+from baton.session.codes import FAILED, INVALID, OK  # noqa: E402 - after the path set-up
 
 
 class EvalInputError(Exception):
@@ -70,14 +70,14 @@ def read_spec(runstore):
 def fetch_inputs(runstore, spec, workdir: Path) -> tuple[Path, Optional[Path]]:
     """The run's data files from the store (or its Hub dataset at the run's commit), checked
     against the spec's sha256."""
-    from session.spec import local_inputs
+    from baton.session.spec import local_inputs
 
     return local_inputs(runstore, spec, None, workdir)
 
 
 def pull(runstore, checkpoint: Optional[str], dest: Path):
     """(id, folder) of the named checkpoint, or HEAD's (with pull's verified fallback)."""
-    from handoff.checkpoint import pull_chosen
+    from baton.handoff.checkpoint import pull_chosen
 
     ref = pull_chosen(runstore, checkpoint, dest)
     if ref is None:
@@ -135,7 +135,7 @@ def judge(trainer, folder: Path, n_prompts: int, max_new_tokens: int) -> dict[st
         raise EvalInputError("the run's held-out split is empty (too few records for its "
                              "data.eval fraction); set a larger data.eval or an eval file")
     if trainer.classifier:  # accuracy, F1 and the confusion matrix: scripts/eval_classify.py
-        from scripts.eval_classify import judge_classifier
+        from baton.scripts.eval_classify import judge_classifier
 
         return judge_classifier(trainer, folder)
     tokens = sum(s.label_tokens for s in data.eval_samples())
@@ -165,7 +165,7 @@ def verdict(result: dict[str, Any]) -> str:
 
 def show(result: dict[str, Any]) -> None:
     if "confusion" in result:
-        from scripts.eval_classify import show as show_classification
+        from baton.scripts.eval_classify import show as show_classification
 
         return show_classification(result)
     for i, s in enumerate(result["samples"], 1):
@@ -177,9 +177,9 @@ def show(result: dict[str, Any]) -> None:
 
 
 def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
-    from handoff import open_store
-    from handoff.runstore import RunStore
-    from training.engine import Trainer
+    from baton.handoff import open_store
+    from baton.handoff.runstore import RunStore
+    from baton.training.engine import Trainer
 
     store = open_store(args.store)
     try:
@@ -206,7 +206,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _store_confusion(store, key: str, result: dict[str, Any]) -> None:
-    from scripts.eval_classify import plot_confusion
+    from baton.scripts.eval_classify import plot_confusion
 
     with tempfile.TemporaryDirectory(prefix="baton-eval-") as tmp:
         store.write(key, plot_confusion(result, Path(tmp) / "confusion.png").read_bytes())
@@ -214,13 +214,13 @@ def _store_confusion(store, key: str, result: dict[str, Any]) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    from handoff.errors import StoreError, StoreUnavailableError
-    from handoff.secrets import scrub
-    from session.quiet import silence_bnb_kernel_notice
-    from training.data import DataError
-    from training.engine import CheckpointError
-    from training.hub_data import DatasetUnavailableError
-    from training.model import ModelLoadError, ModelUnavailableError
+    from baton.handoff.errors import StoreError, StoreUnavailableError
+    from baton.handoff.secrets import scrub
+    from baton.session.quiet import silence_bnb_kernel_notice
+    from baton.training.data import DataError
+    from baton.training.engine import CheckpointError
+    from baton.training.hub_data import DatasetUnavailableError
+    from baton.training.model import ModelLoadError, ModelUnavailableError
 
     silence_bnb_kernel_notice()
     try:
@@ -238,7 +238,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False))
         print(f"and to {args.json}")
         if "confusion" in result:
-            from scripts.eval_classify import plot_confusion, png_beside
+            from baton.scripts.eval_classify import plot_confusion, png_beside
 
             print(f"confusion matrix drawn in {plot_confusion(result, png_beside(args.json))}")
     return OK

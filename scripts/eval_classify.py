@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from session.card import save_png
-from training.classify import predict
+from baton.session.card import save_png
+from baton.training.classify import predict
 
 
 def _ratio(a: int, b: int) -> float:

@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts import gpu_parts as parts  # noqa: E402
-from scripts.gpu_parts import Check, PartFailed, PartTimedOut  # noqa: E402,F401
+from baton.scripts import gpu_parts as parts  # noqa: E402
+from baton.scripts.gpu_parts import Check, PartFailed, PartTimedOut  # noqa: E402,F401
 
 DEADLINE_S, DRY_DEADLINE_S = 480.0, 2700.0
 MIN_START_S = 15  # a part that would get less than this is not run

@@ -46,8 +46,8 @@ def build_run(work: Path, steps: int) -> Path:
     """A tiny model, `steps` batches of data and a run.yaml in `work`."""
     import yaml
 
-    from scripts.demo_data import write_jsonl
-    from scripts.tiny_model import build_tiny
+    from baton.scripts.demo_data import write_jsonl
+    from baton.scripts.tiny_model import build_tiny
 
     write_jsonl(work / "data" / "train.jsonl", count=BATCH * steps)
     # hidden 512: LoRA A matrices of r x 512 = 4096 values, the size from which bitsandbytes'
@@ -109,8 +109,8 @@ def run_session(config: Path, workdir: Path, precision: str, log: Path, deadline
 def _expected_lrs(store: Path, total: int) -> list[float]:
     import torch
 
-    from state_schema import RunSpec
-    from training.optim import make_scheduler
+    from baton.state_schema import RunSpec
+    from baton.training.optim import make_scheduler
 
     spec = RunSpec.model_validate_json((store / RUN / "spec.json").read_text())
     lrs = []
@@ -122,8 +122,8 @@ def _expected_lrs(store: Path, total: int) -> list[float]:
 
 
 def _status(store: Path) -> dict:
-    from handoff import open_store
-    from session.status import collect_status
+    from baton.handoff import open_store
+    from baton.session.status import collect_status
 
     s = open_store(str(store))
     try:

@@ -80,7 +80,7 @@ def triton_env(check: Check) -> dict:
 
 
 def wheels(check: Check, allowed: float) -> dict:
-    from scripts.gpu_wheels import WheelsError, install_missing
+    from baton.scripts.gpu_wheels import WheelsError, install_missing
 
     check.logs.mkdir(parents=True, exist_ok=True)
     try:
@@ -233,7 +233,7 @@ def nf4_bench(preset: str, precision: str):
 
 
 def _agent_part(fn, **kwargs):
-    from scripts.gpu_handoff import HandoffFailed
+    from baton.scripts.gpu_handoff import HandoffFailed
 
     try:
         return fn(**kwargs)
@@ -242,7 +242,7 @@ def _agent_part(fn, **kwargs):
 
 
 def handoff(check: Check, allowed: float) -> dict:
-    from scripts.gpu_handoff import run_handoff
+    from baton.scripts.gpu_handoff import run_handoff
 
     return _agent_part(run_handoff, work=check.out / "handoff", logs=check.logs,
                        deadline=time.monotonic() + allowed, dry_run=check.dry_run,
@@ -256,7 +256,7 @@ def _kernel_path(check: Check) -> str:
 
 
 def two_ranks(check: Check, allowed: float) -> dict:
-    from scripts.gpu_handoff import run_single
+    from baton.scripts.gpu_handoff import run_single
 
     return _agent_part(run_single, work=check.out / "ranks", logs=check.logs,
                        deadline=time.monotonic() + allowed, name="ranks",
@@ -266,7 +266,7 @@ def two_ranks(check: Check, allowed: float) -> dict:
 
 
 def reference_path(check: Check, allowed: float) -> dict:
-    from scripts.gpu_handoff import run_single
+    from baton.scripts.gpu_handoff import run_single
 
     return _agent_part(run_single, work=check.out / "reference", logs=check.logs,
                        deadline=time.monotonic() + allowed, name="reference",

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Optional
 
-from state_schema import CheckpointConfig, parse_duration
+from baton.state_schema import CheckpointConfig, parse_duration
 
 # A 7B model's download and 4-bit quantization on a Kaggle T4, with room to spare; replaced by
 # what the run's own sessions measured as soon as one has.

@@ -66,7 +66,7 @@ def _ensure_importable() -> None:
 
 def pull(runstore, checkpoint: Optional[str], dest: Path):
     """(checkpoint id, folder): HEAD's checkpoint with fallback, or the named one, verified."""
-    from handoff.checkpoint import pull_chosen
+    from baton.handoff.checkpoint import pull_chosen
 
     ref = pull_chosen(runstore, checkpoint, dest)
     if ref is None:
@@ -79,7 +79,7 @@ def pull(runstore, checkpoint: Optional[str], dest: Path):
 
 def describe_progress(runstore, cid: str, folder: Path) -> str:
     """One line on what is merged; warns when the run has not finished."""
-    from state_schema import Cursor
+    from baton.state_schema import Cursor
 
     cursor = Cursor.from_json((folder / "cursor.json").read_bytes(), source=f"{cid}/cursor.json")
     line = f"checkpoint {cid}: step {cursor.step} of {cursor.total_steps}"
@@ -117,7 +117,7 @@ def _check_local_revision(folder: Path, revision: str) -> None:
 
 def head_of(spec, tokenizer) -> dict:
     """A classification run's head (size, label names, pad id for the pooling), else {}."""
-    from training.classify import head_kwargs, is_classifier
+    from baton.training.classify import head_kwargs, is_classifier
 
     if not is_classifier(spec):
         return {}
@@ -135,8 +135,8 @@ def load_adapted(source: str, revision: Optional[str], adapter_dir: Path, dtype:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from training.classify import auto_class
-    from training.model import loading_bars
+    from baton.training.classify import auto_class
+    from baton.training.model import loading_bars
 
     began = time.perf_counter()
     try:
@@ -198,7 +198,7 @@ def verify_saved(out: Path, dtype: str, reference: list, atol: Optional[float],
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.model import loading_bars
+    from baton.training.model import loading_bars
 
     auto = auto or AutoModelForCausalLM
     with loading_bars():
@@ -237,9 +237,9 @@ def push(out: Path, repo: str) -> str:
 
 def merge(args: argparse.Namespace) -> int:
     """The whole merge; MergeError for invalid input."""
-    from handoff import open_store
-    from handoff.runstore import RunStore
-    from session.codes import FAILED, OK
+    from baton.handoff import open_store
+    from baton.handoff.runstore import RunStore
+    from baton.session.codes import FAILED, OK
 
     check_out_dir(args.out)
     store = open_store(args.store)
@@ -258,7 +258,7 @@ def merge(args: argparse.Namespace) -> int:
         store.close()
     del model
     gc.collect()  # the reload below should not hold two copies of a 7B model
-    from training.classify import auto_class
+    from baton.training.classify import auto_class
 
     ok, message = verify_saved(args.out, args.dtype, reference, args.atol, auto_class(spec))
     print(message)
@@ -276,10 +276,10 @@ def merge(args: argparse.Namespace) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     _ensure_importable()
-    from handoff.secrets import scrub
-    from handoff.errors import StoreError, StoreUnavailableError
-    from session.codes import FAILED, INVALID
-    from session.quiet import silence_bnb_kernel_notice
+    from baton.handoff.secrets import scrub
+    from baton.handoff.errors import StoreError, StoreUnavailableError
+    from baton.session.codes import FAILED, INVALID
+    from baton.session.quiet import silence_bnb_kernel_notice
 
     silence_bnb_kernel_notice()
     try:

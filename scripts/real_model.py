@@ -47,7 +47,7 @@ def cache_root() -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    from handoff.checkpoint import sha256_file  # the store's own hasher: one implementation
+    from baton.handoff.checkpoint import sha256_file  # the store's own hasher: one implementation
 
     return sha256_file(path)
 

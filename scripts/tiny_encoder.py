@@ -50,7 +50,7 @@ def build_tiny_encoder(out_dir: Path, *, hidden: int = 64, layers: int = 2, head
     import torch
     from transformers import RobertaConfig, RobertaForMaskedLM
 
-    from scripts.tiny_model import default_corpus
+    from baton.scripts.tiny_model import default_corpus
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,15 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from training.data import DataError, check_format, detect_format, read_records  # noqa: E402
+from baton.training.data import DataError, check_format, detect_format, read_records  # noqa: E402
 
 
 def sample_lengths(model: str, data: Path, fmt: str, max_seq_len: int, seed: int) -> list[int]:
     """Token counts of the samples in the run's first-epoch order."""
     from transformers import AutoTokenizer
 
-    from training.encode import Encoder
-    from training.order import epoch_permutation
+    from baton.training.encode import Encoder
+    from baton.training.order import epoch_permutation
 
     records = read_records(data)
     fmt = detect_format(data) if fmt == "auto" else fmt
@@ -41,7 +41,7 @@ def sample_lengths(model: str, data: Path, fmt: str, max_seq_len: int, seed: int
 
 
 def report(lengths: list[int], micro_batch_sizes: list[int]) -> dict:
-    from training.layout import token_efficiency
+    from baton.training.layout import token_efficiency
 
     return {
         "samples": len(lengths), "mean_tokens": round(sum(lengths) / len(lengths), 1),

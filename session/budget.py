@@ -19,11 +19,11 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from state_schema import RunConfig, SessionRecord
+from baton.state_schema import RunConfig, SessionRecord
 
-from handoff import StoreError, open_store
-from handoff.retry import RetryPolicy
-from handoff.runstore import RunStore
+from baton.handoff import StoreError, open_store
+from baton.handoff.retry import RetryPolicy
+from baton.handoff.runstore import RunStore
 
 from .goodput import run_goodput
 

@@ -15,12 +15,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-from handoff import FencedError, StoreError, StoreUnavailableError
-from handoff.checkpoint import checkpoint_id, commit_checkpoint
-from handoff.lease import LeaseLostError, LeaseManager
-from handoff.runstore import RunStore
-from handoff.spool import Spooled, spool
-from state_schema import RunSpec, SessionRecord
+from baton.handoff import FencedError, StoreError, StoreUnavailableError
+from baton.handoff.checkpoint import checkpoint_id, commit_checkpoint
+from baton.handoff.lease import LeaseLostError, LeaseManager
+from baton.handoff.runstore import RunStore
+from baton.handoff.spool import Spooled, spool
+from baton.state_schema import RunSpec, SessionRecord
 
 from .clock import SessionClock
 

@@ -22,11 +22,11 @@ import logging
 from pathlib import Path
 from typing import Callable, Optional
 
-from handoff import ConflictError, NotFoundError, StoreError
-from handoff.checkpoint import sha256_file
-from handoff.runstore import RunStore
-from handoff.store import ABSENT, Expect
-from state_schema import EncodedManifest, SchemaError
+from baton.handoff import ConflictError, NotFoundError, StoreError
+from baton.handoff.checkpoint import sha256_file
+from baton.handoff.runstore import RunStore
+from baton.handoff.store import ABSENT, Expect
+from baton.state_schema import EncodedManifest, SchemaError
 
 log = logging.getLogger("baton.session")
 

@@ -21,7 +21,7 @@ import time
 from contextlib import nullcontext
 from typing import Callable, Iterable, Optional, Union
 
-from state_schema import parse_eval_every
+from baton.state_schema import parse_eval_every
 
 from .clock import SessionClock
 

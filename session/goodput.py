@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from state_schema import PHASES, SessionRecord
+from baton.state_schema import PHASES, SessionRecord
 
 from .card import percent, save_png, utc_short
 

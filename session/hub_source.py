@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from state_schema import DataSpec, HubDataSpec, RunConfig, RunSpec
-from state_schema.fields import task_of
-from training.columns import load_records, resolve_columns
-from training.data import SUFFIXES, DataChangedError, DataError, fingerprint, read_records
-from training.hub_data import Pinned, as_source, fetch, pin
+from baton.state_schema import DataSpec, HubDataSpec, RunConfig, RunSpec
+from baton.state_schema.fields import task_of
+from baton.training.columns import load_records, resolve_columns
+from baton.training.data import SUFFIXES, DataChangedError, DataError, fingerprint, read_records
+from baton.training.hub_data import Pinned, as_source, fetch, pin
 
 
 @dataclass

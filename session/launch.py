@@ -191,10 +191,10 @@ def _forward(pending: list[int], pid_file: Path) -> None:
 def release_abandoned_lease(store_uri: str, run: str, holder: str) -> bool:
     """Release the run's lease if rank 0 was killed while holding it (`holder` is ours, the
     write is conditional on its version): the next session need not wait for its TTL."""
-    from handoff import ConflictError, StoreError, open_store
-    from handoff.retry import RetryPolicy
-    from handoff.runstore import RunStore
-    from state_schema.records import utcnow
+    from baton.handoff import ConflictError, StoreError, open_store
+    from baton.handoff.retry import RetryPolicy
+    from baton.handoff.runstore import RunStore
+    from baton.state_schema.records import utcnow
 
     store = None
     try:

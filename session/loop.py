@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from handoff import (
+from baton.handoff import (
     CorruptCheckpointError,
     FencedError,
     StoreConfigError,
@@ -32,15 +32,15 @@ from handoff import (
     StoreUnavailableError,
     open_store,
 )
-from handoff.checkpoint import pull_checkpoint
-from handoff.lease import LeaseHeldError, LeaseLostError, LeaseManager
-from handoff.runstore import RunStore
-from handoff.spool import describe as describe_spool
-from handoff.spool import push_pending
-from state_schema import RunConfig, RunSpec, SchemaError, SessionRecord, parse_duration
-from training.data import DataError  # stdlib only: light enough for the CLI's first second
-from training.hub_data import DatasetUnavailableError
-from training.model import ModelUnavailableError
+from baton.handoff.checkpoint import pull_checkpoint
+from baton.handoff.lease import LeaseHeldError, LeaseLostError, LeaseManager
+from baton.handoff.runstore import RunStore
+from baton.handoff.spool import describe as describe_spool
+from baton.handoff.spool import push_pending
+from baton.state_schema import RunConfig, RunSpec, SchemaError, SessionRecord, parse_duration
+from baton.training.data import DataError  # stdlib only: light enough for the CLI's first second
+from baton.training.hub_data import DatasetUnavailableError
+from baton.training.model import ModelUnavailableError
 
 from .checkpointer import Checkpointer
 from .clock import SessionClock, describe, parse_start, resolve_window, utc_iso
@@ -146,9 +146,9 @@ def _run_in(runstore: RunStore, config: RunConfig, options: SessionOptions,
 
 def this_device(config: RunConfig):
     """The device, its precision and the kernel path; DeviceError says why it cannot train."""
-    from kernels.dispatch import select_backend
-    from kernels.errors import KernelChoiceError
-    from training.devices import PrecisionError, UnsupportedGPUError, detect_device
+    from baton.kernels.dispatch import select_backend
+    from baton.kernels.errors import KernelChoiceError
+    from baton.training.devices import PrecisionError, UnsupportedGPUError, detect_device
 
     try:
         device = detect_device(precision=config.train.precision)
@@ -323,8 +323,8 @@ class Session:
                      "while the store was down")
 
     def _trainer(self, device, ref, data_path: Path, eval_path: Optional[Path], kernels: str):
-        from training.engine import Trainer
-        from training.model import model_summary
+        from baton.training.engine import Trainer
+        from baton.training.model import model_summary
 
         trainer = Trainer(self.spec, data_path=data_path, eval_path=eval_path,
                           micro_batch_size=self.config.train.micro_batch_size,

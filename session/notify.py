@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 from urllib.parse import parse_qsl, urlsplit
 
-from handoff.secrets import register_secret, scrub
+from baton.handoff.secrets import register_secret, scrub
 
 from .codes import FAILED, FINISHED, HELD, INVALID, PAUSED
 

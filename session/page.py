@@ -25,7 +25,7 @@ class HubPage:
         self.prior: Optional[list] = None  # earlier sessions: read once, they cannot change
 
     def status(self, folder: Path, cid: str, finished: bool, last: bool) -> tuple[dict, Any]:
-        from state_schema import Cursor, Head
+        from baton.state_schema import Cursor, Head
 
         from .status import RunView, summarize
 

@@ -13,11 +13,11 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from state_schema import RunConfig, parse_duration
-from state_schema.fields import task_of
-from training.columns import map_records, resolve_columns
-from training.data import DataError, read_records
-from training.order import split_eval, total_steps
+from baton.state_schema import RunConfig, parse_duration
+from baton.state_schema.fields import task_of
+from baton.training.columns import map_records, resolve_columns
+from baton.training.data import DataError, read_records
+from baton.training.order import split_eval, total_steps
 
 from .codes import DEFAULT_SESSION_LIMIT_S, INVALID, OK
 
@@ -72,7 +72,7 @@ def meta_lora_model(model_config, lora: Any, num_labels: Optional[int] = None):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from training.model import peft_model
+    from baton.training.model import peft_model
 
     auto = AutoModelForCausalLM
     if num_labels is not None:
@@ -108,7 +108,7 @@ def count_params(peft_model) -> dict[str, int]:
 
 
 def _in_head(name: str) -> bool:
-    from training.classify import HEAD_NAMES
+    from baton.training.classify import HEAD_NAMES
 
     return any(part in HEAD_NAMES for part in name.split("."))
 
@@ -202,7 +202,7 @@ def count_samples(path: Path, config: Optional[RunConfig] = None
 
 
 def _hub_samples(config: RunConfig) -> tuple[Optional[int], Optional[float]]:
-    from training.hub_data import DatasetUnavailableError
+    from baton.training.hub_data import DatasetUnavailableError
 
     from .hub_source import hub_samples
 
@@ -309,7 +309,7 @@ def plan_labels(config: RunConfig) -> list[str]:
     if task_of(config) != "classification" or config.data.hub is not None \
             or not path.is_file():
         return []
-    from training.classify_data import run_labels
+    from baton.training.classify_data import run_labels
 
     data = config.data
     try:

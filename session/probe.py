@@ -2,7 +2,7 @@
 
 A Triton compile error or an LLVM abort at the first fused call would otherwise kill the
 agent mid-session (an abort takes the process with it: no `except` runs). So before the model
-loads, rank 0 runs `python -m kernels.probe` on the run's shapes and dtype. When the child
+loads, rank 0 runs `python -m baton.kernels.probe` on the run's shapes and dtype. When the child
 fails (an exception, a signal, a timeout, a result unlike the reference), this session trains
 on the plain-PyTorch reference path instead, and says so: on the console, in the session
 record's `kernels_probe` and in `status` ("kernels: reference (probe: lora_mlp killed by
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from kernels.architectures import ARCHITECTURES, SILU_ACTIVATIONS
+from baton.kernels.architectures import ARCHITECTURES, SILU_ACTIVATIONS
 
 log = logging.getLogger("baton.session")
 
-ROOT = Path(__file__).resolve().parent.parent  # `-m kernels.probe` must find our `kernels`
+ROOT = Path(__file__).resolve().parent.parent  # `-m baton.kernels.probe` must find our `kernels`
 PROBE_TIMEOUT_S = 600.0  # a cold Triton cache compiles ~10 kernels: a minute or two on a T4
 PROBE_TOKENS = 16  # few rows, divisible by 16 as most runs' token counts are
 
@@ -45,7 +45,7 @@ class ProbeOutcome:
 
 
 def probe_command() -> list[str]:
-    return [sys.executable, "-m", "kernels.probe"]
+    return [sys.executable, "-m", "baton.kernels.probe"]
 
 
 def job_for(spec, device, model_config) -> dict[str, Any]:
@@ -115,7 +115,7 @@ def _model_config(spec):
     """The model's config.json, from where the trainer will load the model (cached by then)."""
     from transformers import AutoConfig
 
-    from training.model import is_local
+    from baton.training.model import is_local
 
     name, revision = spec.model.name, spec.model.revision
     local = is_local(name) or revision.startswith("local:")
@@ -124,7 +124,7 @@ def _model_config(spec):
 
 def decide(spec, device, say) -> ProbeOutcome:
     """The kernel path this session trains on, probed where Triton would run."""
-    from kernels.dispatch import NO_PATCHING, patching_enabled, select_backend
+    from baton.kernels.dispatch import NO_PATCHING, patching_enabled, select_backend
 
     if not patching_enabled():
         return ProbeOutcome(NO_PATCHING, "skipped: BATON_KERNELS=none, nothing patched")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from handoff.secrets import scrub
-from state_schema import SessionRecord
+from baton.handoff.secrets import scrub
+from baton.state_schema import SessionRecord
 
 from .clock import SessionClock, describe
 

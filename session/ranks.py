@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
-from state_schema import RunConfig, RunSpec, parse_duration
+from baton.state_schema import RunConfig, RunSpec, parse_duration
 
 from .clock import parse_start, resolve_window
 from .codes import DEFAULT_SESSION_LIMIT_S, FINISHED
@@ -73,8 +73,8 @@ class Ranks:
         import torch.distributed as dist
 
         if torch.cuda.is_available():
-            from training.devices import rank_cuda_index
-            from training.dist import process_group_backend
+            from baton.training.devices import rank_cuda_index
+            from baton.training.dist import process_group_backend
 
             torch.cuda.set_device(rank_cuda_index())
             backend = process_group_backend(self.world, torch.cuda.device_count())
@@ -146,7 +146,7 @@ def follow(config: RunConfig, ranks: Ranks) -> int:
 def planned_trainer(plan: dict, micro_batch_size: int, precision: str = "auto",
                     padding_free: bool = True):
     """The trainer rank 0 described: the same spec, data and checkpoint."""
-    from training.engine import Trainer
+    from baton.training.engine import Trainer
 
     trainer = Trainer(RunSpec.from_json(plan["spec"]), data_path=Path(plan["data"]),
                       eval_path=Path(plan["eval"]) if plan["eval"] else None,

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from handoff import ConflictError
-from handoff.runstore import RunStore
-from state_schema import RunConfig, RunSpec
-from state_schema.fields import task_of
+from baton.handoff import ConflictError
+from baton.handoff.runstore import RunStore
+from baton.state_schema import RunConfig, RunSpec
+from baton.state_schema.fields import task_of
 
-from training.data import DataError  # stdlib only: light enough for the CLI's first second
+from baton.training.data import DataError  # stdlib only: light enough for the CLI's first second
 
 
 class SpecError(ValueError):
@@ -76,8 +76,8 @@ def inspect_data(config: RunConfig) -> dict[str, Any]:
     """The spec's data fields of a local file (train sha256, format, column mapping, eval
     sha256), read before anything is uploaded, so that bad data or a bad mapping is refused
     with nothing written."""
-    from training.columns import load_records, resolve_columns
-    from training.data import fingerprint, read_records
+    from baton.training.columns import load_records, resolve_columns
+    from baton.training.data import fingerprint, read_records
 
     data, task = config.data, task_of(config)
     train = Path(data.train)
@@ -123,8 +123,8 @@ def eval_file(config: RunConfig) -> Optional[Path]:
 
 def check_eval_file(config: RunConfig, fmt: str, columns: dict[str, str]) -> Optional[str]:
     """The eval file's sha256, once every record of it maps as the training data does."""
-    from training.columns import load_records
-    from training.data import fingerprint
+    from baton.training.columns import load_records
+    from baton.training.data import fingerprint
 
     held = eval_file(config)
     if held is None:
@@ -141,8 +141,8 @@ def classification_labels(config: RunConfig, records: list[dict[str, Any]],
     labels are checked by the session before the model loads."""
     if task_of(config) != "classification":
         return []
-    from training.classify_data import run_labels
-    from training.columns import load_records
+    from baton.training.classify_data import run_labels
+    from baton.training.columns import load_records
 
     data = config.data
     if data.format not in ("auto", "text"):
@@ -166,7 +166,7 @@ def upload(runstore: RunStore, path: Path, sha256: str) -> str:
 def pinned_revision(config: RunConfig) -> str:
     """The model revision as a commit (or a local folder's fingerprint), so that every session
     trains the same weights even when the branch moves."""
-    from training.model import ModelLoadError, resolve_revision
+    from baton.training.model import ModelLoadError, resolve_revision
 
     # A Hub that does not answer (ModelUnavailableError) is not the config's fault: it passes
     # up to the session, which exits 1, "run again".
@@ -211,7 +211,7 @@ def same_model(spec: RunSpec, config: RunConfig) -> bool:
 def data_differences(spec: RunSpec, config: RunConfig) -> list[str]:
     """The data files are compared by content where this machine has them; a fresh machine
     without them trains on the store's copy."""
-    from training.data import fingerprint
+    from baton.training.data import fingerprint
 
     from .hub_source import hub_differences
 
@@ -253,7 +253,7 @@ def local_inputs(runstore: RunStore, spec: RunSpec, config: Optional[RunConfig],
 
 
 def fetch_data(runstore: RunStore, key: str, sha256: str, given: Path, workdir: Path) -> Path:
-    from training.data import check_fingerprint, fingerprint
+    from baton.training.data import check_fingerprint, fingerprint
 
     if given.is_file() and fingerprint(given) == sha256:
         return given

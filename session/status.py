@@ -15,10 +15,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
-from state_schema import Cursor, Head, Lease, RunSpec, SchemaError, SessionRecord, utcnow
+from baton.state_schema import Cursor, Head, Lease, RunSpec, SchemaError, SessionRecord, utcnow
 
-from handoff import Store, StoreConfigError, StoreError, open_store
-from handoff.runstore import RunStore, parse_checkpoint_id
+from baton.handoff import Store, StoreConfigError, StoreError, open_store
+from baton.handoff.runstore import RunStore, parse_checkpoint_id
 
 from .card import gpu_hours_text, num_text, percent, save_png, utc_short, write_page
 from .codes import DEFAULT_SESSION_LIMIT_S, FAILED, INVALID, OK, PAUSED

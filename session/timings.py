@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from state_schema import PHASES, SessionTimings
+from baton.state_schema import PHASES, SessionTimings
 
 
 def process_start(proc: Path = Path("/proc")) -> Optional[float]:

@@ -140,7 +140,7 @@ class RunningAgent:
 
 
 def open_run(uri: str, run: str = "t"):
-    from handoff import open_store
-    from handoff.runstore import RunStore
+    from baton.handoff import open_store
+    from baton.handoff.runstore import RunStore
 
     return RunStore(open_store(uri), run)

@@ -49,7 +49,7 @@ def store_uri(backend, request, tmp_path) -> str:
 
 @pytest.fixture
 def store(store_uri):
-    from handoff import open_store
+    from baton.handoff import open_store
 
     s = open_store(store_uri)
     yield s

@@ -26,9 +26,9 @@ def free_port() -> int:
 
 
 def train(job: dict) -> list[dict]:
-    from state_schema import RunSpec
-    from training import dist
-    from training.engine import Trainer
+    from baton.state_schema import RunSpec
+    from baton.training import dist
+    from baton.training.engine import Trainer
 
     spec = RunSpec.from_json(job["spec"])
     os.environ["BATON_KERNELS"] = "none"  # the plain HF modules on every rank

@@ -146,7 +146,7 @@ def install_overflow_from_env() -> bool:
     at = os.environ.get(OVERFLOW_ENV)
     if not at:
         return False
-    from training.engine import Trainer
+    from baton.training.engine import Trainer
 
     Trainer.train_step = overflowing(Trainer.train_step, int(at))
     return True
@@ -168,7 +168,7 @@ def install_probe_fault_from_env() -> bool:
     """BATON_PROBE_FAULT: the probe's child is tests/probe_entry.py, which injects it."""
     if not os.environ.get(PROBE_FAULT_ENV):
         return False
-    from session import probe
+    from baton.session import probe
 
     probe.probe_command = faulty_probe_command
     return True
@@ -195,8 +195,8 @@ def blow_up_lora(model, value: float = 1e6) -> int:
 
 def install_test_settings() -> None:
     """Quick retries and a short lease for every store the agent opens, when asked."""
-    from handoff.retry import RetryPolicy
-    from handoff.store import REGISTRY, Store
+    from baton.handoff.retry import RetryPolicy
+    from baton.handoff.store import REGISTRY, Store
 
     if os.environ.get(RETRY_ENV):
         attempts, _, seconds = os.environ[RETRY_ENV].partition(",")
@@ -210,7 +210,7 @@ def install_test_settings() -> None:
 def _wrap_publish() -> None:
     """Store.publish of the backends that upload files, then write HEAD (local, S3): the
     Hub's publish is one commit, where neither kill point can fall between its parts."""
-    from handoff.store import Store
+    from baton.handoff.store import Store
 
     def publish(self, files, key, data, *, expect):
         for index, (name, path) in enumerate(files.items()):
@@ -224,19 +224,19 @@ def _wrap_publish() -> None:
 
 
 def _wrap_renew() -> None:
-    from handoff.lease import LeaseManager
+    from baton.handoff.lease import LeaseManager
 
     LeaseManager.renew = _before(LeaseManager.renew, "renew")
 
 
 def _wrap_train_step() -> None:
-    from training.engine import Trainer
+    from baton.training.engine import Trainer
 
     Trainer.train_step = _before(Trainer.train_step, "step")
 
 
 def _wrap_load_model() -> None:
-    from training import engine
+    from baton.training import engine
 
     engine.load_model = _before(engine.load_model, "load")  # the name Trainer calls
 

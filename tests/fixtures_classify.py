@@ -27,8 +27,8 @@ def colour_records(n: int = 36) -> list[dict]:
 def classification_spec(model_dir: Path, data_path: Path, *, load_in_4bit: bool = False,
                         labels: Optional[list[str]] = None, **kw):
     """make_spec's RunSpec as a classification run, its label set read as the agent reads it."""
-    from training.classify_data import run_labels
-    from training.data import read_records
+    from baton.training.classify_data import run_labels
+    from baton.training.data import read_records
 
     spec = make_spec(model_dir, data_path, fmt="text", **kw)
     found = labels or run_labels(read_records(data_path), spec.data.eval, spec.train.seed)
@@ -38,6 +38,6 @@ def classification_spec(model_dir: Path, data_path: Path, *, load_in_4bit: bool 
 
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory) -> Path:
-    from scripts.tiny_encoder import build_tiny_encoder
+    from baton.scripts.tiny_encoder import build_tiny_encoder
 
     return build_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder") / "roberta")

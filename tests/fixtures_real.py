@@ -14,6 +14,6 @@ import pytest
 
 @pytest.fixture(scope="session")
 def real_model_dir() -> Path:
-    from scripts.real_model import ensure_model
+    from baton.scripts.real_model import ensure_model
 
     return ensure_model()

@@ -51,9 +51,9 @@ def make_spec(model_dir: Path, data_path: Path, *, fmt: str = "pairs", batch_siz
               optimizer_state: bool = True, eval_: object = 0.125, dropout: float = 0.0,
               packing: bool = False, max_seq_len: int = 64, schedule: str = "cosine",
               warmup: float = 0.2, eval_sha: Optional[str] = None):
-    from state_schema import DataSpec, LoraConfig, ModelConfig, RunSpec, TrainSpec
-    from training.data import fingerprint
-    from training.model import resolve_revision
+    from baton.state_schema import DataSpec, LoraConfig, ModelConfig, RunSpec, TrainSpec
+    from baton.training.data import fingerprint
+    from baton.training.model import resolve_revision
 
     sha = fingerprint(data_path)
     return RunSpec(
@@ -92,7 +92,7 @@ def kernel_path(choice: str):
 
 def make_trainer(spec, data_path: Path, *, micro: int = 2, kernels: str = "none", **kw):
     """A CPU trainer of `spec` (its model is the spec's local folder)."""
-    from training.engine import Trainer
+    from baton.training.engine import Trainer
 
     with kernel_path(kernels):
         return Trainer(spec, data_path=data_path, micro_batch_size=micro, device="cpu", **kw)

@@ -29,7 +29,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from scripts.gpu_wheels import pins
+from baton.scripts.gpu_wheels import pins
 
 # The image's distributions (KINDS.md, "Python packages already there"). The venv exposes
 # these and what its own versions of them require (huggingface_hub 2.4 imports httpx2, where

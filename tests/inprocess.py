@@ -14,7 +14,7 @@ from pathlib import Path
 def run_session_here(config: Path, workdir: Path, *flags: str) -> int:
     """The exit code of one session of `config`, run in this process."""
     import agent
-    from session.loop import SessionOptions, run_session
+    from baton.session.loop import SessionOptions, run_session
 
     args = agent.build_parser().parse_args(
         ["run", "--config", str(config), "--workdir", str(workdir), "--log-every", "0", *flags])

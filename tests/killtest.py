@@ -264,7 +264,7 @@ def final_adapter(uri: str, dest: Path) -> dict:
     """The tensors of the adapter HEAD names, pulled and verified."""
     from safetensors.numpy import load_file
 
-    from handoff.checkpoint import pull_checkpoint
+    from baton.handoff.checkpoint import pull_checkpoint
 
     runstore = open_run(uri, RUN)
     try:

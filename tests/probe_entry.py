@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`python -m kernels.probe` as a test runs it: the fault BATON_PROBE_FAULT names first.
+"""`python -m baton.kernels.probe` as a test runs it: the fault BATON_PROBE_FAULT names first.
 
     BATON_PROBE_FAULT=abort:lora_mlp   the op calls abort(3), as an LLVM abort does (SIGABRT)
     BATON_PROBE_FAULT=raise:rope       the op raises, as a Triton compile error does
@@ -33,7 +33,7 @@ def faulty(kind: str, op: str):
 
 
 def main() -> int:
-    from kernels import probe
+    from baton.kernels import probe
 
     kind, _, op = os.environ[FAULT_ENV].partition(":")
     if kind not in ("abort", "raise") or op not in probe.OPS:

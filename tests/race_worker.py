@@ -36,20 +36,20 @@ def _wait_for(path: Path) -> None:
 
 
 def _runstore(args):
-    from handoff import open_store
-    from handoff.runstore import RunStore
+    from baton.handoff import open_store
+    from baton.handoff.runstore import RunStore
 
     return RunStore(open_store(args.store), args.run)
 
 
 def _manager(args, runstore):
-    from handoff.lease import LeaseManager
+    from baton.handoff.lease import LeaseManager
 
     return LeaseManager(runstore, holder=args.holder, host=f"worker-{args.holder}", ttl=args.ttl)
 
 
 def run_acquire(args) -> int:
-    from handoff.lease import LeaseHeldError, LeaseLostError
+    from baton.handoff.lease import LeaseHeldError, LeaseLostError
 
     manager = _manager(args, _runstore(args))
     Path(args.barrier, f"ready-{args.holder}").touch()
@@ -67,9 +67,9 @@ def run_acquire(args) -> int:
 
 
 def run_hold(args) -> int:
-    from handoff import FencedError
-    from handoff.checkpoint import commit_checkpoint
-    from handoff.lease import LeaseLostError
+    from baton.handoff import FencedError
+    from baton.handoff.checkpoint import commit_checkpoint
+    from baton.handoff.lease import LeaseLostError
 
     runstore = _runstore(args)
     manager = _manager(args, runstore)
@@ -97,8 +97,8 @@ def run_cut(args) -> int:
     A backend whose `publish` is one atomic commit (the Hub) would leave nothing at all; this
     worker forces the generic files-then-HEAD path so that some files do land, which is the
     harder case for pull and retention."""
-    from handoff.checkpoint import commit_checkpoint
-    from handoff.store import Store
+    from baton.handoff.checkpoint import commit_checkpoint
+    from baton.handoff.store import Store
 
     runstore = _runstore(args)
     store = runstore.store

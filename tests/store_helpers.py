@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from state_schema import Cursor
+from baton.state_schema import Cursor
 
 
 def make_checkpoint(folder: Path, step: int) -> Path:

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from handoff.runstore import parse_checkpoint_id
-from state_schema import utcnow
+from baton.handoff.runstore import parse_checkpoint_id
+from baton.state_schema import utcnow
 from tests.agent_helpers import RunningAgent, build_tiny_model, open_run, write_config, \
     write_data
 

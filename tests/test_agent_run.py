@@ -132,7 +132,7 @@ def test_signal_pause_lease_resume_finish(tiny, tmp_path, agent_store):
     assert "SIGTERM received" in agent.text()
 
     # 2. Another live agent holds the lease: exit 73, nothing changed.
-    from handoff.lease import LeaseManager
+    from baton.handoff.lease import LeaseManager
 
     other = LeaseManager(open_run(uri), holder="someone-else", host="kaggle-vm", ttl=600)
     other.acquire()
@@ -159,8 +159,8 @@ def test_signal_pause_lease_resume_finish(tiny, tmp_path, agent_store):
     assert "stored as t/cache/encoded/" in agent.text()
     second = sessions_of(uri)[-1]
     assert second.start_step == head.step and second.end_step == 6
-    from handoff import open_store
-    from session.status import collect_status
+    from baton.handoff import open_store
+    from baton.session.status import collect_status
 
     shown = collect_status(open_store(uri), "t")["sessions"]
     assert [s["precision"] for s in shown] == ["fp16", "bf16"], "status shows each precision"
@@ -179,7 +179,7 @@ def test_signal_pause_lease_resume_finish(tiny, tmp_path, agent_store):
 
 @pytest.mark.slow
 def test_agent_that_loses_its_lease_stops_without_writing(tiny, tmp_path):
-    from handoff.lease import LeaseManager
+    from baton.handoff.lease import LeaseManager
 
     uri = str(tmp_path / "store")
     config = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"], store=uri,
@@ -259,7 +259,7 @@ def test_secrets_never_reach_the_output(tmp_path):
 
 
 def test_spec_mismatch_names_each_field_and_writes_nothing(tiny, tmp_path):
-    from session.spec import prepare_spec
+    from baton.session.spec import prepare_spec
 
     import agent
 
@@ -284,7 +284,7 @@ def test_spec_mismatch_names_each_field_and_writes_nothing(tiny, tmp_path):
 
 
 def test_scrub_hides_credentials_but_keeps_commit_ids(monkeypatch):
-    from handoff.secrets import scrub
+    from baton.handoff.secrets import scrub
 
     aws = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws)
@@ -300,13 +300,13 @@ def test_scrub_hides_credentials_but_keeps_commit_ids(monkeypatch):
 def test_final_checkpoint_spooled_when_store_is_down_and_pushed_next_session(
         tiny, tmp_path, monkeypatch):
     import agent
-    from handoff import StoreUnavailableError
-    from handoff.lease import LeaseManager
-    from state_schema import SessionRecord
-    from session.clock import SessionClock
-    from training.engine import Trainer
-    from session.checkpointer import Checkpointer
-    from session.spec import prepare_spec
+    from baton.handoff import StoreUnavailableError
+    from baton.handoff.lease import LeaseManager
+    from baton.state_schema import SessionRecord
+    from baton.session.clock import SessionClock
+    from baton.training.engine import Trainer
+    from baton.session.checkpointer import Checkpointer
+    from baton.session.spec import prepare_spec
 
     uri, workdir = str(tmp_path / "store"), tmp_path / "work"
     config_path = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"],

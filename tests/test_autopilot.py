@@ -41,7 +41,7 @@ def session_standin(store: Path, tmp_path: Path, pause: float = 0.6):
         got = rs.read_head()
         step = (got[0].step if got else 0) + STEPS_PER_SESSION
         folder = make_checkpoint(tmp_path / f"ckpt-{version.number}", step)
-        from handoff.checkpoint import commit_checkpoint
+        from baton.handoff.checkpoint import commit_checkpoint
 
         commit_checkpoint(rs, folder, step=step, generation=version.number,
                           finished=step >= TOTAL)
@@ -85,7 +85,7 @@ def test_stops_after_two_failed_sessions_in_a_row(kaggle_server, tmp_path):
 
 
 def test_never_pushes_while_the_lease_is_live(kaggle_server, tmp_path):
-    from handoff.lease import LeaseManager
+    from baton.handoff.lease import LeaseManager
 
     store = tmp_path / "store"
     kaggle_server.state.on_push = session_standin(store, tmp_path, pause=0.2)
@@ -144,9 +144,9 @@ def test_the_quota_a_session_needs_comes_from_measured_model_loads():
     from datetime import datetime, timezone
     from types import SimpleNamespace
 
-    from scripts.kaggle_quota import Quota, model_load_s, verdict
+    from baton.scripts.kaggle_quota import Quota, model_load_s, verdict
 
-    from state_schema import SessionTimings
+    from baton.state_schema import SessionTimings
 
     records = [SimpleNamespace(timings=SessionTimings(model_load=95.0)),
                SimpleNamespace(timings=None),  # a record from before the timings

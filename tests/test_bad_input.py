@@ -65,7 +65,7 @@ def refused(done: subprocess.CompletedProcess, *phrases: str, code: int = 2) -> 
 def created_run(tiny, tmp_path: Path) -> tuple[Path, str]:
     """A run whose spec and data are in a local store, as its first session left them."""
     import agent as cli
-    from session.spec import prepare_spec
+    from baton.session.spec import prepare_spec
 
     uri = str(tmp_path / "store")
     config = write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"], store=uri)
@@ -175,7 +175,7 @@ def test_checkpoint_whose_hash_does_not_match(tiny, tmp_path):
     """HEAD's only checkpoint was altered: no checkpoint verifies, so the session must stop
     before training. The lease and the session record may be written (the pull happens under
     the lease); HEAD and the checkpoints must not change."""
-    from handoff.checkpoint import commit_checkpoint
+    from baton.handoff.checkpoint import commit_checkpoint
 
     config, uri = created_run(tiny, tmp_path)
     folder = tmp_path / "ckpt"

@@ -91,7 +91,7 @@ def test_max_loss_diff_needs_both_runs():
 def test_auto_precision_is_the_agents_policy(capability, expected):
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench
-    from training.devices import precision_for
+    from baton.training.devices import precision_for
 
     assert bench.resolve_precision("auto", capability) == expected == precision_for(capability)
     for forced in ("fp32", "fp16", "bf16"):
@@ -109,7 +109,7 @@ def test_forced_fp16_trains_with_a_loss_scaler_on_the_cpu(tmp_path):
 def test_nf4_kernel_bench_refuses_a_gpu_below_sm75():
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench
-    from kernels.dispatch import KernelChoiceError
+    from baton.kernels.dispatch import KernelChoiceError
 
     for capability in ((6, 0), (7, 0)):
         with pytest.raises(KernelChoiceError, match=r"sm_\d\d, below Triton's floor"):

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from handoff import ConflictError, CorruptCheckpointError, FencedError, open_store
-from handoff.checkpoint import checkpoint_id, commit_checkpoint, pull_checkpoint
-from handoff.lease import LeaseLostError, LeaseManager
-from handoff.runstore import RunStore, parse_checkpoint_id
-from state_schema import SessionRecord, utcnow
-from state_schema import DataSpec, LoraConfig, ModelConfig, RunSpec, TrainSpec
+from baton.handoff import ConflictError, CorruptCheckpointError, FencedError, open_store
+from baton.handoff.checkpoint import checkpoint_id, commit_checkpoint, pull_checkpoint
+from baton.handoff.lease import LeaseLostError, LeaseManager
+from baton.handoff.runstore import RunStore, parse_checkpoint_id
+from baton.state_schema import SessionRecord, utcnow
+from baton.state_schema import DataSpec, LoraConfig, ModelConfig, RunSpec, TrainSpec
 from tests.store_helpers import make_checkpoint
 
 

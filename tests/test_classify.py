@@ -26,7 +26,7 @@ RUN = "tiny"  # make_spec's run name
 # -- labels --------------------------------------------------------------------------------
 
 def test_labels_are_sorted_numbers_sort_as_numbers_and_strings_as_strings():
-    from training.classify_data import run_labels
+    from baton.training.classify_data import run_labels
 
     numbers = [{"text": f"t{i}", "label": label} for i, label in enumerate([10, 9, 2, 9, 10, 2])]
     assert run_labels(numbers, None, 1) == ["2", "9", "10"]
@@ -36,10 +36,10 @@ def test_labels_are_sorted_numbers_sort_as_numbers_and_strings_as_strings():
 
 def test_an_eval_label_training_never_shows_is_refused_with_nothing_written(tmp_path,
                                                                             tiny_model_dir):
-    from handoff import open_store
-    from handoff.runstore import RunStore
-    from session.spec import SpecError, prepare_spec
-    from state_schema import RunConfig
+    from baton.handoff import open_store
+    from baton.handoff.runstore import RunStore
+    from baton.session.spec import SpecError, prepare_spec
+    from baton.state_schema import RunConfig
 
     train = write_jsonl(tmp_path / "train.jsonl", colour_records(12))
     held = write_jsonl(tmp_path / "eval.jsonl", [{"text": "a purple car", "label": "purple"}])
@@ -73,7 +73,7 @@ def decoder(tiny_model_dir, tmp_path_factory):
 def test_decoder_pools_each_row_on_its_own_last_token(decoder):
     """A padded micro-batch gives each row the logits it has alone: the pad id is on the
     config, so transformers pools the last non-pad token of each row."""
-    from training import classify
+    from baton.training import classify
 
     spec, data, _ = decoder
     trainer = make_trainer(spec, data, micro=4, kernels="auto")
@@ -131,7 +131,7 @@ def test_head_trains_in_full_saves_and_resumes_exactly(decoder, tmp_path):
 def test_a_checkpoint_without_its_head_is_refused(decoder, tmp_path):
     from safetensors.torch import save_file
 
-    from training.engine import CheckpointError
+    from baton.training.engine import CheckpointError
 
     spec, data, _ = decoder
     trainer = make_trainer(spec, data, micro=4, kernels="auto")
@@ -145,7 +145,7 @@ def test_a_checkpoint_without_its_head_is_refused(decoder, tmp_path):
 # -- the encoder: a handoff through a store, then eval.py, status, merge.py, plan -----------
 
 def _commit(runstore, trainer, folder: Path, finished: bool = False) -> str:
-    from handoff.checkpoint import commit_checkpoint
+    from baton.handoff.checkpoint import commit_checkpoint
 
     trainer.evaluate()  # as the checkpointer does before each save
     trainer.save(folder)
@@ -157,9 +157,9 @@ def _commit(runstore, trainer, folder: Path, finished: bool = False) -> str:
 def encoder_run(tiny_encoder_dir, tmp_path_factory):
     """Session 1 trains 3 of 6 steps and commits; session 2 pulls the verified checkpoint
     into a fresh trainer with another micro-batch, finishes and commits."""
-    from handoff import open_store
-    from handoff.checkpoint import pull_checkpoint
-    from handoff.runstore import RunStore
+    from baton.handoff import open_store
+    from baton.handoff.checkpoint import pull_checkpoint
+    from baton.handoff.runstore import RunStore
 
     folder = tmp_path_factory.mktemp("cls-encoder")
     data = write_jsonl(folder / "train.jsonl", colour_records())
@@ -185,7 +185,7 @@ def encoder_run(tiny_encoder_dir, tmp_path_factory):
 
 
 def test_encoder_head_is_the_classifier_and_eval_writes_the_metrics(encoder_run, tmp_path):
-    from scripts.eval import main
+    from baton.scripts.eval import main
 
     trainer = encoder_run["trainer"]
     assert type(trainer.model.get_base_model()).__name__ == "RobertaForSequenceClassification"
@@ -214,7 +214,7 @@ def test_encoder_head_is_the_classifier_and_eval_writes_the_metrics(encoder_run,
 
 
 def test_metrics_follow_their_definitions():
-    from scripts.eval_classify import scores
+    from baton.scripts.eval_classify import scores
 
     logits = torch.eye(3)[[0, 0, 1, 2, 2, 2]]  # predictions 0 0 1 2 2 2
     got = scores(logits, [0, 1, 1, 2, 2, 0], ["a", "b", "c"])
@@ -228,8 +228,8 @@ def test_metrics_follow_their_definitions():
 
 
 def test_status_shows_eval_accuracy(encoder_run, capsys):
-    from handoff import open_store
-    from session.status import collect_status, render
+    from baton.handoff import open_store
+    from baton.session.status import collect_status, render
 
     status = collect_status(open_store(encoder_run["store"]), RUN)
     assert status["state"] == "finished" and status["step"] == 6
@@ -241,8 +241,8 @@ def test_status_shows_eval_accuracy(encoder_run, capsys):
 def test_merge_writes_a_plain_classifier_with_the_same_predictions(encoder_run, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from scripts.merge import main
-    from training import classify
+    from baton.scripts.merge import main
+    from baton.training import classify
 
     out = tmp_path / "merged"
     assert main(["--store", encoder_run["store"], "--run", RUN, "--out", str(out),
@@ -263,8 +263,8 @@ def test_merge_writes_a_plain_classifier_with_the_same_predictions(encoder_run, 
 
 @pytest.mark.parametrize("which", ["tiny_model_dir", "tiny_encoder_dir"])
 def test_plan_counts_the_head_as_the_trainer_builds_it(which, request, tmp_path):
-    from session.plan import plan
-    from state_schema import RunConfig
+    from baton.session.plan import plan
+    from baton.state_schema import RunConfig
 
     model_dir = request.getfixturevalue(which)
     data = write_jsonl(tmp_path / "train.jsonl", colour_records())
@@ -287,11 +287,11 @@ def test_plan_counts_the_head_as_the_trainer_builds_it(which, request, tmp_path)
 def test_a_remapped_csv_trains_as_a_classifier(tmp_path, tiny_encoder_dir):
     """`data.columns: {text: complaint, label: product}` on a CSV: the spec keeps the mapping
     and the label set read through it; the engine trains on the mapped records."""
-    from handoff import open_store
-    from handoff.runstore import RunStore
-    from scripts.classify_data import write
-    from session.spec import prepare_spec
-    from state_schema import RunConfig
+    from baton.handoff import open_store
+    from baton.handoff.runstore import RunStore
+    from baton.scripts.classify_data import write
+    from baton.session.spec import prepare_spec
+    from baton.state_schema import RunConfig
 
     data = write(tmp_path / "complaints.csv", colour_records(24),
                  columns={"text": "complaint", "label": "product"})
@@ -317,7 +317,7 @@ def test_decoder_classifier_trains_the_same_on_the_triton_kernels(decoder):
     """Triton's RMSNorm, RoPE, SwiGLU and fused LoRA projections (in the interpreter on a
     CPU) patch the sequence classifier, the fused LM loss does not (there is no lm_head), and
     two steps match the plain HF + PEFT modules."""
-    from kernels.patch import restore_rope
+    from baton.kernels.patch import restore_rope
 
     spec, data, _ = decoder
     spec = spec.model_copy(update={"model": spec.model.model_copy(

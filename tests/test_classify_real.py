@@ -23,7 +23,7 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def classified(real_model_dir, tmp_path_factory) -> dict:
-    from scripts.classify_data import records, write
+    from baton.scripts.classify_data import records, write
 
     folder = tmp_path_factory.mktemp("real-cls")
     data = write(folder / "docstrings.jsonl", records(per_class=20))
@@ -51,9 +51,9 @@ def classified(real_model_dir, tmp_path_factory) -> dict:
 
 
 def test_two_sessions_then_eval_beats_both_baselines_and_status_shows_accuracy(classified):
-    from handoff import open_store
-    from scripts.eval import main
-    from session.status import collect_status
+    from baton.handoff import open_store
+    from baton.scripts.eval import main
+    from baton.session.status import collect_status
 
     status = collect_status(open_store(classified["store"]), RUN)
     assert status["state"] == "finished" and status["step"] == STEPS
@@ -75,7 +75,7 @@ def test_two_sessions_then_eval_beats_both_baselines_and_status_shows_accuracy(c
 def test_merge_writes_a_plain_sequence_classifier(classified, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from scripts.merge import main
+    from baton.scripts.merge import main
 
     assert main(["--store", classified["store"], "--run", RUN, "--out", str(tmp_path / "m"),
                  "--dtype", "float32"]) == 0  # its own check: logits of merged = base + adapter

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from state_schema import SessionRecord
-from session.clock import (
+from baton.state_schema import SessionRecord
+from baton.session.clock import (
     ClockError,
     SessionClock,
     container_start,

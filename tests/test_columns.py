@@ -10,11 +10,11 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from state_schema import RunConfig
+from baton.state_schema import RunConfig
 from tests.fixtures_tiny import make_spec, make_trainer
-from training.columns import ALPACA, load_records, map_records, normalise_turns, resolve_columns
-from training.data import DataError, fingerprint, read_records
-from training.encode import IGNORE
+from baton.training.columns import ALPACA, load_records, map_records, normalise_turns, resolve_columns
+from baton.training.data import DataError, fingerprint, read_records
+from baton.training.encode import IGNORE
 
 
 def alpaca_records(n: int = 16) -> list[dict]:
@@ -153,7 +153,7 @@ def test_a_json_array_and_a_folder_of_shards_read_in_name_order(tmp_path):
 
 def spec_for(tmp_path, model_dir, train, **data):
     """The spec a session would create from this data config, as `agent.py run` does."""
-    from session.spec import inspect_data
+    from baton.session.spec import inspect_data
 
     found = inspect_data(config(train, **data))
     spec = make_spec(model_dir, train, fmt=found["format"], max_steps=2, eval_=0.0)

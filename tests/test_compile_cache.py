@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from session.compile_cache import keep_compile_cache
+from baton.session.compile_cache import keep_compile_cache
 
 
 def test_a_session_points_triton_at_its_workdir_and_a_chosen_folder_stands(tmp_path,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import ast
 import json
 
-from scripts.demo_data import build_pairs, main, write_jsonl
-from training.data import detect_format, read_records
+from baton.scripts.demo_data import build_pairs, main, write_jsonl
+from baton.training.data import detect_format, read_records
 
 
 def test_pairs_are_real_functions_without_their_docstring():

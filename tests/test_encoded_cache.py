@@ -16,15 +16,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from handoff import open_store
-from handoff.runstore import RunStore
-from session.datacache import StoreEncodedCache
+from baton.handoff import open_store
+from baton.handoff.runstore import RunStore
+from baton.session.datacache import StoreEncodedCache
 from tests.fixtures_tiny import chat_records, make_spec, pairs_records, write_jsonl
-from training import dataset
-from training.data import fingerprint
-from training.dataset import RunData
-from training.encode import Encoder
-from training.encoded import (EncodedSet, cache_key, read_encoded, tokenizer_fingerprint,
+from baton.training import dataset
+from baton.training.data import fingerprint
+from baton.training.dataset import RunData
+from baton.training.encode import Encoder
+from baton.training.encoded import (EncodedSet, cache_key, read_encoded, tokenizer_fingerprint,
                               tokenizer_folder)
 
 
@@ -116,7 +116,7 @@ def test_an_eval_file_is_cached_beside_the_train_records(tiny_model_dir, tokeniz
 
 
 def test_flat_pack_makes_the_blocks_of_encode_pack():
-    from training.encode import Encoded, pack
+    from baton.training.encode import Encoded, pack
 
     samples = [Encoded(list(range(100 + i, 100 + i + n)), [5] * n) for i, n in
                enumerate([3, 7, 2, 8, 8, 1, 5, 4])]
@@ -206,7 +206,7 @@ def test_two_machines_racing_to_store_it_keep_one_manifest(tiny_model_dir, token
 
 def test_on_the_hub_the_file_and_its_manifest_are_one_commit(tiny_model_dir, tokenizer,
                                                              tmp_path, hub_server):
-    from handoff.hub import HubStore
+    from baton.handoff.hub import HubStore
 
     data = write_jsonl(tmp_path / "train.jsonl", varied_chat(12))
     spec = make_spec(tiny_model_dir, data, fmt="chat", packing=True)

@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-from scripts.bench_flops import count_flops  # noqa: E402
+from baton.scripts.bench_flops import count_flops  # noqa: E402
 
 HIDDEN, INTER, R, TOKENS = 64, 192, 8, 24
 
@@ -34,7 +34,7 @@ HIDDEN, INTER, R, TOKENS = 64, 192, 8, 24
 def mlp():
     """A Llama MLP over bitsandbytes NF4 layers with PEFT LoRA on gate, up and down (the
     one scripts/bench.py --kernel lora_mlp measures)."""
-    from scripts.bench_kernels import peft_mlp
+    from baton.scripts.bench_kernels import peft_mlp
 
     return peft_mlp(HIDDEN, INTER, R, torch.float32, torch.device("cpu"))
 
@@ -60,7 +60,7 @@ def _expected() -> int:
 
 
 def test_fused_mlp_counts_the_gemm_flops_of_hf(mlp):
-    from kernels import lora_patch
+    from baton.kernels import lora_patch
 
     hf = _step_flops(mlp)
     early_stop = 2 * TOKENS * R * HIDDEN  # down's (x A^T) B^T, skipped in HF's recompute

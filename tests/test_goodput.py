@@ -13,14 +13,14 @@ from datetime import timedelta
 
 import pytest
 
-from handoff import open_store
-from handoff.runstore import RunStore
-from session.budget import estimate, plan_budget
-from session.clock import SessionClock
-from session.evals import AUTO_SHARE, EvalSchedule
-from session.goodput import gpu_hours, run_goodput
-from session.timings import Timings, process_start
-from state_schema import PHASES, RunConfig, SessionRecord, SessionTimings, utcnow
+from baton.handoff import open_store
+from baton.handoff.runstore import RunStore
+from baton.session.budget import estimate, plan_budget
+from baton.session.clock import SessionClock
+from baton.session.evals import AUTO_SHARE, EvalSchedule
+from baton.session.goodput import gpu_hours, run_goodput
+from baton.session.timings import Timings, process_start
+from baton.state_schema import PHASES, RunConfig, SessionRecord, SessionTimings, utcnow
 from tests.agent_helpers import write_data
 
 T0 = 1_800_000_000.0
@@ -99,7 +99,7 @@ def test_process_start_reads_proc(tmp_path):
 def paused_session(tiny_model_dir, tmp_path_factory):
     """A real session in this process: tiny Llama, 25 s limit, a checkpoint every 2 s and no
     periodic eval; it pauses on its own (75)."""
-    from session.loop import SessionOptions, run_session
+    from baton.session.loop import SessionOptions, run_session
 
     folder = tmp_path_factory.mktemp("goodput")
     config = RunConfig.model_validate({
@@ -144,7 +144,7 @@ def test_checkpoints_never_evaluate(paused_session):
 
 
 def test_status_json_has_timings_goodput_and_gpu_hours(paused_session, capsys):
-    from session.status import status_main
+    from baton.session.status import status_main
 
     _, (rec,), config = paused_session
     assert status_main(config.store, "g", as_json=True, plot=None) == 0
@@ -193,7 +193,7 @@ def test_no_eval_starts_without_room_before_the_deadline():
 
 
 def test_eval_subset_is_fixed_by_the_seed():
-    from training.order import eval_subset
+    from baton.training.order import eval_subset
 
     first, again = eval_subset(1000, 200, seed=7), eval_subset(1000, 200, seed=7)
     assert first == again and len(first) == 200 and first == sorted(set(first))
@@ -264,8 +264,8 @@ def test_plan_budget_from_the_runs_sessions_or_the_flag(tmp_path):
 
 
 def test_page_draws_one_bar_a_session(tmp_path):
-    from session.card import AdapterPlace, card_markdown
-    from session.goodput import plot_timings
+    from baton.session.card import AdapterPlace, card_markdown
+    from baton.session.goodput import plot_timings
 
     rows = [{"timings": timed_record("a", "T4", 1, hours=1, train_share=0.9).timings.model_dump()},
             {"timings": None}]

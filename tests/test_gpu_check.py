@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import gpu_check  # noqa: E402
-from scripts import gpu_parts, gpu_wheels  # noqa: E402
+from baton.scripts import gpu_parts, gpu_wheels  # noqa: E402
 from tests.image_venv import image_venv, local_wheels  # noqa: E402
 from tests.native_device import OnDevice  # noqa: E402
 
@@ -38,12 +38,36 @@ def cpython_wheels() -> Path:
                         f"-{key}")
 
 
+# The GPU image gets its transformers, peft and accelerate with the image, at whatever version
+# it was built with: "newest" installs today's releases over the image venv's (PyPI, with
+# their own dependencies: HF's `kernels` with transformers >= 5.25). It runs in the fresh-install
+# step of .ci/run (scripts/fresh_install.sh sets BATON_IMAGE_NEWEST=1), not in `make test`.
+NEWEST = ("transformers", "peft", "accelerate")
+RELEASES = ["pinned", pytest.param("newest", marks=pytest.mark.skipif(
+    not os.environ.get("BATON_IMAGE_NEWEST"), reason="needs PyPI; run by make fresh-check"))]
+
+
+def install_newest(python: Path) -> dict[str, str]:
+    """Today's transformers, peft and accelerate into the image venv's own site-packages
+    (which lead its path, ahead of the image's view); their installed versions."""
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
+                    "--upgrade", *NEWEST], check=True, timeout=900)
+    code = "import importlib.metadata as m, json; print(json.dumps({n: m.version(n) for n in %r}))"
+    done = subprocess.run([str(python), "-c", code % (NEWEST + ("kernels",))],
+                          capture_output=True, text=True, check=True)
+    versions = json.loads(done.stdout)
+    print("image venv, newest releases:", versions)
+    return versions
+
+
 @pytest.mark.slow
-def test_dry_run_in_an_image_venv_installs_the_wheels_offline_and_passes(tmp_path,
+@pytest.mark.parametrize("releases", RELEASES)
+def test_dry_run_in_an_image_venv_installs_the_wheels_offline_and_passes(tmp_path, releases,
                                                                          cpython_wheels):
     python = image_venv(tmp_path / "venv")
     lacking = subprocess.run([str(python), "-c", "import pydantic"], capture_output=True)
     assert lacking.returncode != 0  # the venv lacks what the image lacks
+    versions = install_newest(python) if releases == "newest" else {}
     out = tmp_path / "check"
     started = time.monotonic()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
@@ -61,6 +85,8 @@ def test_dry_run_in_an_image_venv_installs_the_wheels_offline_and_passes(tmp_pat
     installed = " ".join(parts["wheels"]["details"]["installed"])
     assert all(n in installed for n in ("bitsandbytes", "pydantic", "tenacity"))
     assert report["environment"]["bitsandbytes"] == "0.50.2"
+    if versions:  # the check ran on the releases just installed
+        assert report["environment"]["transformers"] == versions["transformers"]
     assert parts["kernel_tests"]["details"]["counts"]["passed"] > 0
     assert parts["nf4_bf16"]["details"]["max_abs_diff"] == 0.0
     handoff = parts["handoff"]["details"]

@@ -16,10 +16,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from handoff import ABSENT, ConflictError, NotFoundError, StoreConfigError, StoreUnavailableError
-from handoff.retry import RetryPolicy
-from handoff.store import Store
-from handoff.hub import HubStore
+from baton.handoff import ABSENT, ConflictError, NotFoundError, StoreConfigError, StoreUnavailableError
+from baton.handoff.retry import RetryPolicy
+from baton.handoff.store import Store
+from baton.handoff.hub import HubStore
 from tests.servers import hub_double
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,7 +228,7 @@ def test_bad_uri_is_a_config_error(uri):
 
 RACER = """
 import sys
-from handoff import ABSENT, ConflictError, open_store
+from baton.handoff import ABSENT, ConflictError, open_store
 store = open_store(sys.argv[1])
 try:
     store.write("run/lease.json", sys.argv[2].encode(), expect=ABSENT)

@@ -11,10 +11,10 @@ from typing import Optional
 
 import pytest
 
-from state_schema import RunConfig
+from baton.state_schema import RunConfig
 from tests.agent_helpers import open_run, run_agent, write_config
-from training.data import DataError, fingerprint
-from training.hub_data import CONVERTED, DatasetUnavailableError, _by_name, _config_splits, pin
+from baton.training.data import DataError, fingerprint
+from baton.training.hub_data import CONVERTED, DatasetUnavailableError, _by_name, _config_splits, pin
 
 NAMES = itertools.count(1)
 README = """---
@@ -150,7 +150,7 @@ def test_a_loading_script_is_read_through_its_parquet_conversion_or_refused(hub)
 # -- access --------------------------------------------------------------------------------
 
 def test_a_private_dataset_is_read_with_the_token_and_refused_without(hub, monkeypatch):
-    from session.hub_source import inspect_hub
+    from baton.session.hub_source import inspect_hub
 
     repo = quotes_repo(hub, private=True)
     found = inspect_hub(config(repo, columns={"text": "quote"}, eval="test"))
@@ -198,9 +198,9 @@ def test_later_sessions_read_the_pinned_commit_and_refuse_a_vanished_one(
         hub, tmp_path, monkeypatch, tiny_model_dir):
     import huggingface_hub.constants as hf_constants
 
-    from scripts.eval import fetch_inputs
-    from session.spec import local_inputs, new_spec, spec_differences
-    from training.columns import load_records
+    from baton.scripts.eval import fetch_inputs
+    from baton.session.spec import local_inputs, new_spec, spec_differences
+    from baton.training.columns import load_records
 
     repo = quotes_repo(hub)
     cfg = config(repo, str(tiny_model_dir), columns={"text": "quote"}, eval="test")
@@ -227,7 +227,7 @@ def test_later_sessions_read_the_pinned_commit_and_refuse_a_vanished_one(
 
 
 def test_plan_counts_a_hub_datasets_samples(hub, tiny_model_dir):
-    from session.plan import PlanError, plan
+    from baton.session.plan import PlanError, plan
 
     repo = quotes_repo(hub)
     base = {"run": "p", "store": "/tmp/none", "model": {"name": str(tiny_model_dir)},

@@ -19,11 +19,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported; gpu
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels.cross_entropy import (  # noqa: E402
+from baton.kernels.cross_entropy import (  # noqa: E402
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
 )
-from kernels.lora import (  # noqa: E402
+from baton.kernels.lora import (  # noqa: E402
     lora_linear,
     lora_linear_reference,
     lora_mlp,

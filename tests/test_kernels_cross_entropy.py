@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels.cross_entropy import (
+from baton.kernels.cross_entropy import (
     ce_grad_reference,
     ce_grad_triton,
     default_chunk_size,
@@ -200,7 +200,7 @@ def test_lm_head_is_cast_once_and_again_only_when_it_changes():
     import gc
     import weakref
 
-    from kernels.cross_entropy import _WEIGHT_CASTS
+    from baton.kernels.cross_entropy import _WEIGHT_CASTS
 
     x, w, _, labels = _problem(torch.float32, bias=False)
     w = w.detach().requires_grad_()  # fp32, trainable: a changed weight must be seen
@@ -237,7 +237,7 @@ def test_lm_head_is_cast_once_and_again_only_when_it_changes():
 
 
 def test_weight_already_in_the_compute_dtype_is_not_copied():
-    from kernels.cross_entropy import _WEIGHT_CASTS, cast_weight
+    from baton.kernels.cross_entropy import _WEIGHT_CASTS, cast_weight
 
     w = torch.randn(V, H).to(torch.bfloat16)
     assert cast_weight(w, torch.bfloat16) is w

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
-from kernels import cross_entropy, guard, nf4, rmsnorm, rope, swiglu  # noqa: E402
+from baton.kernels import cross_entropy, guard, nf4, rmsnorm, rope, swiglu  # noqa: E402
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 

@@ -13,7 +13,7 @@ import bitsandbytes.functional as bnbf  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels.lora import (  # noqa: E402
+from baton.kernels.lora import (  # noqa: E402
     Projection,
     lora_linear,
     lora_linear_reference,

@@ -12,7 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels import lora, lora_patch  # noqa: E402
+from baton.kernels import lora, lora_patch  # noqa: E402
 from tests.native_device import DEVICE, skip_on_cuda  # noqa: E402
 
 R = 8  # LoRA rank of the test adapters

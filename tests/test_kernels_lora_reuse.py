@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-from kernels.lora import lora_mlp, lora_mlp_reference  # noqa: E402
+from baton.kernels.lora import lora_mlp, lora_mlp_reference  # noqa: E402
 from tests.test_kernels_lora import _compare, _projection, _twin, _x  # noqa: E402
 
 

@@ -1,12 +1,14 @@
-"""Baton's top-level `kernels/` package and Hugging Face's `kernels` distribution share a name.
+"""Baton's `kernels/` folder and Hugging Face's `kernels` distribution share a name.
 
-What happens (documented in DESIGN.md, "Kernels"): `python agent.py ...` and the scripts put
-the repository root first on sys.path, so `import kernels` finds Baton's package even when HF's
-`kernels` is installed. bitsandbytes (0.50) asks that name for `get_kernel` on CPUs with
-AVX512-BF16, finds ours, and logs "Failed to load CPU gemm_4bit_forward from
-kernels-community ..." before using its own CPU path; session/quiet.py drops exactly that
-record at our entry points. These tests hold both halves: the one message is silenced (and
-no other), and Baton still imports and trains with HF's `kernels` installed on the path.
+transformers 5.25 requires HF's `kernels` and imports it during `import transformers`;
+bitsandbytes asks it for `get_kernel`. `python agent.py ...` puts the repository root first on
+sys.path, so the folder must never be importable as `kernels`: it has no `__init__.py`, and
+Baton imports it as `baton.kernels` (baton/__init__.py; DESIGN.md, "Import names"). These tests
+hold that from the root, as a notebook cell runs it; that no other folder name is a top-level
+name of an installed distribution; and that bitsandbytes' one notice about the Hub kernel it
+cannot fetch offline is silenced at our entry points (and no other message).
+The fresh-venv check (scripts/fresh_install.sh, in .ci/run) runs a whole session with the
+newest releases, with HF's `kernels` and without it.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from tests.agent_helpers import agent_env, write_config
 from tests.fixtures_tiny import pairs_records, write_jsonl
 from tests.native_device import skip_on_cuda
 
-# About a package name, not a kernel: one test pip-installs HF's `kernels` from PyPI (the GPU
-# check runs offline) and trains on the CPU's reference path, the others are CPU entry points.
-pytestmark = skip_on_cuda("the package name is checked on the CPU; it needs the network")
+# About package names, not kernels: CPU entry points.
+pytestmark = skip_on_cuda("the package names are checked on the CPU")
 
 ROOT = Path(__file__).resolve().parent.parent
-HF_KERNELS = "kernels==0.17.2"
+# Our folders, as a user's checkout has them at the top of sys.path.
+FOLDERS = ("kernels", "training", "session", "handoff", "state_schema", "scripts", "tests")
 NOTICE = ("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
           "already `pip install kernels` and the kernels >= 0.11.1")  # bitsandbytes' own words
 
@@ -46,7 +48,7 @@ def emit_after(entry: str) -> subprocess.CompletedProcess:
 
 
 def test_only_the_kernels_community_notice_is_dropped():
-    from session.quiet import BNB_LOGGER, DropBnbKernelNotice, silence_bnb_kernel_notice
+    from baton.session.quiet import BNB_LOGGER, DropBnbKernelNotice, silence_bnb_kernel_notice
 
     silence_bnb_kernel_notice()
     silence_bnb_kernel_notice()  # idempotent
@@ -70,45 +72,44 @@ def test_plan_prints_no_kernels_community_line(tiny_model_dir, tmp_path):
 
 
 def test_merge_prints_no_kernels_community_line(tmp_path):
-    done = emit_after("from scripts.merge import main\n"
+    done = emit_after("from baton.scripts.merge import main\n"
                       f"main(['--store', {str(tmp_path / 'none')!r}, '--run', 'x', '--out', "
                       f"{str(tmp_path / 'out')!r}])")
     assert "gemm_4bit_forward" not in done.stdout + done.stderr
     assert "another bitsandbytes warning" in done.stderr
 
 
-@pytest.fixture(scope="session")
-def hf_kernels_dir() -> Path:
-    """HF's `kernels` from PyPI, `pip install --target` into a cached folder (no deps: the
-    venv already has what it imports); once per machine."""
-    root = Path.home() / ".cache" / "baton" / "test-deps" / HF_KERNELS.replace("==", "-")
-    if not (root / ".complete").is_file():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                        "--disable-pip-version-check", "--target", str(root), "--upgrade",
-                        HF_KERNELS], check=True, timeout=300)
-        (root / ".complete").write_text(HF_KERNELS)
-    return root
+def test_from_the_root_kernels_is_hf_and_baton_kernels_is_ours():
+    """As `python agent.py` runs: the root leads sys.path, yet `kernels` is HF's package,
+    transformers' hub-kernel integration imports, and `baton.kernels` is this folder."""
+    code = ("import sys, json; sys.path.insert(0, '.')\n"
+            "import kernels, transformers.integrations.hub_kernels as hk\n"
+            "import baton.kernels.rmsnorm as ours\n"
+            "print(json.dumps([kernels.__file__, hasattr(kernels, 'get_kernel'), ours.__file__,"
+            " hk.__name__]))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=agent_env())
+    assert done.returncode == 0, done.stderr
+    hf_file, has_get_kernel, ours, _ = json.loads(done.stdout.splitlines()[-1])
+    assert "site-packages" in hf_file and not hf_file.startswith(str(ROOT / "kernels"))
+    assert has_get_kernel
+    assert ours == str(ROOT / "kernels" / "rmsnorm.py")
 
 
-@pytest.mark.slow
-def test_baton_imports_and_trains_with_hf_kernels_on_the_path(tiny_model_dir, tmp_path,
-                                                              hf_kernels_dir):
-    env = agent_env(PYTHONPATH=str(hf_kernels_dir))
-    probe = subprocess.run(
-        [sys.executable, "-c", "import kernels, json; print(json.dumps(kernels.__file__))"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
-    assert json.loads(probe.stdout).startswith(str(hf_kernels_dir))  # HF's, outside the repo
-    data = write_jsonl(tmp_path / "d.jsonl", pairs_records(8))
-    config = write_config(tmp_path, model_dir=tiny_model_dir, train_file=data,
-                          store=str(tmp_path / "store"), model={"load_in_4bit": True},
-                          train={"max_steps": 2})
-    run = subprocess.run([sys.executable, str(ROOT / "agent.py"), "run", "--config", str(config),
-                          "--workdir", str(tmp_path / "w"), "--log-every", "0"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "kernels reference" in run.stdout  # Baton's own kernels patched the model
-    assert "gemm_4bit_forward" not in run.stdout + run.stderr
-    # From the repository root too, as `python agent.py` in a notebook cell: ours wins there.
-    ours = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, check=True)
-    assert ours.stdout.strip() == str(ROOT / "kernels" / "__init__.py")
+def test_the_kernels_folder_cannot_hide_a_package():
+    """A folder without __init__.py is at most a namespace portion, which any installed
+    package of the same name outranks; with one, it would shadow HF's `kernels`."""
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    assert (ROOT / "baton" / "__init__.py").is_file()
+
+
+def test_no_installed_distribution_claims_our_names():
+    """Each folder name, `agent` and `baton`, against the top-level names of every installed
+    distribution (the requirements and their own dependencies). `kernels` is HF's by design;
+    any other hit is a package that our checkout would shadow, or that would shadow ours."""
+    from importlib.metadata import packages_distributions
+
+    claimed = packages_distributions()
+    clashes = {name: claimed[name] for name in FOLDERS + ("agent", "baton") if name in claimed}
+    assert clashes.pop("kernels", None) == ["kernels"]
+    assert not clashes, f"top-level names also installed by: {clashes}"

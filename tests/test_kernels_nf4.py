@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from bitsandbytes.backends.default import ops as bnb_default_ops  # noqa: E402
 from bitsandbytes.backends.utils import _get_4bit_code  # noqa: E402
 
-from kernels.nf4 import NF4FormatError, dequantize_nf4, dequantize_nf4_reference  # noqa: E402
+from baton.kernels.nf4 import NF4FormatError, dequantize_nf4, dequantize_nf4_reference  # noqa: E402
 from tests.native_device import DEVICE  # noqa: E402
 
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

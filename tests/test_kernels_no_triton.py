@@ -28,11 +28,11 @@ import importlib, json, os, sys
 sys.path.insert(0, os.getcwd())
 modules = json.loads(sys.argv[1])
 for name in modules:
-    importlib.import_module("kernels." + name)
-from kernels import dispatch
-from kernels._triton import HAS_TRITON, TritonMissingError
+    importlib.import_module("baton.kernels." + name)
+from baton.kernels import dispatch
+from baton.kernels._triton import HAS_TRITON, TritonMissingError
 import torch
-from kernels.swiglu import swiglu_fwd
+from baton.kernels.swiglu import swiglu_fwd
 try:
     swiglu_fwd(torch.ones(4), torch.ones(4))
     launch = "launched"
@@ -46,7 +46,7 @@ except dispatch.KernelChoiceError as exc:
     forced = str(exc)
 del os.environ["BATON_KERNELS"]
 
-from state_schema import RunSpec
+from baton.state_schema import RunSpec
 from tests.fixtures_tiny import make_trainer
 spec = RunSpec.model_validate_json(open(sys.argv[2]).read())
 trainer = make_trainer(spec, sys.argv[3], kernels="auto")

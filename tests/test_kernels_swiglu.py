@@ -11,7 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported; gpu
 import pytest
 import torch
 
-from kernels.swiglu import swiglu, swiglu_bwd, swiglu_fwd, swiglu_reference
+from baton.kernels.swiglu import swiglu, swiglu_bwd, swiglu_fwd, swiglu_reference
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

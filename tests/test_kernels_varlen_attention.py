@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.varlen_attention import (
+from baton.kernels.varlen_attention import (
     FLASH_VARLEN, SDPA_SPANS, sdpa_spans, segments_of, varlen_attention_reference,
     varlen_path_for, window_mask,
 )
@@ -101,7 +101,7 @@ def test_path_choice(device, cap, flash, dtype, want):
 
 
 def _gpu_paths() -> list:
-    from kernels.varlen_attention import flash_available
+    from baton.kernels.varlen_attention import flash_available
 
     if not torch.cuda.is_available():
         return [pytest.param(None, marks=pytest.mark.skip(reason="needs a CUDA GPU"))]
@@ -115,7 +115,7 @@ def _gpu_paths() -> list:
 def test_gpu_paths_in_fp16_match_reference(path):
     """On a GPU (scripts/gpu_check.py): each path this GPU has, in fp16, against the fp32
     reference; 16-bit tolerances (2e-3 on outputs of unit scale)."""
-    from kernels.varlen_attention import VARLEN_FUNCTIONS
+    from baton.kernels.varlen_attention import VARLEN_FUNCTIONS
 
     pos = _positions([[37, 5, 90, 16]]).cuda()
     q, k, v = (t.detach().cuda().half().requires_grad_() for t in _qkv(1, 148))

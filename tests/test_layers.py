@@ -14,6 +14,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = ("agent", "session", "training", "handoff", "kernels", "state_schema", "scripts", "tests")
+# Product code reaches its folders only as `baton.<folder>` (baton/__init__.py, DESIGN.md "Import
+# names"): a bare `kernels` is Hugging Face's package, and the other folder names are common words.
+# `agent` (the entry script) and `tests` (pytest's package) are the two bare names.
+BARE_OK = ("agent", "tests")
 
 # layer -> the layers it may import (itself always). Mirrors DESIGN.md's layer table.
 ALLOWED = {
@@ -44,9 +48,10 @@ def module_name(path: Path, root: Path = ROOT) -> str:
     return ".".join(parts)
 
 
-def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
-    """Dotted names of our own modules that `path` imports, relative imports resolved."""
-    package = module_name(path, root).split(".")
+def absolute_imports(path: Path, root: Path = ROOT) -> set[str]:
+    """Every dotted name that `path` imports, relative imports resolved against its folder
+    (as `baton.<folder>...`, the name they have at run time)."""
+    package = ["baton"] + module_name(path, root).split(".")
     if path.name != "__init__.py":
         package = package[:-1]
     found = set()
@@ -59,7 +64,28 @@ def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
                 base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
             found.add(base)
             found |= {f"{base}.{alias.name}" for alias in node.names}
-    return {name for name in found if name.split(".")[0] in OURS and is_module(name, root)}
+    return found
+
+
+def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
+    """Our own modules that `path` imports, by folder (`training.engine` for
+    `baton.training.engine`), plus the two bare names (`agent`, `tests...`)."""
+    found = set()
+    for name in absolute_imports(path, root):
+        if name.startswith("baton."):
+            name = name[len("baton."):]
+        elif name.split(".")[0] not in BARE_OK:
+            continue
+        if name.split(".")[0] in OURS and is_module(name, root):
+            found.add(name)
+    return found
+
+
+def bare_imports(path: Path, root: Path = ROOT) -> set[str]:
+    """Imports of our folders by their bare names (`from training import x`): at run time
+    these would be another module object, or another distribution's package altogether."""
+    return {name for name in absolute_imports(path, root)
+            if name.split(".")[0] in OURS and name.split(".")[0] not in BARE_OK}
 
 
 def is_module(name: str, root: Path = ROOT) -> bool:
@@ -85,6 +111,12 @@ def layer_violations(root: Path = ROOT) -> list[str]:
 def test_every_import_follows_the_layer_table():
     broken = layer_violations()
     assert not broken, "imports that break DESIGN.md's layer table:\n" + "\n".join(broken)
+
+
+@pytest.mark.parametrize("path", product_files() + sorted((ROOT / "tests").rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_our_folders_are_imported_only_as_baton(path):
+    assert not bare_imports(path), f"{path.relative_to(ROOT)}: import these as baton.<name>"
 
 
 def test_no_product_file_imports_tests():
@@ -128,7 +160,8 @@ def test_the_checker_sees_broken_imports_and_cycles(tmp_path):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "__init__.py").write_text("")
     (tmp_path / "training" / "engine.py").write_text("X = 1\n")
-    (tmp_path / "handoff" / "store.py").write_text("def f():\n    from training import engine\n")
+    (tmp_path / "handoff" / "store.py").write_text("def f():\n    from baton.training import engine\n"
+                                                   "from training import engine\n")
     (tmp_path / "session" / "a.py").write_text("from . import b\n")
     (tmp_path / "session" / "b.py").write_text("from .a import thing\n")
     assert sorted(layer_violations(tmp_path)) == [
@@ -138,3 +171,5 @@ def test_the_checker_sees_broken_imports_and_cycles(tmp_path):
              for p in product_files(tmp_path)}
     assert find_cycle(graph, "session.a") == ["session.a", "session.b", "session.a"]
     assert find_cycle(graph, "training.engine") == []
+    assert bare_imports(tmp_path / "handoff" / "store.py", tmp_path) == {
+        "training", "training.engine"}

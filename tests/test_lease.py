@@ -9,10 +9,10 @@ from datetime import timedelta
 
 import pytest
 
-from handoff import ConflictError, StoreUnavailableError
-from handoff.lease import LeaseHeldError, LeaseLostError, LeaseManager
-from handoff.runstore import RunStore
-from state_schema import utcnow
+from baton.handoff import ConflictError, StoreUnavailableError
+from baton.handoff.lease import LeaseHeldError, LeaseLostError, LeaseManager
+from baton.handoff.runstore import RunStore
+from baton.state_schema import utcnow
 
 
 class Clock:

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from handoff import open_store
-from handoff.checkpoint import commit_checkpoint
-from handoff.runstore import RunStore
-from scripts import merge as merge_script
-from scripts.tiny_model import build_tiny
-from state_schema import Cursor, DataSpec, LoraConfig, ModelConfig, RunSpec, TrainSpec
+from baton.handoff import open_store
+from baton.handoff.checkpoint import commit_checkpoint
+from baton.handoff.runstore import RunStore
+from baton.scripts import merge as merge_script
+from baton.scripts.tiny_model import build_tiny
+from baton.state_schema import Cursor, DataSpec, LoraConfig, ModelConfig, RunSpec, TrainSpec
 
 RUN = "merge-run"
 TEXT = "def add(a, b):\n    return a + b"
@@ -25,7 +25,7 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def _spec(model_dir: Path) -> RunSpec:
-    from training.model import resolve_revision
+    from baton.training.model import resolve_revision
 
     return RunSpec(
         run=RUN, model=ModelConfig(name=str(model_dir),

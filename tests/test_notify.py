@@ -46,8 +46,8 @@ def stored_bytes(store: Path) -> bytes:
 # -- the message and the sender ------------------------------------------------------------
 
 def test_compose_says_run_step_loss_and_what_to_do():
-    from session.codes import FAILED, FINISHED, HELD, PAUSED
-    from session.notify import Report, compose
+    from baton.session.codes import FAILED, FINISHED, HELD, PAUSED
+    from baton.session.notify import Report, compose
 
     report = Report("mistral-advisor", step=120, total=900, loss=1.23456)
     title, body = compose(report, PAUSED, "")
@@ -63,7 +63,7 @@ def test_compose_says_run_step_loss_and_what_to_do():
 
 
 def test_send_posts_one_json_message(notify_sink):
-    from session.notify import send
+    from baton.session.notify import send
 
     assert send([notify_sink.url("hook")], "baton: t paused", "run t paused at step 3/6.")
     [message] = notify_sink.wait("hook")
@@ -73,8 +73,8 @@ def test_send_posts_one_json_message(notify_sink):
 
 
 def test_a_failed_notification_is_logged_scrubbed_and_never_raises(notify_sink, caplog):
-    from handoff.secrets import ScrubFilter
-    from session.notify import send
+    from baton.handoff.secrets import ScrubFilter
+    from baton.session.notify import send
 
     caplog.handler.addFilter(ScrubFilter())  # as agent.py installs it on its handler
     with caplog.at_level(logging.DEBUG):
@@ -86,7 +86,7 @@ def test_a_failed_notification_is_logged_scrubbed_and_never_raises(notify_sink, 
 
 
 def test_check_urls_refuses_an_unknown_scheme_without_showing_it():
-    from session.notify import NotifyConfigError, check_urls
+    from baton.session.notify import NotifyConfigError, check_urls
 
     with pytest.raises(NotifyConfigError, match=r"notify\[1\]") as err:
         check_urls(["ntfy://topic-a", f"nosuchscheme://{TOKEN}"])
@@ -98,7 +98,7 @@ def test_check_urls_refuses_an_unknown_scheme_without_showing_it():
 @pytest.mark.slow
 def test_agent_notifies_conflict_pause_finish_and_keeps_urls_secret(tiny, tmp_path,
                                                                      notify_sink):
-    from handoff.lease import LeaseManager
+    from baton.handoff.lease import LeaseManager
 
     store = tmp_path / "store"
     hook = f"hook/{TOKEN}"

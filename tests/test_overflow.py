@@ -27,7 +27,7 @@ def outlier_qwen2(fp32_stream: bool):
     adds 32768 (fp16 can hold each, not their sum), embeddings and lm_head in fp16."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from training.model import residual_stream_fp32
+    from baton.training.model import residual_stream_fp32
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(
@@ -78,7 +78,7 @@ def test_a_non_finite_step_trains_nothing_and_counts_its_samples_as_skipped(tiny
     """A forward overflow under fp16: the step is skipped (weights, schedule and the scaler's
     scale stay), the cursor moves the data order on but counts the samples as skipped, not
     seen, and logs no NaN (JSON has none); the guard ends it at the 3rd in a row."""
-    from session.overflow import LossGuard, NonFiniteLossError
+    from baton.session.overflow import LossGuard, NonFiniteLossError
 
     spec = make_spec(tiny_model_dir, pairs_file, max_steps=8, warmup=0.5)
     trainer = make_trainer(spec, pairs_file, precision="fp16")
@@ -111,7 +111,7 @@ def test_three_non_finite_losses_end_the_session_on_the_last_good_checkpoint(
     exit 1 at step 5 naming the fix, HEAD on the step-1 checkpoint (taken right after the
     first step), whose cursor counts only trained samples; the record counts the 3 non-finite
     steps; the lease is released."""
-    from training.engine import Trainer
+    from baton.training.engine import Trainer
 
     monkeypatch.setattr(Trainer, "train_step", overflowing(Trainer.train_step, 3))
     store = str(tmp_path / "store")
@@ -135,7 +135,7 @@ def test_three_non_finite_losses_end_the_session_on_the_last_good_checkpoint(
     assert runstore.read_lease()[0].released
     from rich.console import Console
 
-    from session.status import collect_status, render
+    from baton.session.status import collect_status, render
 
     console = Console(record=True, width=200)
     render(collect_status(runstore.store, "t"), console)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.fixtures_tiny import make_spec, make_trainer, pairs_records, text_records, write_jsonl
-from training.encode import IGNORE, Encoder, collate, pack
+from baton.training.encode import IGNORE, Encoder, collate, pack
 
 
 @pytest.fixture(scope="module")

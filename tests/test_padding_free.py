@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.fixtures_tiny import make_spec, make_trainer, pairs_records, write_jsonl
-from training.attention import use_varlen_attention
-from training.encode import IGNORE, Encoded, collate
-from training.layout import collate_padding_free, computed_tokens, token_efficiency
+from baton.training.attention import use_varlen_attention
+from baton.training.encode import IGNORE, Encoded, collate
+from baton.training.layout import collate_padding_free, computed_tokens, token_efficiency
 
 LENGTHS = (23, 7, 40, 12)  # row of 82 tokens: no model dimension is 82
 VOCAB = 301
@@ -107,7 +107,7 @@ def test_padding_free_equals_padded_on_smollm2(real_model_dir):
     every layer is the same code, and 30 would cost a CPU minute."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.encode import Encoder
+    from baton.training.encode import Encoder
 
     tokenizer = AutoTokenizer.from_pretrained(real_model_dir)
     encoder = Encoder(tokenizer, "chat", 128)
@@ -220,7 +220,7 @@ def test_a_session_may_switch_layout_and_continue_exactly(runs, first, then):
 
 def test_padding_free_is_the_default_a_session_setting_not_the_spec(tmp_path):
     import agent
-    from state_schema import DataConfig, DataSpec, SessionRecord
+    from baton.state_schema import DataConfig, DataSpec, SessionRecord
 
     assert DataConfig(train="t.jsonl").padding_free is True
     assert "padding_free" not in DataSpec.model_fields  # a session may change it

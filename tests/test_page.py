@@ -53,9 +53,9 @@ def changed(before: dict[str, bytes], after: dict[str, bytes]) -> set[str]:
 # -- the commit carries the page --------------------------------------------------------------
 
 def test_extra_files_ride_in_the_checkpoint_commit(hub_server, tmp_path):
-    from handoff import open_store
-    from handoff.checkpoint import commit_checkpoint
-    from handoff.runstore import RunStore
+    from baton.handoff import open_store
+    from baton.handoff.checkpoint import commit_checkpoint
+    from baton.handoff.runstore import RunStore
 
     uri = hub_server.new_repo_uri()
     rs = RunStore(open_store(uri), "t")

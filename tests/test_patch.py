@@ -14,9 +14,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from kernels.architectures import ARCHITECTURES
-from kernels.dispatch import KernelBackendError, patching_enabled, select_backend
-from kernels.patch import KernelReport, patch_model, restore_rope
+from baton.kernels.architectures import ARCHITECTURES
+from baton.kernels.dispatch import KernelBackendError, patching_enabled, select_backend
+from baton.kernels.patch import KernelReport, patch_model, restore_rope
 
 VOCAB = 301
 COMMON = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -259,7 +259,7 @@ def test_training_curves_agree_with_and_without_kernels():
 
 # The kernel list and the compile loop live in scripts/aot_kernels.py (bench_startup.py times
 # the same compiles cold and from Triton's cache).
-_COMPILE_ALL = "from scripts.aot_kernels import compile_all; print('compiled', len(compile_all()))"
+_COMPILE_ALL = "from baton.scripts.aot_kernels import compile_all; print('compiled', len(compile_all()))"
 
 
 def test_kernels_compile_to_cubin_for_t4_and_h100(tmp_path):
@@ -289,7 +289,7 @@ def test_kernels_compile_to_cubin_for_t4_and_h100(tmp_path):
     (None, True, "reference"),  # CPU
 ])
 def test_automatic_choice_by_capability(capability, has_triton, expected):
-    from kernels.dispatch import backend_for_capability
+    from baton.kernels.dispatch import backend_for_capability
 
     assert backend_for_capability(capability, has_triton) == expected
 
@@ -298,7 +298,7 @@ def test_automatic_choice_by_capability(capability, has_triton, expected):
 def test_forced_triton_below_sm75_is_refused_as_invalid_input(capability):
     # P100 (6.0), P40 (6.1), V100 (7.0), Xavier (7.2): BATON_KERNELS=triton there is a user
     # error the session answers with exit 2 (a ValueError), and the message says what to do.
-    from kernels.dispatch import KernelChoiceError, backend_for_capability
+    from baton.kernels.dispatch import KernelChoiceError, backend_for_capability
 
     with pytest.raises(KernelChoiceError) as info:
         backend_for_capability(capability, True, forced="triton")
@@ -318,14 +318,14 @@ def test_forced_triton_below_sm75_is_refused_as_invalid_input(capability):
     ((8, 0), "auto", "triton"),
 ])
 def test_forced_choice_by_capability(capability, forced, expected):
-    from kernels.dispatch import backend_for_capability
+    from baton.kernels.dispatch import backend_for_capability
 
     assert backend_for_capability(capability, True, forced=forced) == expected
 
 
 def test_triton_is_only_looked_for_when_the_gpu_could_use_it():
     # Importing Triton takes seconds: the CPU and old GPUs never ask.
-    from kernels.dispatch import backend_for_capability
+    from baton.kernels.dispatch import backend_for_capability
 
     def never() -> bool:
         raise AssertionError("triton availability was asked for")

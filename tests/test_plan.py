@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from state_schema import RunConfig
-from session import plan as planmod
+from baton.state_schema import RunConfig
+from baton.session import plan as planmod
 
 MISTRAL_7B = dict(
     num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
@@ -144,7 +144,7 @@ def test_steps_total_follows_the_engine(tmp_path, n, epochs):
     """The same split and rounding as training.order.split_eval and training.engine."""
     import math
 
-    from training.order import split_eval
+    from baton.training.order import split_eval
 
     config = _config(tmp_path, _jsonl(tmp_path / "d.jsonl", n), epochs=epochs)
     n_train = len(split_eval(n, 0.05, config.train.seed)[0])
@@ -156,8 +156,8 @@ def test_plan_counts_with_the_engines_rules(tmp_path):
     counted) and counts steps with the engine's own rule and eval split."""
     from types import SimpleNamespace
 
-    from training.engine import total_steps
-    from training.order import split_eval
+    from baton.training.engine import total_steps
+    from baton.training.order import split_eval
 
     tsv = tmp_path / "d.tsv"
     tsv.write_text("text\n" + "".join(f"line {i}\n" for i in range(20)))
@@ -176,8 +176,8 @@ def test_estimate_follows_the_model_as_loaded(which, pairs_file, request):
     Measured: 0.3% and 1.4% (the estimate also counts the NF4 absmax, which bitsandbytes keeps
     outside parameters and buffers). Activation terms need a GPU: scripts/gpu_check.py."""
     from tests.fixtures_tiny import make_spec
-    from training.devices import detect_device
-    from training.model import load_model
+    from baton.training.devices import detect_device
+    from baton.training.model import load_model
 
     model_dir = request.getfixturevalue(which)
     config = RunConfig.model_validate({

@@ -100,7 +100,7 @@ def test_adamw_8bit_steps_on_the_cpu_and_resumes_exactly(tmp_path, tiny_model_di
 def test_4bit_model_keeps_embeddings_in_the_compute_dtype(tiny_model_dir, pairs_file):
     """PEFT's kbit preparation upcasts embeddings and lm_head to fp32; Baton keeps them in
     the compute dtype (half the bytes) and the norms in fp32, and the loss does not move."""
-    from training.model import embeddings_in_compute_dtype
+    from baton.training.model import embeddings_in_compute_dtype
 
     spec = make_spec(tiny_model_dir, pairs_file, max_steps=2)
     trainer = make_trainer(spec, pairs_file, precision="bf16")
@@ -116,7 +116,7 @@ def test_4bit_model_keeps_embeddings_in_the_compute_dtype(tiny_model_dir, pairs_
 
 
 def test_precision_policy_and_refusals():
-    from training.devices import PrecisionError, precision_for, resolve_precision
+    from baton.training.devices import PrecisionError, precision_for, resolve_precision
 
     assert [precision_for(c) for c in (None, (6, 0), (7, 5), (8, 0), (9, 0))] == [
         "fp32", "fp16", "fp16", "bf16", "bf16"]

@@ -24,9 +24,9 @@ def test_an_aborted_probe_falls_back_to_the_reference_path(tmp_path, tiny_model_
     reference path, and record and status say why."""
     from rich.console import Console
 
-    from handoff import open_store
-    from session import probe
-    from session.status import collect_status, render
+    from baton.handoff import open_store
+    from baton.session import probe
+    from baton.session.status import collect_status, render
 
     monkeypatch.setattr(probe, "probe_command", faulty_probe_command)
     for name, value in (("BATON_KERNELS", "triton"), ("TRITON_INTERPRET", "1"),
@@ -53,7 +53,7 @@ def test_an_aborted_probe_falls_back_to_the_reference_path(tmp_path, tiny_model_
 
 
 def test_the_probe_is_skipped_where_no_triton_kernel_runs(monkeypatch):
-    from session.probe import decide, kernels_text
+    from baton.session.probe import decide, kernels_text
 
     device = SimpleNamespace(device="cpu", precision="fp32")
     said: list[str] = []
@@ -77,13 +77,13 @@ def test_the_probe_is_skipped_where_no_triton_kernel_runs(monkeypatch):
     (3, [{"op": "rmsnorm"}, {"op": "rmsnorm", "ok": True}], "start-up: exit 3"),
 ])
 def test_the_probe_names_the_op_that_failed(code, events, reason):
-    from session.probe import _reason
+    from baton.session.probe import _reason
 
     assert _reason(code, events) == reason
 
 
 def test_the_job_has_the_models_sizes_and_the_runs_dtype():
-    from session.probe import job_for
+    from baton.session.probe import job_for
 
     llama8b = SimpleNamespace(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                               num_key_value_heads=8, vocab_size=128256, hidden_act="silu",
@@ -109,7 +109,7 @@ def test_every_probe_op_passes_on_the_kernels_it_checks(precision, capsys):
     """Each op, in Triton's interpreter (conftest sets TRITON_INTERPRET=1), within the
     probe's tolerance of its reference: a probe that fails on good kernels would quietly
     send every GPU session to the slow path."""
-    from kernels import probe
+    from baton.kernels import probe
 
     probe.run(probe.ProbeJob(precision=precision, **TINY_JOB))
     lines = [line for line in capsys.readouterr().out.splitlines() if '"ok": true' in line]
@@ -119,7 +119,7 @@ def test_every_probe_op_passes_on_the_kernels_it_checks(precision, capsys):
 def test_a_kernel_that_computes_garbage_fails_the_probe(monkeypatch):
     import torch
 
-    from kernels import probe, swiglu
+    from baton.kernels import probe, swiglu
 
     monkeypatch.setattr(swiglu, "swiglu", lambda gate, up: torch.zeros_like(gate))
     with pytest.raises(probe.ProbeMismatch, match="swiglu: relative error"):

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from handoff.checkpoint import checkpoint_id, commit_checkpoint, pull_checkpoint
-from handoff.lease import LeaseManager
-from handoff.runstore import RunStore
-from state_schema import utcnow
+from baton.handoff.checkpoint import checkpoint_id, commit_checkpoint, pull_checkpoint
+from baton.handoff.lease import LeaseManager
+from baton.handoff.runstore import RunStore
+from baton.state_schema import utcnow
 from tests.store_helpers import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -92,7 +92,7 @@ def config_for(tiny, tmp_path: Path, **train) -> Path:
 
 def assert_head_is_complete_or_absent(uri: str, tmp_path: Path) -> None:
     """HEAD names a checkpoint that verifies (no fallback), or there is none yet."""
-    from handoff.checkpoint import pull_checkpoint
+    from baton.handoff.checkpoint import pull_checkpoint
 
     runstore = open_run(uri)
     head = runstore.read_head()
@@ -185,7 +185,7 @@ def test_sigterm_to_the_launcher_pauses_the_session_with_a_commit(tiny, tmp_path
 def test_rank_0s_exit_code_is_the_sessions(tiny, tmp_path):
     """Another agent holds the lease: rank 0 exits 73 before any plan, the follower is told to
     stop, and the launcher returns 73 (not a launcher failure)."""
-    from handoff.lease import LeaseManager
+    from baton.handoff.lease import LeaseManager
 
     uri = str(tmp_path / "store")
     config = config_for(tiny, tmp_path)
@@ -205,7 +205,7 @@ def test_rank_0s_exit_code_is_the_sessions(tiny, tmp_path):
                                          ("import sys; sys.exit('bad')", 1),
                                          ("raise SystemExit(None)", 0)])
 def test_a_rank_returns_its_scripts_exit_code(tmp_path, body, code):
-    from session.launch import run_script
+    from baton.session.launch import run_script
 
     script = tmp_path / "entry.py"
     script.write_text(body + "\n")
@@ -213,8 +213,8 @@ def test_a_rank_returns_its_scripts_exit_code(tmp_path, body, code):
 
 
 def test_the_launcher_releases_only_its_own_abandoned_lease(tmp_path):
-    from handoff.lease import LeaseManager
-    from session.launch import release_abandoned_lease
+    from baton.handoff.lease import LeaseManager
+    from baton.session.launch import release_abandoned_lease
 
     uri = str(tmp_path / "store")
     lease = LeaseManager(open_run(uri), holder="rank0-holder", ttl=600)
@@ -270,9 +270,9 @@ def test_followers_outwait_a_pull_longer_than_the_collective_timeout(tmp_path):
 
 
 def test_a_follower_waits_as_long_as_the_session_may_last(monkeypatch):
-    from state_schema import RunConfig
-    from session.codes import DEFAULT_SESSION_LIMIT_S
-    from session.ranks import WORD_SLACK_S, word_wait_s
+    from baton.state_schema import RunConfig
+    from baton.session.codes import DEFAULT_SESSION_LIMIT_S
+    from baton.session.ranks import WORD_SLACK_S, word_wait_s
 
     for name in ("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE", "COLAB_RELEASE_TAG", "COLAB_GPU",
                  "COLAB_BACKEND_VERSION"):

@@ -67,7 +67,7 @@ def handoff_run(real_model_dir, tmp_path_factory) -> dict:
 def test_real_tokenizer_and_chat_template_in_all_three_formats(real_model_dir):
     from transformers import AutoTokenizer
 
-    from training.encode import IGNORE, Encoder
+    from baton.training.encode import IGNORE, Encoder
 
     tok = AutoTokenizer.from_pretrained(real_model_dir)
     learned = lambda enc: tok.decode([t for t in enc.labels if t != IGNORE])  # noqa: E731
@@ -84,8 +84,8 @@ def test_real_tokenizer_and_chat_template_in_all_three_formats(real_model_dir):
 
 
 def test_two_session_handoff_ends_below_the_base_eval_loss(handoff_run):
-    from session.status import collect_status
-    from handoff import open_store
+    from baton.session.status import collect_status
+    from baton.handoff import open_store
 
     status = collect_status(open_store(handoff_run["store"]), RUN)
     assert status["state"] == "finished" and status["step"] == 4
@@ -109,7 +109,7 @@ def test_sessions_say_one_line_and_account_for_their_time(handoff_run):
 
 
 def test_eval_script_stores_the_before_after(handoff_run, evaluated):
-    from scripts.eval import verdict
+    from baton.scripts.eval import verdict
 
     result = evaluated
     assert set(result) >= {"checkpoint", "eval_records", "base", "tuned", "samples"}
@@ -124,9 +124,9 @@ def test_eval_script_stores_the_before_after(handoff_run, evaluated):
 
 
 def test_eval_script_refuses_a_run_with_nothing_held_out(real_model_dir, tmp_path, capsys):
-    from handoff.runstore import RunStore
-    from handoff import open_store
-    from scripts.eval import main
+    from baton.handoff.runstore import RunStore
+    from baton.handoff import open_store
+    from baton.scripts.eval import main
 
     data = write_jsonl(tmp_path / "d.jsonl", sums(4))
     spec = make_spec(real_model_dir, data, fmt="chat", eval_=0.0, max_steps=1)
@@ -139,7 +139,7 @@ def test_merge_keeps_the_embeddings_tied_and_plain_transformers_reloads(handoff_
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from scripts.merge import main
+    from baton.scripts.merge import main
 
     assert main(["--store", handoff_run["store"], "--run", RUN, "--out", str(tmp_path / "m"),
                  "--dtype", "float32"]) == 0
@@ -148,7 +148,7 @@ def test_merge_keeps_the_embeddings_tied_and_plain_transformers_reloads(handoff_
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     # The adapter never touched the shared matrix: LoRA on the linear layers only.
     ckpt = Path(handoff_run["folder"]) / "pulled"
-    from handoff.checkpoint import pull_checkpoint
+    from baton.handoff.checkpoint import pull_checkpoint
 
     pull_checkpoint(open_run(handoff_run["store"], RUN), ckpt)
     with safe_open(ckpt / "adapter_model.safetensors", "pt") as f:
@@ -159,7 +159,7 @@ def test_merge_keeps_the_embeddings_tied_and_plain_transformers_reloads(handoff_
 @pytest.fixture(scope="module")
 def evaluated(handoff_run, tmp_path_factory) -> dict:
     """scripts/eval.py on the run: Baton's own model (4-bit base, patched kernels) judged."""
-    from scripts.eval import main
+    from baton.scripts.eval import main
 
     out = tmp_path_factory.mktemp("eval") / "eval.json"
     assert main(["--store", handoff_run["store"], "--run", RUN, "--prompts", "1",
@@ -174,10 +174,10 @@ def test_plain_peft_gives_the_loss_baton_measured(handoff_run, evaluated, tmp_pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from handoff.checkpoint import pull_named
-    from training.dataset import RunData
-    from training.encode import collate
-    from training.model import keep_training_layout
+    from baton.handoff.checkpoint import pull_named
+    from baton.training.dataset import RunData
+    from baton.training.encode import collate
+    from baton.training.model import keep_training_layout
 
     runstore = open_run(handoff_run["store"], RUN)
     spec = runstore.read_spec()

@@ -15,10 +15,10 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError
 
-from handoff import ABSENT, ConflictError, NotFoundError, Store
-from handoff.retry import RetryPolicy
-from handoff.errors import StoreConfigError, StoreError, StoreUnavailableError
-from handoff.s3 import MULTIPART_THRESHOLD, S3Store, parse_uri
+from baton.handoff import ABSENT, ConflictError, NotFoundError, Store
+from baton.handoff.retry import RetryPolicy
+from baton.handoff.errors import StoreConfigError, StoreError, StoreUnavailableError
+from baton.handoff.s3 import MULTIPART_THRESHOLD, S3Store, parse_uri
 
 MiB = 1 << 20
 
@@ -111,7 +111,7 @@ def test_list_walks_every_page(s3):
 def test_environment_reaches_subprocesses(s3):
     """Agents run as subprocesses in the end-to-end tests: they must find the server."""
     s3.write("run/spec.json", b"from the parent")
-    code = ("import sys; from handoff import open_store; "
+    code = ("import sys; from baton.handoff import open_store; "
             "sys.stdout.write(open_store(sys.argv[1]).read('run/spec.json').data.decode())")
     out = subprocess.run([sys.executable, "-c", code, s3.uri], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)

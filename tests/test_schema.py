@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-import state_schema as ss
-from state_schema.versioning import SchemaError
+import baton.state_schema as ss
+from baton.state_schema.versioning import SchemaError
 
 
 def test_every_document_round_trips():

@@ -7,9 +7,9 @@ from datetime import timedelta
 
 import pytest
 
-from handoff import open_store
-from session.status import collect_status, status_main
-from state_schema import (
+from baton.handoff import open_store
+from baton.session.status import collect_status, status_main
+from baton.state_schema import (
     Cursor, DataSpec, FileEntry, Head, Lease, LoraConfig, Manifest, ModelConfig, RunSpec,
     SessionRecord, TrainSpec, utcnow,
 )

@@ -6,8 +6,8 @@ import io
 
 from rich.console import Console
 
-from session.status import RunView, plot_losses, render, summarize
-from state_schema import Cursor, SessionRecord
+from baton.session.status import RunView, plot_losses, render, summarize
+from baton.state_schema import Cursor, SessionRecord
 
 
 def view(cursor_base, record_base) -> RunView:

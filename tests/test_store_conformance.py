@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from handoff import ABSENT, ConflictError, NotFoundError
+from baton.handoff import ABSENT, ConflictError, NotFoundError
 
 
 def test_write_read_round_trip(store):

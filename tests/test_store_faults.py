@@ -17,13 +17,13 @@ from urllib.parse import urlparse
 
 import pytest
 
-from handoff import Store, open_store, s3
-from handoff.retry import RetryPolicy
-from handoff.checkpoint import commit_checkpoint, pull_checkpoint
-from handoff.errors import CorruptCheckpointError, FencedError, StoreUnavailableError
-from handoff.lease import LeaseManager
-from handoff.runstore import RunStore
-from handoff.spool import pending, push_pending, spool
+from baton.handoff import Store, open_store, s3
+from baton.handoff.retry import RetryPolicy
+from baton.handoff.checkpoint import commit_checkpoint, pull_checkpoint
+from baton.handoff.errors import CorruptCheckpointError, FencedError, StoreUnavailableError
+from baton.handoff.lease import LeaseManager
+from baton.handoff.runstore import RunStore
+from baton.handoff.spool import pending, push_pending, spool
 
 from tests.servers.fault_proxy import FaultProxy
 from tests.store_helpers import make_checkpoint

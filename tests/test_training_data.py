@@ -8,10 +8,10 @@ import json
 import pytest
 
 from tests.fixtures_tiny import chat_records, make_spec, pairs_records, text_records, write_jsonl
-from training.data import (DataChangedError, DataError, count_samples, detect_format,
+from baton.training.data import (DataChangedError, DataError, count_samples, detect_format,
                            fingerprint, read_records)
-from training.encode import IGNORE, Encoder, collate, pack
-from training.order import epoch_permutation, split_eval, step_indices
+from baton.training.encode import IGNORE, Encoder, collate, pack
+from baton.training.order import epoch_permutation, split_eval, step_indices
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_changed_data_is_refused_before_the_model_loads(tmp_path, tiny_model_dir
 
 
 def test_format_mismatch_names_the_record(tmp_path, tiny_model_dir):
-    from training.dataset import RunData
+    from baton.training.dataset import RunData
 
     data = write_jsonl(tmp_path / "train.jsonl", pairs_records(3) + text_records(1))
     spec = make_spec(tiny_model_dir, data, max_steps=2)
@@ -142,7 +142,7 @@ def test_eval_split_is_deterministic_and_disjoint():
 
 
 def test_eval_from_a_separate_file(tmp_path, tiny_model_dir):
-    from training.dataset import RunData
+    from baton.training.dataset import RunData
 
     data = write_jsonl(tmp_path / "train.jsonl", pairs_records(10))
     held = write_jsonl(tmp_path / "eval.jsonl", pairs_records(3))

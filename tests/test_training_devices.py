@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.devices import (UnsupportedGPUError, arch_supported, check_gpu, detect_device,
+from baton.training.devices import (UnsupportedGPUError, arch_supported, check_gpu, detect_device,
                               precision_for)
 
 
@@ -71,8 +71,8 @@ CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_
 
 @pytest.mark.parametrize("name, capability, precision, kernels", KAGGLE_2026)
 def test_each_gpu_gets_its_precision_and_kernel_path(name, capability, precision, kernels):
-    from kernels.dispatch import backend_for_capability
-    from training.devices import resolve_precision
+    from baton.kernels.dispatch import backend_for_capability
+    from baton.training.devices import resolve_precision
 
     assert precision_for(capability) == resolve_precision("auto", capability) == precision
     assert backend_for_capability(capability, has_triton=True) == kernels
@@ -82,7 +82,7 @@ def test_each_gpu_gets_its_precision_and_kernel_path(name, capability, precision
 def test_an_l4_trains_in_bf16_on_the_triton_path(monkeypatch):
     """Through the functions a session calls (detect_device, select_backend), with the CUDA
     runtime's answers for one L4 (sm_89) under torch 2.11+cu130."""
-    from kernels.dispatch import select_backend, triton_available
+    from baton.kernels.dispatch import select_backend, triton_available
 
     if not triton_available():
         pytest.skip("triton does not import here: the automatic choice is the reference")
@@ -111,8 +111,8 @@ def test_kaggles_2026_image_refuses_a_p100_with_the_torch_that_runs_it(monkeypat
 
 def test_more_ranks_than_gpus_share_them_over_gloo(monkeypatch):
     # The GPU check runs 2 ranks on 1 GPU: NCCL refuses two ranks on one device, gloo does not.
-    from training.devices import rank_cuda_index
-    from training.dist import process_group_backend
+    from baton.training.devices import rank_cuda_index
+    from baton.training.dist import process_group_backend
 
     assert process_group_backend(2, 2) == "nccl" and process_group_backend(2, 4) == "nccl"
     assert process_group_backend(2, 1) == "gloo" and process_group_backend(2, 0) == "gloo"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.fixtures_tiny import make_spec, make_trainer
-from training.engine import CheckpointError, Trainer, total_steps
+from baton.training.engine import CheckpointError, Trainer, total_steps
 
 
 def trainer(spec, data, model, micro=2, kernels="none", **kw) -> Trainer:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tests.fixtures_tiny import make_spec
-from training.devices import detect_device
-from training.model import ModelLoadError, ModelUnavailableError, load_model, resolve_revision
+from baton.training.devices import detect_device
+from baton.training.model import ModelLoadError, ModelUnavailableError, load_model, resolve_revision
 
 
 def test_nf4_with_fp32_lora_on_all_linear_layers(tiny_model_dir, pairs_file):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import torch
 
-from training.optim import load_optimizer, save_optimizer
+from baton.training.optim import load_optimizer, save_optimizer
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:

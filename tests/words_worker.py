@@ -40,8 +40,8 @@ def follower(ranks, out: dict) -> None:
 def main(pull_s: float, collective_s: float, out_path: str) -> int:
     import torch
 
-    from session import ranks as ranks_module
-    from training import dist
+    from baton.session import ranks as ranks_module
+    from baton.training import dist
 
     ranks_module.COLLECTIVE_TIMEOUT = timedelta(seconds=collective_s)
     ranks = ranks_module.Ranks()

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from kernels.varlen_attention import (
+from baton.kernels.varlen_attention import (
     VARLEN_FUNCTIONS, VARLEN_PATHS, flash_available, segments_of, varlen_path_for,
 )
 

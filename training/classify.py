@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from state_schema import RunSpec
+from baton.state_schema import RunSpec
 
 from . import dist
 from .classify_data import Labelled

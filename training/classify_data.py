@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from state_schema import RunSpec
+from baton.state_schema import RunSpec
 
 from .data import DataError
 from .dataset import RunData

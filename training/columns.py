@@ -21,7 +21,7 @@ from pathlib import Path
 from string import Formatter
 from typing import Any, Optional
 
-from state_schema.fields import CAUSAL_FORMATS, FIELDS, fields_of, shape_of
+from baton.state_schema.fields import CAUSAL_FORMATS, FIELDS, fields_of, shape_of
 
 from .data import DataError, check_format, read_records
 

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from state_schema import RunSpec
-from state_schema.fields import task_of
+from baton.state_schema import RunSpec
+from baton.state_schema.fields import task_of
 
 from .columns import load_records
 from .data import DataError, check_fingerprint

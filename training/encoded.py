@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 import torch
-from state_schema import RunSpec
+from baton.state_schema import RunSpec
 
 from .encode import IGNORE, Encoded
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from state_schema import Cursor, RunSpec
+from baton.state_schema import Cursor, RunSpec
 
 from . import classify, dist, rng
 from .classify_data import LabelledData
@@ -124,7 +124,7 @@ class Trainer:
     def _patch_kernels(self) -> None:
         """Kernels by the device (BATON_KERNELS=none|reference|triton overrides the choice;
         `none` trains the plain Hugging Face and PEFT modules)."""
-        from kernels.patch import patch_model
+        from baton.kernels.patch import patch_model
 
         report = patch_model(self.model, self.device_info)
         self.device_info.kernels = report.path

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from state_schema import RunSpec
+from baton.state_schema import RunSpec
 
 from .classify import auto_class, head_kwargs, is_classifier, keep_head_unquantized
 from .devices import DeviceInfo

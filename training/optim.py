@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from state_schema import RunSpec
+from baton.state_schema import RunSpec
 
 log = logging.getLogger(__name__)
 
