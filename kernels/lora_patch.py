@@ -1,7 +1,8 @@
 """Route a PEFT LoRA model's attention and MLP through the fused functions of `kernels.lora`.
 
-Nothing is rewritten: the attention, MLP and O-projection modules of the architectures in
-`kernels.architectures` get a new bound `forward` on the instance, which calls the fused
+Nothing is rewritten: attention modules with separate q/k/v LoRA layers, the SwiGLU MLPs of
+the architectures in `kernels.architectures`, and every other LoRA Linear (a merged qkv_proj
+or gate_up_proj, any architecture's projections) get a new bound `forward` on the instance, which calls the fused
 function when every layer it needs fits (NF4 or dense base, one active adapter, no dropout,
 no DoRA, no lora_bias) and the model's own forward otherwise. `unpatch_peft_lora` removes
 them again. The checks run on every call, since PEFT state can change after patching.
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from baton.kernels.architectures import ATTENTION_CLASSES, MLP_CLASSES, SILU_ACTIVATIONS
+from baton.kernels.architectures import MLP_CLASSES, SILU_ACTIVATIONS
 from baton.kernels.dispatch import launchable
 from baton.kernels.lora import Projection, lora_linear, lora_mlp, lora_qkv
 
@@ -175,26 +176,24 @@ def _is_silu(mlp: nn.Module) -> bool:
     return "silu" in type(getattr(mlp, "act_fn", None)).__name__.lower()
 
 
-def _patch_singles(prefix: str, module: nn.Module, names, skipped: dict[str, str]) -> list[str]:
-    patched = []
-    for child in names:
-        layer = getattr(module, child, None)
-        reason = "missing" if layer is None else lora_skip_reason(layer)
-        if reason is None:
-            _install(layer, _linear_forward)
-            patched.append(f"{prefix}.{child}")
-        else:
-            skipped[f"{prefix}.{child}"] = reason
-    return patched
+def _is_lora_layer(module: nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
 
 
-def _patch_group(prefix: str, module: nn.Module, group, rest, impl, skipped) -> list[str]:
-    """Fuse `group` through `impl` if every layer of it fits; else patch what fits one by one."""
-    layers = [getattr(module, n, None) for n in group]
-    if all(layer is not None and lora_skip_reason(layer) is None for layer in layers):
-        _install(module, impl)
-        return [prefix, *_patch_singles(prefix, module, rest, skipped)]
-    return _patch_singles(prefix, module, (*group, *rest), skipped)
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
+
+
+def _group_of(module: nn.Module):
+    """(member names, fused forward) when `module` is an attention with separate LoRA q/k/v
+    (any architecture: its forward runs unchanged and is served Q, K and V), or a SwiGLU MLP of
+    the table with gate/up/down; None otherwise."""
+    if all(_is_lora_layer(getattr(module, n, None)) for n in QKV):
+        return QKV, _attention_forward
+    if _is_one_of(module, MLP_CLASSES) and _is_silu(module) and all(
+            _is_lora_layer(getattr(module, n, None)) for n in GATE_UP_DOWN):
+        return GATE_UP_DOWN, _mlp_forward
+    return None
 
 
 def _log_skipped(skipped: dict[str, str]) -> None:
@@ -209,17 +208,25 @@ def _log_skipped(skipped: dict[str, str]) -> None:
         )
 
 
-def _patch_module(name: str, module: nn.Module, skipped: dict[str, str]) -> list[str]:
-    """Patch one module if it is an attention or MLP of a known architecture."""
-    if _is_one_of(module, ATTENTION_CLASSES):
-        qkv = ("q_proj", "k_proj", "v_proj")
-        return _patch_group(name, module, qkv, ("o_proj",), _attention_forward, skipped)
-    if _is_one_of(module, MLP_CLASSES):
-        mlp = ("gate_proj", "up_proj", "down_proj")
-        if _is_silu(module):
-            return _patch_group(name, module, mlp, (), _mlp_forward, skipped)
-        return _patch_singles(name, module, mlp, skipped)
-    return []
+def _patch_one(name: str, module: nn.Module, grouped: set, skipped: dict[str, str]) -> list[str]:
+    """A fused group (its members then run inside it), or one LoRA layer on its own: every
+    LoRA Linear of any architecture, merged ones included (Phi-3's qkv_proj and gate_up_proj,
+    GLM-4's gate_up_proj), goes through `LoRALinearFunction`."""
+    group = _group_of(module)
+    if group is not None:
+        members, impl = group
+        if all(lora_skip_reason(getattr(module, n)) is None for n in members):
+            _install(module, impl)
+            grouped.update(f"{name}.{n}" for n in members)
+            return [name]
+    if name in grouped or not _is_lora_layer(module):
+        return []
+    reason = lora_skip_reason(module)
+    if reason is not None:
+        skipped[name] = reason
+        return []
+    _install(module, _linear_forward)
+    return [name]
 
 
 def patch_peft_lora(
@@ -227,9 +234,10 @@ def patch_peft_lora(
 ) -> list[str]:
     """Route a PEFT LoRA model's attention and MLP projections through the fused functions.
 
-    For the architectures of `kernels.architectures`: Q/K/V through `LoRAQKVFunction`, O
-    through `LoRALinearFunction`, gate/up/down with SwiGLU through `LoRAMLPFunction`, by giving
-    those modules new bound `forward` methods. Layers that do not fit (dropout > 0, several
+    Q/K/V through `LoRAQKVFunction` (any attention with separate q/k/v LoRA layers),
+    gate/up/down with SwiGLU through `LoRAMLPFunction` (the MLPs of `kernels.architectures`),
+    and every other LoRA Linear, merged projections included, through `LoRALinearFunction`,
+    by giving those modules new bound `forward` methods. Layers that do not fit (dropout > 0, several
     active adapters, DoRA, lora_bias, a base that is neither NF4 nor nn.Linear) keep PEFT's path
     and are logged, and added to `skipped` (name -> reason) when a dict is given. On "reference"
     nothing is patched. Returns the names of the patched modules. Safe to call twice.
@@ -240,8 +248,9 @@ def patch_peft_lora(
         return []
     skipped = {} if skipped is None else skipped
     patched: list[str] = []
+    grouped: set[str] = set()
     for name, module in model.named_modules():
-        patched += _patch_module(name, module, skipped)
+        patched += _patch_one(name, module, grouped, skipped)
     _log_skipped(skipped)
     return patched
 

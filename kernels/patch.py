@@ -1,22 +1,32 @@
 """Swap Baton's kernels into HF causal LMs, plain or PEFT-wrapped.
 
-The architectures (Llama, Mistral, Qwen2) and the class names patched in each are the one
-table in `kernels.architectures`.
+The families and the class names patched in each are the one table in `kernels.architectures`;
+the forwards bound onto their modules are `kernels.patch_ops`'.
 
 What is replaced, never by rewriting source text:
-- RMSNorm modules: their `forward` is rebound to the Triton RMSNorm (weights untouched, so
-  state dicts and optimizer references do not change);
+- RMSNorm modules, QK-norm included (Qwen3, OLMo 2, Gemma 3 keep q_norm/k_norm as modules of
+  the same class): their `forward` is rebound to the Triton RMSNorm in the family's casts
+  (Gemma's (1 + w); weights untouched, so state dicts and optimizer references do not change);
 - the rotary application: the modeling module's global `apply_rotary_pos_emb`, which the
-  attention forward looks up at call time, becomes the Triton RoPE. This one is process-wide
-  for that architecture (as in Liger-Kernel); it falls back to HF's own function on tensors a
-  Triton kernel cannot run on, and `restore_rope()` puts the original back;
-- the MLP: `forward` rebound to down_proj(swiglu(gate_proj(x), up_proj(x))) when the
-  activation is SiLU;
+  attention forward looks up at call time, becomes the Triton RoPE (partial rotary and the
+  scalings HF builds into cos/sin included). This one is process-wide for that architecture
+  (as in Liger-Kernel); it falls back to HF's own function on tensors a Triton kernel cannot
+  run on, and `restore_rope()` puts the original back;
+- the MLP: `forward` rebound to down_proj(act(gate) * up) on the SwiGLU (SiLU) or GeGLU
+  (Gemma's tanh GELU) kernel, with gate and up from a merged gate_up_proj where the family has
+  one (Phi-3, GLM-4);
 - the causal-LM loss: the model's `forward` is rebound so that, when labels are given, the
   loss comes from the chunked fused linear cross-entropy and no [tokens, vocab] logits are
   built; `logits` is then None. Without labels the original forward runs and returns logits.
+  Granite's logits_scaling divides the hidden states instead of the logits (the same
+  product); a final-logit softcap goes to the fused loss when it takes one, and keeps HF's
+  loss otherwise; a forward that does anything else to its logits keeps HF's loss;
 - then, on the Triton path, `kernels.lora_patch.patch_peft_lora(model, "triton")` for the
-  fused LoRA projections.
+  fused LoRA projections, which does not depend on the family.
+
+A model outside the table gets the fused loss (when its forward is HF's plain lm_head then
+loss) and the fused LoRA projections; `KernelReport.unfused` names every op that stays HF's,
+with why, for the start line and `status`.
 
 On the "reference" path (CPU, P100, V100) only the loss is patched, with the plain-torch
 chunked cross-entropy: it is the one change that saves memory without Triton (a 128k
@@ -30,20 +40,20 @@ and the report's path is "none".
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baton.kernels.architectures import (
-    ARCHITECTURES, SILU_ACTIVATIONS, Architecture, known_architectures,
-)
-from baton.kernels.dispatch import BACKENDS, NO_PATCHING, launchable, patching_enabled, select_backend
+from baton.kernels.architectures import ARCHITECTURES, Architecture
+from baton.kernels.dispatch import BACKENDS, NO_PATCHING, patching_enabled, select_backend
+from baton.kernels.patch_ops import gated_activation, mlp_forward, norm_forward, rebind, rope_function
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,12 @@ class KernelReport:
     modules: dict[str, int] = field(default_factory=dict)  # op -> how many modules it replaced
     architecture: str = ""  # model_type, or "" when the model is not one this file knows
     lora_modules: list[str] = field(default_factory=list)  # modules kernels.lora_patch fused
+    # op -> why it stays HF's on this path (the family's reason, not the backend's choice)
+    unfused: dict[str, str] = field(default_factory=dict)
+
+    def unfused_text(self) -> str:
+        """'rope (GLM-4 rotates interleaved pairs), ...' for the start line; '' when none."""
+        return ", ".join(f"{op} ({why})" for op, why in self.unfused.items())
 
 
 def _device_of(device_info_or_device: Any, model: nn.Module) -> torch.device:
@@ -82,36 +98,7 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-# --- replacement forwards ---------------------------------------------------------------
-
-
-def _rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    from baton.kernels.rmsnorm import rmsnorm, rmsnorm_reference
-
-    if not launchable(hidden_states):
-        return rmsnorm_reference(hidden_states, self.weight, self.variance_epsilon)
-    return rmsnorm(hidden_states, self.weight, self.variance_epsilon)
-
-
-def _swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    from baton.kernels.swiglu import swiglu, swiglu_reference
-
-    gate, up = self.gate_proj(x), self.up_proj(x)
-    fits = launchable(gate) and gate.dtype == up.dtype
-    h = swiglu(gate, up) if fits else swiglu_reference(gate, up)
-    return self.down_proj(h)
-
-
-def _make_rope(original):
-    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if not launchable(q):
-            return original(q, k, cos, sin, unsqueeze_dim)
-        from baton.kernels.rope import apply_rope
-
-        return apply_rope(q, k, cos, sin, unsqueeze_dim)
-
-    apply_rotary_pos_emb.baton_original = original
-    return apply_rotary_pos_emb
+# --- the loss ---------------------------------------------------------------------------
 
 
 def _plain_lm_head(lm_head: nn.Module) -> bool:
@@ -123,7 +110,22 @@ def _plain_lm_head(lm_head: nn.Module) -> bool:
     )
 
 
-def causal_lm_loss(hidden, lm_head, labels, backend, kwargs) -> torch.Tensor:
+def _ce_takes_softcap() -> bool:
+    from baton.kernels.cross_entropy import fused_linear_cross_entropy
+
+    return "softcap" in inspect.signature(fused_linear_cross_entropy).parameters
+
+
+@dataclass(frozen=True)
+class LogitRule:
+    """What the family's forward does to lm_head's output before its loss."""
+
+    hidden_scale: float = 1.0  # Granite: logits / logits_scaling == lm_head(hidden / scaling)
+    softcap: Optional[float] = None  # Gemma 2: softcap * tanh(logits / softcap)
+
+
+def causal_lm_loss(hidden, lm_head, labels, backend, kwargs,
+                   rule: LogitRule = LogitRule()) -> torch.Tensor:
     """HF's ForCausalLMLoss (shift, ignore_index, num_items_in_batch) over the fused CE."""
     from baton.kernels.cross_entropy import fused_linear_cross_entropy
 
@@ -136,17 +138,20 @@ def causal_lm_loss(hidden, lm_head, labels, backend, kwargs) -> torch.Tensor:
     # Rows whose label is ignored (prompt tokens, padding) need no logits at all.
     keep = shift_labels != ignore_index
     hidden, shift_labels = hidden[keep], shift_labels[keep]
+    if rule.hidden_scale != 1.0:
+        hidden = hidden * rule.hidden_scale
+    extra = {} if rule.softcap is None else {"softcap": rule.softcap}
     n_items = kwargs.get("num_items_in_batch")
     loss = fused_linear_cross_entropy(
         hidden, lm_head.weight, shift_labels, bias=lm_head.bias, ignore_index=ignore_index,
-        reduction="mean" if n_items is None else "sum", backend=backend,
+        reduction="mean" if n_items is None else "sum", backend=backend, **extra,
     )
     if n_items is not None:
         loss = loss / (n_items.to(loss.device) if torch.is_tensor(n_items) else n_items)
     return loss
 
 
-def _make_causal_lm_forward(backend: str):
+def _make_causal_lm_forward(backend: str, rule: LogitRule):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -161,7 +166,8 @@ def _make_causal_lm_forward(backend: str):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             **kwargs)
-        loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels, backend, kwargs)
+        loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels, backend, kwargs,
+                              rule)
         out = CausalLMOutputWithPast(
             loss=loss, logits=None, past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states, attentions=outputs.attentions)
@@ -170,26 +176,64 @@ def _make_causal_lm_forward(backend: str):
     return forward
 
 
-# --- patching ---------------------------------------------------------------------------
+def _logits_straight_to_loss(lm: nn.Module) -> bool:
+    """For a model outside the table: True when its forward's next statement after
+    `logits = self.lm_head(...)` starts the loss (nothing scales, caps or shifts the logits)."""
+    try:
+        source = inspect.getsource(type(lm).forward)
+    except (OSError, TypeError):
+        return False
+    lines = [ln.strip() for ln in source.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("logits = self.lm_head("):
+            return lines[i + 1].startswith(("loss = None", "loss =", "if labels is not None"))
+    return False
 
 
-def _rebind(modules: list[nn.Module], fn) -> int:
-    for module in modules:
-        module.forward = types.MethodType(fn, module)
-    return len(modules)
+def logit_rule(lm: nn.Module, known: bool) -> tuple[Optional[LogitRule], str]:
+    """(the rule the fused loss applies, "") or (None, why HF's loss is kept)."""
+    config = lm.config
+    if not _plain_lm_head(getattr(lm, "lm_head", None)):
+        return None, "lm_head is not a plain floating-point Linear"
+    if getattr(config, "output_router_logits", False):
+        return None, "the router's auxiliary loss joins HF's"
+    if not known:
+        if not hasattr(lm, "model") or not _logits_straight_to_loss(lm):
+            return None, "its forward changes the logits before the loss"
+        return LogitRule(), ""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap is not None and not _ce_takes_softcap():
+        return None, "final-logit softcapping: HF's loss applies it"
+    scale = getattr(config, "logits_scaling", None) or 1.0
+    return LogitRule(hidden_scale=1.0 / scale, softcap=softcap), ""
+
+
+def _patch_loss(lm: nn.Module, backend: str, report: KernelReport) -> None:
+    rule, why = logit_rule(lm, bool(report.architecture))
+    if rule is None:
+        report.unfused["fused_linear_cross_entropy"] = why
+        log.warning("keeping HF's loss (full logits): %s.", why)
+        return
+    lm.forward = types.MethodType(_make_causal_lm_forward(backend, rule), lm)
+    report.modules["fused_linear_cross_entropy"] = 1
+    report.patched.append("fused_linear_cross_entropy")
+
+
+# --- the family's ops -------------------------------------------------------------------
 
 
 def _of_class(root: nn.Module, class_name: str) -> list[nn.Module]:
     return [m for m in root.modules() if type(m).__name__ == class_name]
 
 
-def _patch_rope(module_path: str) -> None:
-    modeling = importlib.import_module(module_path)
+def _patch_rope(arch: Architecture) -> None:
+    modeling = importlib.import_module(arch.modeling_module)
     current = modeling.apply_rotary_pos_emb
     if hasattr(current, "baton_original"):
         return  # already ours
-    _ORIGINAL_ROPE[module_path] = current
-    modeling.apply_rotary_pos_emb = _make_rope(current)
+    _ORIGINAL_ROPE[arch.modeling_module] = current
+    modeling.apply_rotary_pos_emb = rope_function(arch, current)
 
 
 def restore_rope() -> None:
@@ -201,23 +245,31 @@ def restore_rope() -> None:
     _ORIGINAL_ROPE.clear()
 
 
-def _patch_triton_ops(lm: nn.Module, arch: Architecture, report: KernelReport) -> None:
-    report.modules["rmsnorm"] = _rebind(_of_class(lm, arch.rmsnorm), _rmsnorm_forward)
-    _patch_rope(arch.modeling_module)
-    report.modules["rope"] = len(_of_class(lm, arch.attention))
-    if getattr(lm.config, "hidden_act", None) in SILU_ACTIVATIONS:
-        report.modules["swiglu"] = _rebind(_of_class(lm, arch.mlp), _swiglu_mlp_forward)
-    report.patched += [op for op in ("rmsnorm", "rope", "swiglu") if report.modules.get(op)]
-
-
-def _patch_loss(lm: nn.Module, backend: str, report: KernelReport) -> None:
-    if not _plain_lm_head(getattr(lm, "lm_head", None)):
-        log.warning("lm_head is not a plain floating-point Linear; "
-                    "keeping HF's loss (full logits).")
+def _patch_mlp(lm: nn.Module, arch: Architecture, report: KernelReport) -> None:
+    kind = gated_activation(lm.config, arch) if arch.mlp else None
+    mlps = _of_class(lm, arch.mlp) if arch.mlp else []
+    if kind is None or not mlps:
+        what = "the experts are not Linear modules" if not mlps else (
+            f"activation {getattr(lm.config, arch.activation, None)!r} has no kernel")
+        report.unfused["mlp"] = what
         return
-    lm.forward = types.MethodType(_make_causal_lm_forward(backend), lm)
-    report.modules["fused_linear_cross_entropy"] = 1
-    report.patched.append("fused_linear_cross_entropy")
+    report.modules[kind] = rebind(mlps, mlp_forward(arch, kind))
+
+
+def _patch_triton_ops(lm: nn.Module, arch: Architecture, report: KernelReport) -> None:
+    norms = _of_class(lm, arch.rmsnorm)
+    report.modules["rmsnorm"] = rebind(norms, norm_forward(arch))
+    if arch.qk_norm:
+        report.modules["qk_norm"] = sum(1 for m in lm.modules()
+                                        if type(getattr(m, "q_norm", None)).__name__ == arch.rmsnorm)
+    if arch.rope:
+        _patch_rope(arch)
+        report.modules["rope"] = len(_of_class(lm, arch.attention))
+    else:
+        report.unfused["rope"] = f"{arch.model_type} rotates interleaved pairs"
+    _patch_mlp(lm, arch, report)
+    ops = ("rmsnorm", "qk_norm", "rope", "swiglu", "geglu")
+    report.patched += [op for op in ops if report.modules.get(op)]
 
 
 def _patch_lora(model: nn.Module, backend: str, report: KernelReport) -> None:
@@ -258,15 +310,16 @@ def patch_model(model: nn.Module, device_info_or_device: Any) -> KernelReport:
         return KernelReport(path=NO_PATCHING, architecture=known)
     backend = _backend_for(device_info_or_device, _device_of(device_info_or_device, model))
     report = KernelReport(path=backend, architecture=known)
-    if known:
-        lm = _causal_lm(model)
-        if backend == "triton":
+    lm = _causal_lm(model)
+    if backend == "triton":
+        if known:
             _patch_triton_ops(lm, ARCHITECTURES[known], report)
-        if hasattr(lm, "lm_head"):  # a sequence classifier's head has no vocabulary logits
-            _patch_loss(lm, backend, report)
-    else:
-        log.warning("model_type %r is not one of %s: no kernels patched.",
-                    model_type, known_architectures())
+        else:
+            report.unfused["rmsnorm, rope, mlp"] = f"model_type {model_type!r} is not in the table"
+    if hasattr(lm, "lm_head"):  # a sequence classifier's head has no vocabulary logits
+        _patch_loss(lm, backend, report)
     _patch_lora(model, backend, report)
+    if report.unfused:
+        log.warning("kernels: unfused %s", report.unfused_text())
     _record_path(device_info_or_device, backend)
     return report

@@ -29,9 +29,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_reference(q, k, cos, sin, unsqueeze_dim: int = 1):
-    """Plain PyTorch, the exact HF `apply_rotary_pos_emb`."""
+    """Plain PyTorch, the exact HF `apply_rotary_pos_emb`; with cos/sin narrower than the head
+    (partial rotary, Phi-4-mini's and Phi3Config's `partial_rotary_factor`), HF Phi-3's: the
+    first cos.shape[-1] dimensions rotate and the rest pass through."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+    rot = cos.shape[-1]
+    q_rot, q_pass, k_rot, k_pass = q[..., :rot], q[..., rot:], k[..., :rot], k[..., rot:]
+    q_embed = (q_rot * cos) + (rotate_half(q_rot) * sin)
+    k_embed = (k_rot * cos) + (rotate_half(k_rot) * sin)
+    if rot == q.shape[-1]:
+        return q_embed, k_embed
+    return torch.cat([q_embed, q_pass], dim=-1), torch.cat([k_embed, k_pass], dim=-1)
 
 
 @triton.jit
@@ -134,4 +142,10 @@ def apply_rope(q, k, cos, sin, unsqueeze_dim: int = 1):
     """
     if unsqueeze_dim != 1 or q.dim() != 4 or cos.dim() != 3:
         return rope_reference(q, k, cos, sin, unsqueeze_dim)
-    return RoPEFunction.apply(q, k, cos.detach(), sin.detach())
+    rot = cos.shape[-1]
+    if rot == q.shape[-1]:
+        return RoPEFunction.apply(q, k, cos.detach(), sin.detach())
+    # Partial rotary: the kernel rotates the first `rot` dimensions in place of a strided view
+    # (its strides are the head's), and the pass-through dimensions are concatenated back.
+    q_rot, k_rot = RoPEFunction.apply(q[..., :rot], k[..., :rot], cos.detach(), sin.detach())
+    return torch.cat([q_rot, q[..., rot:]], dim=-1), torch.cat([k_rot, k[..., rot:]], dim=-1)

@@ -23,7 +23,7 @@ TARGETS = ((75, "fp16"), (90, "bf16"))  # T4 trains in fp16, sm_80 and newer in 
 
 def kernel_specs(dt: str) -> list[tuple]:
     """(kernel, signature, constexprs, options) of every Baton kernel in compute dtype `dt`."""
-    from baton.kernels import cross_entropy, nf4, rmsnorm, rope, swiglu
+    from baton.kernels import cross_entropy, geglu, nf4, rmsnorm, rope, swiglu
 
     p, i, c = f"*{dt}", "i32", "constexpr"
     rope_sig = [("OUT", p), ("X", p), ("COS", p), ("SIN", p)] + [(n, i) for n in (
@@ -32,17 +32,21 @@ def kernel_specs(dt: str) -> list[tuple]:
     rope_const = dict(HALF=64, BLOCK_S=2, BLOCK_H=32, BLOCK_D=64)
     return [
         (rmsnorm._rmsnorm_fwd_kernel, dict(Y=p, X=p, W="*fp32", RSTD="*fp32", stride_y=i,
-         stride_x=i, n_rows=i, n_cols=i, eps="fp32", BLOCK_R=c, BLOCK_N=c),
-         dict(BLOCK_R=1, BLOCK_N=4096), {}),
+         stride_x=i, n_rows=i, n_cols=i, eps="fp32", offset="fp32", BLOCK_R=c, BLOCK_N=c,
+         CAST_AFTER=c), dict(BLOCK_R=1, BLOCK_N=4096, CAST_AFTER=False), {}),
         (rmsnorm._rmsnorm_bwd_kernel, dict(DX=p, DW_PARTIAL="*fp32", DY=p, X=p, W=p, RSTD="*fp32",
-         stride_dx=i, stride_dy=i, stride_x=i, n_rows=i, n_cols=i, rows_per_program=i, BLOCK_R=c,
-         BLOCK_N=c), dict(BLOCK_R=2, BLOCK_N=2048), {}),
+         stride_dx=i, stride_dy=i, stride_x=i, n_rows=i, n_cols=i, rows_per_program=i,
+         offset="fp32", BLOCK_R=c, BLOCK_N=c), dict(BLOCK_R=2, BLOCK_N=2048), {}),
         (rope._rope_kernel, dict(rope_sig), dict(rope_const, BACKWARD=False), {}),
         (rope._rope_kernel, dict(rope_sig), dict(rope_const, BACKWARD=True), {}),
         (swiglu._swiglu_fwd_kernel, dict(H=p, GATE=p, UP=p, n_elements=i, BLOCK=c),
          dict(BLOCK=1024), {}),
         (swiglu._swiglu_bwd_kernel, dict(DGATE=p, DUP=p, DH=p, GATE=p, UP=p, n_elements=i,
          BLOCK=c), dict(BLOCK=1024), {}),
+        (geglu._geglu_fwd_kernel, dict(H=p, GATE=p, UP=p, n_elements=i, K=c, C=c, BLOCK=c),
+         dict(K=geglu._K, C=geglu._C, BLOCK=1024), {}),
+        (geglu._geglu_bwd_kernel, dict(DGATE=p, DUP=p, DH=p, GATE=p, UP=p, n_elements=i, K=c,
+         C=c, BLOCK=c), dict(K=geglu._K, C=geglu._C, BLOCK=1024), {}),
         (cross_entropy._ce_grad_kernel, dict(LOGITS="*fp32", LABELS="*i64", LOSS="*fp32",
          stride_row=i, n_rows=i, n_cols=i, scale="fp32", ignore_index=i, BLOCK_R=c, BLOCK_V=c),
          dict(BLOCK_R=1, BLOCK_V=4096), {}),

@@ -133,12 +133,14 @@ class Trainer:
     def _choose_layout(self, padding_free: bool) -> None:
         """Padding-free rows (the default) or padded ones, and the attention they need
         (training/layout.py, training/attention.py); a session may switch either way."""
-        from .attention import current_attention, use_varlen_attention
+        from .attention import current_attention
+        from .eager_attention import use_per_sample_attention
 
         self.padding_free = uses_padding_free(padding_free)
         self.attention = current_attention(self.model)  # the model's own, for padded rows
         if needs_varlen_attention(self.padding_free, self.spec.data.packing):
-            self.attention = use_varlen_attention(self.model, self.device, self.device_info.dtype)
+            self.attention = use_per_sample_attention(self.model, self.device,
+                                                      self.device_info.dtype)
         self._collate = collator(self.padding_free, self.tokenizer.pad_token_id)
 
     @property
