@@ -162,14 +162,15 @@ def _make_causal_lm_forward(backend: str, rule: LogitRule):
                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                 use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
         return_dict = kwargs.pop("return_dict", None)
+        if past_key_values is not None:  # transformers 5 calls it `cache`; pass what came
+            kwargs["past_key_values"] = past_key_values
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            **kwargs)
+            inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels, backend, kwargs,
                               rule)
         out = CausalLMOutputWithPast(
-            loss=loss, logits=None, past_key_values=outputs.past_key_values,
+            loss=loss, logits=None, cache=getattr(outputs, "cache", None),
             hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         return out.to_tuple() if return_dict is False else out
 

@@ -1,0 +1,128 @@
+"""Every family of the kernel table on every path, against plain HF + PEFT on padded rows.
+
+The matrix: families x {reference kernels, Triton in the interpreter} x {padding-free, padded}.
+Each model is one of tests/fixtures_families.py's tiny, sharply initialised configs (a wrong
+mask, a dropped softcap or sink, a lost window moves the loss), built once per session and
+copied per path. The reference is transformers' own modules with PEFT's LoRA on padded rows
+(`BATON_KERNELS=none --no-padding-free`, what a user gets without Baton). Each path runs a few
+AdamW steps on the LoRA weights, fp32:
+- every step's loss within 1e-4 of the reference's;
+- the LoRA gradients of the first micro-batch within 1e-5 (relative to the largest).
+The Triton column runs one step (the interpreter is slow: its loss and its gradients); that
+its kernels ran, the report shows.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.fixtures_families import FAMILIES, VOCAB, WINDOW, tiny_family_model
+from baton.kernels.patch import patch_model, restore_rope
+from baton.training.encode import IGNORE, Encoded, collate
+from baton.training.layout import collate_padding_free
+
+LENGTHS = ((13, 6, 17), (9, 15, 5), (11, 4, 12))  # one micro-batch a step; windows of 8 matter
+LORA_TOL, LOSS_TOL = 1e-5, 1e-4
+PATHS = [("reference", True), ("reference", False), ("triton", True), ("triton", False)]
+
+
+def _samples(lengths, seed: int) -> list[Encoded]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
+        out.append(Encoded(ids, [IGNORE] * 2 + ids[2:]))  # a masked prompt
+    return out
+
+
+STEPS = [_samples(lengths, seed) for seed, lengths in enumerate(LENGTHS)]
+
+
+def _with_lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    # init_lora_weights=False: B random too, so lora_A gets a gradient as well.
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+@pytest.fixture(scope="session")
+def family_models():
+    """Each family's tiny base model, built and sharpened once; tests take deep copies."""
+    return {family: tiny_family_model(family) for family in FAMILIES}
+
+
+def _batch(samples, padding_free: bool) -> dict:
+    return collate_padding_free(samples) if padding_free else collate(samples, 0)
+
+
+def _train(model, padding_free: bool, steps: int):
+    """(per-step losses, LoRA gradients of the first micro-batch)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses, first = [], None
+    for samples in STEPS[:steps]:
+        opt.zero_grad()
+        n_items = torch.tensor(float(sum(s.label_tokens for s in samples)))
+        out = model(**_batch(samples, padding_free), num_items_in_batch=n_items)
+        out.loss.backward()
+        if first is None:
+            first = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        losses.append(out.loss.item())
+        opt.step()
+    return losses, first
+
+
+@pytest.fixture(scope="session")
+def plain_runs(family_models):
+    """Plain HF + PEFT on padded rows, the family's own attention: the reference runs."""
+    return {f: _train(_with_lora(copy.deepcopy(m)), False, len(STEPS))
+            for f, m in family_models.items()}
+
+
+def _baton_model(base, kernels: str, padding_free: bool, monkeypatch):
+    from baton.training.eager_attention import use_per_sample_attention
+
+    monkeypatch.setenv("BATON_KERNELS", kernels)
+    model = _with_lora(copy.deepcopy(base))
+    report = patch_model(model, "cpu")
+    attention = None
+    if padding_free:
+        attention = use_per_sample_attention(model, torch.device("cpu"), torch.float32)
+    return model, report, attention
+
+
+def _assert_grads_close(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys() and want
+    for name, g in want.items():
+        scale = g.abs().max()
+        assert scale > 0, f"{name}: a zero gradient makes the comparison empty"
+        err = (got[name] - g).abs().max() / max(1.0, scale)
+        assert err <= LORA_TOL, f"{name}: error {err:.2e} (largest gradient {scale:.2e})"
+
+
+@pytest.mark.parametrize("kernels,padding_free", PATHS,
+                         ids=[f"{k}-{'free' if f else 'padded'}" for k, f in PATHS])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_path_matches_plain_hf(family, kernels, padding_free, family_models,
+                                      plain_runs, monkeypatch):
+    model, report, attention = _baton_model(family_models[family], kernels, padding_free,
+                                            monkeypatch)
+    try:
+        steps = len(STEPS) if kernels == "reference" else 1
+        losses, grads = _train(model, padding_free, steps)
+    finally:
+        restore_rope()
+    want_losses, want_grads = plain_runs[family]
+    assert losses == pytest.approx(want_losses[:steps], abs=LOSS_TOL)
+    _assert_grads_close(grads, want_grads)
+    assert report.architecture == family
+    if padding_free:
+        lm = model.get_base_model()
+        assert attention == ("eager_spans" if not lm._supports_sdpa else "sdpa_spans")
+    if kernels == "triton":
+        assert {"rmsnorm", "fused_lora"} <= set(report.patched), report
