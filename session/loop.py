@@ -340,10 +340,12 @@ class Session:
         self.report.total = trainer.cursor.total_steps
         self.record.kernels = getattr(trainer.device_info, "kernels", "none")
         self.record.attention, self.record.padding_free = trainer.attention, trainer.padding_free
+        self.record.kernels_unfused = getattr(trainer, "kernels_unfused", None)
+        unfused = f"; unfused: {self.record.kernels_unfused}" if self.record.kernels_unfused else ""
         self.say(f"run {self.config.run!r}: step {trainer.cursor.step}/"
                  f"{trainer.cursor.total_steps} on {device.name}{self.ranks.describe()} "
                  f"({device.precision}, kernels {self.record.kernels}, attention "
-                 f"{trainer.attention}{'' if trainer.padding_free else ', padded'}), "
+                 f"{trainer.attention}{'' if trainer.padding_free else ', padded'}{unfused}), "
                  f"lease generation {self.lease.generation}")
         return trainer
 

@@ -75,6 +75,7 @@ def session_row(rec: SessionRecord) -> dict[str, Any]:
         "start_step": rec.start_step, "end_step": rec.end_step, "steps": rec.steps,
         "tokens_per_s": round(rec.tokens_per_s, 1), "kernels": rec.kernels,
         "attention": rec.attention, "padding_free": rec.padding_free,
+        "kernels_unfused": rec.kernels_unfused,
         "kernels_probe": rec.kernels_probe,
         "precision": rec.precision, "skipped_steps": rec.skipped_steps,
         "exit_code": rec.exit_code, **session_fields(rec),
@@ -270,7 +271,10 @@ def _last_kernels(sessions: list[dict[str, Any]]) -> str:
     """The last session's kernel path: 'reference (probe: lora_mlp killed by SIGABRT)'."""
     if not sessions:
         return "-"
-    return kernels_text(sessions[-1]["kernels"], sessions[-1].get("kernels_probe"))
+    last = sessions[-1]
+    text = kernels_text(last["kernels"], last.get("kernels_probe"))
+    # The ops the model's family keeps unfused (kernels/patch.py), e.g. GLM-4's rope.
+    return text + (f"; unfused: {last['kernels_unfused']}" if last.get("kernels_unfused") else "")
 
 
 def _eval_text(status: dict[str, Any]) -> str:

@@ -102,6 +102,9 @@ class SessionRecord(Stored):
     # The attention path (training/attention.py): "flash_varlen" or "sdpa_spans" per sample,
     # or the model's own (e.g. "sdpa") over padded rows; records before it were padded sdpa.
     attention: str = "sdpa"
+    # Ops this model's family keeps unfused on the session's kernel path, with why
+    # (kernels/patch.py's KernelReport.unfused): "rope (glm4 rotates interleaved pairs)"
+    kernels_unfused: Optional[str] = None
     padding_free: bool = False  # the micro-batch layout of this session
     started: datetime = Field(default_factory=utcnow)
     ended: Optional[datetime] = None

@@ -77,3 +77,25 @@ def tiny_family_model(family: str, *, attn: str = "sdpa"):
     config = family_config(family)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return sharpen(model).float()
+
+
+def save_family_model(family: str, out, tokenizer_dir):
+    """`family`'s tiny sharpened model with the tiny Llama's tokenizer (tests/fixtures_tiny.py),
+    saved like a Hub checkpoint for a whole session to load."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, vocab_size=-(-len(tokenizer) // 64) * 64)
+    class_name, own = FAMILIES[family]
+    import transformers
+
+    config = getattr(transformers, class_name)(**{**COMMON, **own, **ids})
+    torch.manual_seed(0)
+    model = sharpen(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

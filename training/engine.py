@@ -128,6 +128,8 @@ class Trainer:
 
         report = patch_model(self.model, self.device_info)
         self.device_info.kernels = report.path
+        # The ops the family keeps unfused, and why, for the start line and the record.
+        self.kernels_unfused = report.unfused_text() or None
         log.info("kernels: %s path, patched %s", report.path, ", ".join(report.patched))
 
     def _choose_layout(self, padding_free: bool) -> None:
