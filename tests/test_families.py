@@ -42,11 +42,16 @@ STEPS = [_samples(lengths, seed) for seed, lengths in enumerate(LENGTHS)]
 
 
 def _with_lora(model):
-    from peft import LoraConfig, get_peft_model
+    """PEFT's LoRA on what a session targets (training/model.py's lora_config: the experts'
+    weights of a mixture of experts too, never its router)."""
+    from peft import get_peft_model
+
+    from baton.state_schema import LoraConfig
+    from baton.training.model import lora_config
 
     torch.manual_seed(1)
-    # init_lora_weights=False: B random too, so lora_A gets a gradient as well.
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    config = lora_config(LoraConfig(r=4, alpha=8, dropout=0.0), model=model)
+    config.init_lora_weights = False  # B random too, so lora_A gets a gradient as well
     return get_peft_model(model, config)
 
 
@@ -126,3 +131,14 @@ def test_family_path_matches_plain_hf(family, kernels, padding_free, family_mode
         assert attention == ("eager_spans" if not lm._supports_sdpa else "sdpa_spans")
     if kernels == "triton":
         assert {"rmsnorm", "fused_lora"} <= set(report.patched), report
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_moe_trains_attention_and_experts_never_the_router(family, family_models):
+    model = _with_lora(copy.deepcopy(family_models[family]))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    layer = [n.split("layers.0.", 1)[1] for n in trained if "layers.0." in n]
+    assert any(n.startswith("self_attn.q_proj.lora_A") for n in layer)
+    assert any(n.startswith("mlp.experts.") and "lora_A" in n for n in layer), layer
+    assert not [n for n in layer if "router" in n or n.startswith("mlp.gate")], layer
+    assert all("lora_" in n for n in trained)  # the base, experts and router stay frozen

@@ -165,15 +165,52 @@ def load_base(spec: RunSpec, device_info: DeviceInfo):
     return model, tokenizer, quant is not None
 
 
-def lora_config(lora, task_type: str = "CAUSAL_LM"):
+def lora_config(lora, task_type: str = "CAUSAL_LM", model=None):
     """PEFT's LoraConfig of a spec's `lora` settings (state_schema.LoraConfig); task_type
-    SEQ_CLS makes PEFT put the head (score / classifier) in modules_to_save."""
+    SEQ_CLS makes PEFT put the head (score / classifier) in modules_to_save. With the base
+    `model` given, a mixture of experts gets LoRA on its experts' weights too (`moe_targets`)
+    and never on its router."""
     from peft import LoraConfig
 
+    targets = moe_targets(model, lora.target_modules) if model is not None else None
+    modules, parameters = targets if targets else (lora.target_modules, None)
     return LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_modules, task_type=task_type, bias="none",
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=modules,
+        target_parameters=parameters, task_type=task_type, bias="none",
     )
+
+
+def _expert_parameters(model) -> list[str]:
+    """Leaf names of the experts' stacked [experts, in, out] weights (Qwen3-MoE's and GPT-OSS's
+    gate_up_proj and down_proj): 3D parameters of a module whose class ends in "Experts"."""
+    names = {name for module in model.modules() if type(module).__name__.endswith("Experts")
+             for name, p in module.named_parameters(recurse=False) if p.dim() == 3}
+    return sorted(names)
+
+
+def _is_router_or_head(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in ("gate", "router", "lm_head", "score", "classifier") or "router" in name
+
+
+def moe_targets(model, target_modules) -> Optional[tuple[list[str], list[str]]]:
+    """(target_modules, target_parameters) for a mixture of experts, None for a dense model.
+
+    The experts are stacked 3D parameters, not Linear modules: PEFT reaches them through
+    `target_parameters`. The router stays frozen: transformers' and PEFT's "all-linear" remap
+    for MoE (peft.utils.transformers_weight_conversion) would put LoRA on the router's weight
+    too, so "all-linear" is resolved here to the Linear layers other than the router and the
+    head, and a list loses any router name."""
+    experts = _expert_parameters(model)
+    if not experts:
+        return None
+    if isinstance(target_modules, str):
+        from torch import nn
+
+        target_modules = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                          if isinstance(m, nn.Linear)}
+    modules = sorted(n for n in target_modules if not _is_router_or_head(n))
+    return modules, experts
 
 
 def peft_model(model, config, **kwargs):
@@ -214,7 +251,7 @@ def prepare_for_training(model, lora, seed: int, dtype: torch.dtype, quantized: 
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # A fixed seed makes the fresh adapter (lora_A's random init) the same on every machine.
     torch.manual_seed(seed)
-    model = peft_model(model, lora_config(lora, task_type), autocast_adapter_dtype=True)
+    model = peft_model(model, lora_config(lora, task_type, model), autocast_adapter_dtype=True)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
