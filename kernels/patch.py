@@ -177,11 +177,11 @@ def _make_causal_lm_forward(backend: str, rule: LogitRule):
     return forward
 
 
-def _logits_straight_to_loss(lm: nn.Module) -> bool:
-    """For a model outside the table: True when its forward's next statement after
+def logits_straight_to_loss(cls: type) -> bool:
+    """For a model class outside the table: True when its forward's next statement after
     `logits = self.lm_head(...)` starts the loss (nothing scales, caps or shifts the logits)."""
     try:
-        source = inspect.getsource(type(lm).forward)
+        source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
     lines = [ln.strip() for ln in source.splitlines()]
@@ -192,22 +192,29 @@ def _logits_straight_to_loss(lm: nn.Module) -> bool:
     return False
 
 
-def logit_rule(lm: nn.Module, known: bool) -> tuple[Optional[LogitRule], str]:
-    """(the rule the fused loss applies, "") or (None, why HF's loss is kept)."""
-    config = lm.config
-    if not _plain_lm_head(getattr(lm, "lm_head", None)):
-        return None, "lm_head is not a plain floating-point Linear"
+def config_logit_rule(config) -> tuple[Optional[LogitRule], str]:
+    """For a family of the table, from its config alone (session/plan.py asks too): (the rule
+    the fused loss applies, "") or (None, why HF's loss is kept)."""
     if getattr(config, "output_router_logits", False):
         return None, "the router's auxiliary loss joins HF's"
-    if not known:
-        if not hasattr(lm, "model") or not _logits_straight_to_loss(lm):
-            return None, "its forward changes the logits before the loss"
-        return LogitRule(), ""
     softcap = getattr(config, "final_logit_softcapping", None)
     if softcap is not None and not _ce_takes_softcap():
         return None, "final-logit softcapping: HF's loss applies it"
     scale = getattr(config, "logits_scaling", None) or 1.0
     return LogitRule(hidden_scale=1.0 / scale, softcap=softcap), ""
+
+
+def logit_rule(lm: nn.Module, known: bool) -> tuple[Optional[LogitRule], str]:
+    """(the rule the fused loss applies, "") or (None, why HF's loss is kept)."""
+    if not _plain_lm_head(getattr(lm, "lm_head", None)):
+        return None, "lm_head is not a plain floating-point Linear"
+    if known:
+        return config_logit_rule(lm.config)
+    if getattr(lm.config, "output_router_logits", False):
+        return None, "the router's auxiliary loss joins HF's"
+    if not hasattr(lm, "model") or not logits_straight_to_loss(type(lm)):
+        return None, "its forward changes the logits before the loss"
+    return LogitRule(), ""
 
 
 def _patch_loss(lm: nn.Module, backend: str, report: KernelReport) -> None:

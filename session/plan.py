@@ -69,10 +69,9 @@ def meta_lora_model(model_config, lora: Any, num_labels: Optional[int] = None):
     `num_labels`, the sequence classifier a classification run trains (its head in PEFT's
     modules_to_save, as the trainer builds it)."""
     import torch
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from baton.training.model import peft_model
+    from baton.training.model import lora_config, peft_model
 
     auto = AutoModelForCausalLM
     if num_labels is not None:
@@ -80,12 +79,9 @@ def meta_lora_model(model_config, lora: Any, num_labels: Optional[int] = None):
         auto = AutoModelForSequenceClassification
     with torch.device("meta"):
         model = auto.from_config(model_config)
-        peft_config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            task_type="CAUSAL_LM" if num_labels is None else "SEQ_CLS",
-        )
-        return peft_model(model, peft_config)
+        # The session's own LoRA targets (a mixture of experts: its experts, not its router).
+        task_type = "CAUSAL_LM" if num_labels is None else "SEQ_CLS"
+        return peft_model(model, lora_config(lora, task_type, model))
 
 
 def count_params(peft_model) -> dict[str, int]:
@@ -138,15 +134,22 @@ def estimate_vram(cfg, params: dict[str, int], config: RunConfig) -> dict[str, i
     activations = L * m*S*H*2            hidden state kept per layer (gradient checkpointing)
                 + m*S*(10*H + 4*I)*2 * 2 one layer recomputed, its activations and their grads
     logits      = min(m*S, 2048) * V * 4 * 2   one fp32 chunk of logits and its grad
+                  (m*S * V * 4 * 2 where the family's loss stays HF's: session/family_plan.py)
     total       = (weights + lora + activations + logits) * 1.10 + 0.75 GiB CUDA context
-    with m micro_batch_size, S max_seq_len, H hidden, I intermediate, L layers, V vocab.
+    with m micro_batch_size, S max_seq_len, H hidden, I the MLP width a token spans (a mixture
+    of experts: its top-k experts'), L layers, V vocab (the text config's: Gemma's 262k).
     """
+    from .family_plan import fused_loss, mlp_width, text_config
+
+    classes = getattr(cfg, "num_labels", None)
+    cfg = text_config(cfg)
     P, Q, T = params["base"], params["quantized"], params["trainable"]
     m, S = config.train.micro_batch_size, config.data.max_seq_len
     H, L, V = _hidden(cfg), cfg.num_hidden_layers, cfg.vocab_size
+    rows = min(m * S, LOGITS_CHUNK_TOKENS) if fused_loss(cfg) else m * S
     if config.task == "classification":
-        V = cfg.num_labels  # the head's logits: one a class, not a vocabulary
-    inter = getattr(cfg, "intermediate_size", None) or 4 * H
+        V, rows = classes, min(m * S, LOGITS_CHUNK_TOKENS)  # one a class, not a vocabulary
+    inter = mlp_width(cfg, H)
     if config.model.load_in_4bit:
         weights = Q * NF4_BYTES_PER_PARAM + (P - Q) * HALF
     else:
@@ -155,7 +158,7 @@ def estimate_vram(cfg, params: dict[str, int], config: RunConfig) -> dict[str, i
         "weights": weights,
         "lora_and_optimizer": T * (4 + 4 + ADAM_STATE_BYTES[config.train.optimizer]),
         "activations": L * m * S * H * HALF + m * S * (10 * H + 4 * inter) * HALF * 2,
-        "logits": min(m * S, LOGITS_CHUNK_TOKENS) * V * 4 * 2,
+        "logits": rows * V * 4 * 2,
     }
     parts = {k: int(v) for k, v in parts.items()}
     parts["total"] = int(sum(parts.values()) * FRAGMENTATION) + CUDA_OVERHEAD_BYTES

@@ -142,3 +142,31 @@ def test_moe_trains_attention_and_experts_never_the_router(family, family_models
     assert any(n.startswith("mlp.experts.") and "lora_A" in n for n in layer), layer
     assert not [n for n in layer if "router" in n or n.startswith("mlp.gate")], layer
     assert all("lora_" in n for n in trained)  # the base, experts and router stay frozen
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "gemma2", "phi3"])
+def test_plan_counts_what_a_session_trains_with_the_family_layout(family, family_models):
+    """`plan` builds the model on the meta device with the session's LoRA targets: its
+    trainable count is the session's; its memory uses the family's MLP width (top-k experts)
+    and, where the loss stays HF's (Gemma 2's softcap), the full logits."""
+    from baton.session.family_plan import fused_loss, mlp_width
+    from baton.session.plan import count_params, estimate_vram, meta_lora_model
+    from baton.state_schema import LoraConfig, RunConfig
+    from tests.fixtures_families import family_config
+
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0)
+    planned = count_params(meta_lora_model(family_config(family), lora))
+    trained = sum(p.numel() for p in _with_lora(copy.deepcopy(family_models[family])).parameters()
+                  if p.requires_grad)
+    assert planned["trainable"] == trained
+    cfg = family_config(family)
+    top_k = getattr(cfg, "num_experts_per_tok", None)
+    expert = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    assert mlp_width(cfg, 64) == (expert * top_k if top_k else cfg.intermediate_size)
+    config = RunConfig.model_validate({"run": "r", "store": "/tmp/s", "model": {"name": "m"},
+                                       "data": {"train": "t.jsonl", "max_seq_len": 4096},
+                                       "train": {"micro_batch_size": 1}})
+    logits = estimate_vram(cfg, planned, config)["logits"]
+    rows = 2048 if fused_loss(cfg) else 4096
+    assert logits == rows * cfg.vocab_size * 8
+    assert fused_loss(cfg) is (family != "gemma2")
