@@ -123,7 +123,16 @@ def _plain_lm_head(lm_head: nn.Module) -> bool:
     )
 
 
-def causal_lm_loss(hidden, lm_head, labels, backend, kwargs) -> torch.Tensor:
+def logit_transforms(config) -> dict:
+    """The final-logit transforms a config asks for, as the fused CE's keyword arguments:
+    Gemma 2/3's `final_logit_softcapping`, Granite's `logits_scaling` (logits divided by it)."""
+    scaling = getattr(config, "logits_scaling", None) or 1.0
+    return {"softcap": getattr(config, "final_logit_softcapping", None) or None,
+            "logit_scale": 1.0 / float(scaling)}
+
+
+def causal_lm_loss(hidden, lm_head, labels, backend, kwargs, softcap=None,
+                   logit_scale=1.0) -> torch.Tensor:
     """HF's ForCausalLMLoss (shift, ignore_index, num_items_in_batch) over the fused CE."""
     from baton.kernels.cross_entropy import fused_linear_cross_entropy
 
@@ -140,6 +149,7 @@ def causal_lm_loss(hidden, lm_head, labels, backend, kwargs) -> torch.Tensor:
     loss = fused_linear_cross_entropy(
         hidden, lm_head.weight, shift_labels, bias=lm_head.bias, ignore_index=ignore_index,
         reduction="mean" if n_items is None else "sum", backend=backend,
+        softcap=softcap, logit_scale=logit_scale,
     )
     if n_items is not None:
         loss = loss / (n_items.to(loss.device) if torch.is_tensor(n_items) else n_items)
@@ -161,7 +171,8 @@ def _make_causal_lm_forward(backend: str):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             **kwargs)
-        loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels, backend, kwargs)
+        loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels, backend, kwargs,
+                              **logit_transforms(self.config))
         out = CausalLMOutputWithPast(
             loss=loss, logits=None, past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states, attentions=outputs.attentions)
