@@ -23,9 +23,17 @@ Semantics match `torch.nn.functional.cross_entropy(logits.float(), labels, ignor
 with logits computed in the weight's dtype, as HF's `ForCausalLMLoss` does, except one case:
 a "mean" over zero non-ignored tokens is 0 (torch gives nan), so that a fully masked
 micro-batch cannot poison an optimizer step.
+
+Two optional transforms of the fp32 logits z, in this order, before the softmax:
+`logit_scale` multiplies them (Granite's `logits / config.logits_scaling` is
+`logit_scale = 1 / logits_scaling`), then `softcap` caps them, z = softcap * tanh(z / softcap)
+(Gemma 2 and 3's `final_logit_softcapping`). Their derivative,
+logit_scale * (1 - tanh^2), multiplies the logits' gradient in the same fp32 pass.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -47,18 +55,38 @@ def linear_cross_entropy_reference(
     bias: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Plain PyTorch, unchunked: full logits, as HF builds them."""
-    logits = F.linear(hidden.to(weight.dtype), weight, bias).float()
+    """Plain PyTorch, unchunked: full logits, as HF builds them (then scaled and capped)."""
+    logits = F.linear(hidden.to(weight.dtype), weight, bias).float() * logit_scale
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     if reduction == "mean" and not bool((labels != ignore_index).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
 
 
 @triton.jit
+def _capped(x, logit_scale, softcap, SOFTCAP: tl.constexpr):
+    """(z, dz/dx) of z = softcap * tanh(logit_scale * x / softcap), or of logit_scale * x."""
+    z = x * logit_scale
+    dz = logit_scale + 0.0 * x
+    if SOFTCAP:
+        # tanh from one exp of a non-positive argument: no overflow, |error| ~ 1e-7.
+        e = tl.exp(-2.0 * tl.abs(z / softcap))
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(z < 0, -t, t)
+        z = softcap * t
+        dz = logit_scale * (1.0 - t * t)
+    return z, dz
+
+
+@triton.jit
 def _ce_grad_kernel(
     LOGITS, LABELS, LOSS, stride_row, n_rows, n_cols, scale, ignore_index,
-    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    logit_scale, softcap,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # A program takes BLOCK_R rows (one for a large vocabulary, several for a small one).
     # Pass 1: online max and sum of exponentials (logsumexp) over vocabulary blocks.
@@ -74,7 +102,8 @@ def _ce_grad_kernel(
     run_sum = tl.zeros((BLOCK_R,), tl.float32)
     for start in range(0, n_cols, BLOCK_V):
         mask = row_ok[:, None] & (start + cols < n_cols)
-        x = tl.load(ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        x = tl.load(ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, _capped(x, logit_scale, softcap, SOFTCAP)[0], float("-inf"))
         new_max = tl.maximum(run_max, tl.max(x, axis=1))
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows past the end
         block_sum = tl.sum(tl.exp(x - safe_max[:, None]), axis=1)
@@ -83,22 +112,26 @@ def _ce_grad_kernel(
     lse = tl.where(row_ok, run_max + tl.log(tl.where(row_ok, run_sum, 1.0)), 0.0)
     safe_label = tl.where(valid, label, 0)
     target = tl.load(ptr + safe_label[:, None], mask=valid[:, None], other=0.0).to(tl.float32)
+    target = _capped(target, logit_scale, softcap, SOFTCAP)[0]
     tl.store(LOSS + row_ids, tl.where(valid, lse - tl.sum(target, axis=1), 0.0), mask=row_ok)
     row_scale = tl.where(valid, scale, 0.0)[:, None]
     for start in range(0, n_cols, BLOCK_V):
         mask = row_ok[:, None] & (start + cols < n_cols)
         x = tl.load(ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+        z, dz = _capped(x, logit_scale, softcap, SOFTCAP)
         onehot = tl.where(start + cols == label[:, None], 1.0, 0.0)
-        grad = (tl.exp(x - lse[:, None]) - onehot) * row_scale
+        grad = (tl.exp(z - lse[:, None]) - onehot) * row_scale * dz
         tl.store(ptr + start + cols, grad, mask=mask)
 
 
 @on_tensor_device
 def ce_grad_triton(logits: torch.Tensor, labels: torch.Tensor, scale: float,
-                   ignore_index: int = IGNORE_INDEX, block: int | None = None) -> torch.Tensor:
+                   ignore_index: int = IGNORE_INDEX, block: int | None = None, *,
+                   softcap: float | None = None, logit_scale: float = 1.0) -> torch.Tensor:
     """Launcher: per-row CE loss [rows]; overwrites fp32 `logits` [rows, vocab] with its gradient.
 
     `block` caps the vocabulary block (tests use a small one to exercise the online softmax).
+    `softcap`, `logit_scale`: see the module's docstring.
     """
     check_launchable(logits)
     if logits.dtype != torch.float32 or logits.stride(-1) != 1:
@@ -109,21 +142,36 @@ def ce_grad_triton(logits: torch.Tensor, labels: torch.Tensor, scale: float,
     block_r = max(1, min(_TILE // block_v, next_power_of_2(n_rows)))
     _ce_grad_kernel[(triton.cdiv(n_rows, block_r),)](
         logits, labels.contiguous(), loss, logits.stride(0), n_rows, n_cols, scale, ignore_index,
-        BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps_for(block_r * block_v),
+        float(logit_scale), float(softcap or 1.0),
+        BLOCK_R=block_r, BLOCK_V=block_v, SOFTCAP=bool(softcap),
+        num_warps=num_warps_for(block_r * block_v),
     )
     return loss
 
 
 def ce_grad_reference(logits: torch.Tensor, labels: torch.Tensor, scale: float,
-                      ignore_index: int = IGNORE_INDEX, block: int | None = None) -> torch.Tensor:
+                      ignore_index: int = IGNORE_INDEX, block: int | None = None, *,
+                      softcap: float | None = None, logit_scale: float = 1.0) -> torch.Tensor:
     """Same contract as `ce_grad_triton`, in plain torch (for P100, CPU and tests)."""
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
+    dz = None
+    if logit_scale != 1.0:
+        logits.mul_(logit_scale)
+    if softcap:
+        tanh = logits.div_(softcap).tanh_()
+        dz = (1.0 - tanh * tanh).mul_(logit_scale)
+        logits = tanh.mul_(softcap)
     lse = torch.logsumexp(logits, dim=-1)
     loss = (lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid
     logits.sub_(lse[:, None]).exp_()
     logits.scatter_add_(1, safe[:, None], -torch.ones_like(logits[:, :1]))
-    logits.mul_((valid.to(logits.dtype) * scale)[:, None])
+    row_scale = (valid.to(logits.dtype) * scale)[:, None]
+    if dz is not None:
+        logits.mul_(dz)
+    elif logit_scale != 1.0:
+        row_scale = row_scale * logit_scale
+    logits.mul_(row_scale)
     return loss
 
 
@@ -176,11 +224,16 @@ def _chunks(hidden, weight, chunk_size):
     return [slice(start, start + chunk) for start in range(0, hidden.shape[0], chunk)]
 
 
-def _chunked_loss(hidden, weight, bias, labels, ignore_index, chunk_size, backend, dtype):
+def _ce_grad_fn(backend: str, softcap: float | None, logit_scale: float):
+    """The per-chunk loss-and-gradient op of `backend`, with the logits' transforms bound."""
+    ce_grad = ce_grad_triton if backend == "triton" else ce_grad_reference
+    return functools.partial(ce_grad, softcap=softcap, logit_scale=logit_scale)
+
+
+def _chunked_loss(hidden, weight, bias, labels, ignore_index, chunk_size, ce_grad, dtype):
     """Sum of the token losses, chunk by chunk, the logits in `dtype` (autocast's or the
     weight's): the weight is cast once (`cast_weight`: not once a chunk, nor once a forward
     while it is unchanged), and the chunks then run with autocast off in that dtype."""
-    ce_grad = ce_grad_triton if backend == "triton" else ce_grad_reference
     w = cast_weight(weight, dtype)
     b = None if bias is None else bias.to(dtype)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -207,7 +260,7 @@ def _chunked_grads(ctx, hidden, weight, bias, labels, factor: float):
     """
     pre, post = _split(factor)
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.need_bias
-    ce_grad = ce_grad_triton if ctx.backend == "triton" else ce_grad_reference
+    ce_grad = ctx.ce_grad
     w = cast_weight(weight, ctx.dtype)
     b = None if bias is None else bias.to(ctx.dtype)
     dx = torch.empty_like(hidden) if need_x else None
@@ -236,10 +289,12 @@ def _mean_scale(labels: torch.Tensor, ignore_index: int, reduction: str) -> floa
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, ignore_index, reduction, chunk_size, backend):
+    def forward(ctx, hidden, weight, labels, bias, ignore_index, reduction, chunk_size, backend,
+                softcap=None, logit_scale=1.0):
         ctx.dtype = _compute_dtype(weight)  # the backward runs outside autocast: keep it
-        total = _chunked_loss(hidden, weight, bias, labels, ignore_index, chunk_size, backend,
-                              ctx.dtype)
+        ctx.ce_grad = _ce_grad_fn(backend, softcap, logit_scale)
+        total = _chunked_loss(hidden, weight, bias, labels, ignore_index, chunk_size,
+                              ctx.ce_grad, ctx.dtype)
         ctx.save_for_backward(hidden, weight, labels, bias)
         ctx.scale = _mean_scale(labels, ignore_index, reduction)
         ctx.ignore_index, ctx.chunk_size, ctx.backend = ignore_index, chunk_size, backend
@@ -254,7 +309,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         dx, dw, db = _chunked_grads(ctx, hidden, weight, bias, labels, factor)
         dw = None if dw is None else dw.to(weight.dtype)
         db = None if db is None else db.to(bias.dtype)
-        return dx, dw, None, db, None, None, None, None
+        return dx, dw, None, db, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -266,25 +321,50 @@ def fused_linear_cross_entropy(
     reduction: str = "mean",
     chunk_size: int | None = None,
     backend: str = "triton",
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """Cross-entropy of `hidden [N, H] @ weight[V, H].T (+ bias)` against `labels [N]`.
 
     reduction "mean" divides by the non-ignored tokens of this call; "sum" lets the caller
     divide by the tokens of a whole optimizer step. backend "triton" or "reference".
+    `logit_scale` multiplies the fp32 logits, then `softcap` (None or 0: off) caps them at
+    +-softcap with softcap * tanh(z / softcap): see the module's docstring.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
-        raise ValueError(f"need hidden [N, H] and labels [N], got {tuple(hidden.shape)} "
-                         f"and {tuple(labels.shape)}; flatten batch and sequence first.")
+    _check_arguments(hidden, weight, labels, reduction, ignore_index, softcap, logit_scale)
     labels = labels.to(device=hidden.device, dtype=torch.long)
     tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         # Evaluation: the loss alone, no gradient buffers, no autograd graph.
         with torch.no_grad():
             total = _chunked_loss(hidden, weight, bias, labels, ignore_index, chunk_size,
-                                  backend, _compute_dtype(weight))
+                                  _ce_grad_fn(backend, softcap, logit_scale),
+                                  _compute_dtype(weight))
         return total * _mean_scale(labels, ignore_index, reduction)
     return FusedLinearCrossEntropyFunction.apply(
-        hidden, weight, labels, bias, ignore_index, reduction, chunk_size, backend
+        hidden, weight, labels, bias, ignore_index, reduction, chunk_size, backend,
+        softcap, logit_scale,
     )
+
+
+def _check_arguments(hidden, weight, labels, reduction, ignore_index, softcap, logit_scale):
+    """Refuse what the kernel would get wrong silently, before anything runs on the device."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
+        raise ValueError(f"need hidden [N, H] and labels [N], got {tuple(hidden.shape)} "
+                         f"and {tuple(labels.shape)}; flatten batch and sequence first.")
+    if not logit_scale > 0 or (softcap is not None and softcap < 0):
+        raise ValueError(f"logit_scale must be > 0 and softcap >= 0 (or None), got "
+                         f"logit_scale={logit_scale!r}, softcap={softcap!r}.")
+    # The kernel reads the logit at each label's index with no bounds check: a label at or
+    # past the vocabulary (a token added to the tokenizer but not to lm_head) would read
+    # another row's memory. One host sync a call, on the labels alone.
+    vocab = weight.shape[0]
+    used = labels[labels != ignore_index]
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= vocab):
+        bad = int(used.max()) if int(used.max()) >= vocab else int(used.min())
+        raise ValueError(
+            f"label {bad} is outside lm_head's vocabulary of {vocab} rows (ignore_index is "
+            f"{ignore_index}): the tokenizer has tokens the model lacks; call "
+            "model.resize_token_embeddings(len(tokenizer)) before training.")

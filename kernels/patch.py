@@ -18,9 +18,8 @@ What is replaced, never by rewriting source text:
 - the causal-LM loss: the model's `forward` is rebound so that, when labels are given, the
   loss comes from the chunked fused linear cross-entropy and no [tokens, vocab] logits are
   built; `logits` is then None. Without labels the original forward runs and returns logits.
-  Granite's logits_scaling divides the hidden states instead of the logits (the same
-  product); a final-logit softcap goes to the fused loss when it takes one, and keeps HF's
-  loss otherwise; a forward that does anything else to its logits keeps HF's loss;
+  Gemma's final-logit softcap and Granite's logits_scaling go to the fused loss
+  (`logit_transforms`); a forward that does anything else to its logits keeps HF's loss;
 - then, on the Triton path, `kernels.lora_patch.patch_peft_lora(model, "triton")` for the
   fused LoRA projections, which does not depend on the family.
 
@@ -110,22 +109,16 @@ def _plain_lm_head(lm_head: nn.Module) -> bool:
     )
 
 
-def _ce_takes_softcap() -> bool:
-    from baton.kernels.cross_entropy import fused_linear_cross_entropy
-
-    return "softcap" in inspect.signature(fused_linear_cross_entropy).parameters
-
-
-@dataclass(frozen=True)
-class LogitRule:
-    """What the family's forward does to lm_head's output before its loss."""
-
-    hidden_scale: float = 1.0  # Granite: logits / logits_scaling == lm_head(hidden / scaling)
-    softcap: Optional[float] = None  # Gemma 2: softcap * tanh(logits / softcap)
+def logit_transforms(config) -> dict:
+    """The final-logit transforms a config asks for, as the fused CE's keyword arguments:
+    Gemma 2/3's `final_logit_softcapping`, Granite's `logits_scaling` (logits divided by it)."""
+    scaling = getattr(config, "logits_scaling", None) or 1.0
+    return {"softcap": getattr(config, "final_logit_softcapping", None) or None,
+            "logit_scale": 1.0 / float(scaling)}
 
 
-def causal_lm_loss(hidden, lm_head, labels, backend, kwargs,
-                   rule: LogitRule = LogitRule()) -> torch.Tensor:
+def causal_lm_loss(hidden, lm_head, labels, backend, kwargs, softcap=None,
+                   logit_scale=1.0) -> torch.Tensor:
     """HF's ForCausalLMLoss (shift, ignore_index, num_items_in_batch) over the fused CE."""
     from baton.kernels.cross_entropy import fused_linear_cross_entropy
 
@@ -138,20 +131,18 @@ def causal_lm_loss(hidden, lm_head, labels, backend, kwargs,
     # Rows whose label is ignored (prompt tokens, padding) need no logits at all.
     keep = shift_labels != ignore_index
     hidden, shift_labels = hidden[keep], shift_labels[keep]
-    if rule.hidden_scale != 1.0:
-        hidden = hidden * rule.hidden_scale
-    extra = {} if rule.softcap is None else {"softcap": rule.softcap}
     n_items = kwargs.get("num_items_in_batch")
     loss = fused_linear_cross_entropy(
         hidden, lm_head.weight, shift_labels, bias=lm_head.bias, ignore_index=ignore_index,
-        reduction="mean" if n_items is None else "sum", backend=backend, **extra,
+        reduction="mean" if n_items is None else "sum", backend=backend,
+        softcap=softcap, logit_scale=logit_scale,
     )
     if n_items is not None:
         loss = loss / (n_items.to(loss.device) if torch.is_tensor(n_items) else n_items)
     return loss
 
 
-def _make_causal_lm_forward(backend: str, rule: LogitRule):
+def _make_causal_lm_forward(backend: str, transforms: dict):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -168,7 +159,7 @@ def _make_causal_lm_forward(backend: str, rule: LogitRule):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels, backend, kwargs,
-                              rule)
+                              **transforms)
         out = CausalLMOutputWithPast(
             loss=loss, logits=None, cache=getattr(outputs, "cache", None),
             hidden_states=outputs.hidden_states, attentions=outputs.attentions)
@@ -192,20 +183,18 @@ def logits_straight_to_loss(cls: type) -> bool:
     return False
 
 
-def config_logit_rule(config) -> tuple[Optional[LogitRule], str]:
-    """For a family of the table, from its config alone (session/plan.py asks too): (the rule
-    the fused loss applies, "") or (None, why HF's loss is kept)."""
+def config_logit_rule(config) -> tuple[Optional[dict], str]:
+    """For a family of the table, from its config alone (session/plan.py asks too): (the
+    fused loss's logit transforms, "") or (None, why HF's loss is kept)."""
     if getattr(config, "output_router_logits", False):
         return None, "the router's auxiliary loss joins HF's"
-    softcap = getattr(config, "final_logit_softcapping", None)
-    if softcap is not None and not _ce_takes_softcap():
-        return None, "final-logit softcapping: HF's loss applies it"
-    scale = getattr(config, "logits_scaling", None) or 1.0
-    return LogitRule(hidden_scale=1.0 / scale, softcap=softcap), ""
+    return logit_transforms(config), ""
 
 
-def logit_rule(lm: nn.Module, known: bool) -> tuple[Optional[LogitRule], str]:
-    """(the rule the fused loss applies, "") or (None, why HF's loss is kept)."""
+def logit_rule(lm: nn.Module, known: bool) -> tuple[Optional[dict], str]:
+    """(the fused loss's logit transforms, "") or (None, why HF's loss is kept): a family of
+    the table by its config; a model outside it only when its forward passes lm_head's output
+    straight to the loss."""
     if not _plain_lm_head(getattr(lm, "lm_head", None)):
         return None, "lm_head is not a plain floating-point Linear"
     if known:
@@ -214,16 +203,16 @@ def logit_rule(lm: nn.Module, known: bool) -> tuple[Optional[LogitRule], str]:
         return None, "the router's auxiliary loss joins HF's"
     if not hasattr(lm, "model") or not logits_straight_to_loss(type(lm)):
         return None, "its forward changes the logits before the loss"
-    return LogitRule(), ""
+    return {}, ""
 
 
 def _patch_loss(lm: nn.Module, backend: str, report: KernelReport) -> None:
-    rule, why = logit_rule(lm, bool(report.architecture))
-    if rule is None:
+    transforms, why = logit_rule(lm, bool(report.architecture))
+    if transforms is None:
         report.unfused["fused_linear_cross_entropy"] = why
         log.warning("keeping HF's loss (full logits): %s.", why)
         return
-    lm.forward = types.MethodType(_make_causal_lm_forward(backend, rule), lm)
+    lm.forward = types.MethodType(_make_causal_lm_forward(backend, transforms), lm)
     report.modules["fused_linear_cross_entropy"] = 1
     report.patched.append("fused_linear_cross_entropy")
 

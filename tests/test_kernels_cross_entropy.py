@@ -305,3 +305,67 @@ def test_fp16_gradient_of_a_128k_row_is_scaled_before_the_cast(backend, fp32_red
 
     unscaled = (g_ref / scale).half().double() * scale  # the cast before the scale
     assert ((unscaled - g_ref).abs() / g_ref.abs()).max() > 50 * (2 * U16)
+
+
+# --- final-logit transforms: Granite's logit scale, Gemma 2/3's softcap -----------------
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("softcap,logit_scale", [(2.0, 1.0), (None, 0.25), (1.5, 3.0)])
+def test_softcap_and_logit_scale_match_the_reference(softcap, logit_scale, dtype, backend):
+    # Logits of about N(0, 5) (scaled by 3: N(0, 15)) against a cap of 1.5-2: most are in
+    # tanh's bend or saturated, so a wrong derivative shows. Same tolerances as above.
+    x, w, b, labels = _problem(dtype)
+    with torch.no_grad():
+        w.mul_(5.0)
+    kw = dict(softcap=softcap, logit_scale=logit_scale, reduction="sum")
+    got = _run(fused_linear_cross_entropy, x, w, b, labels, chunk_size=8, backend=backend, **kw)
+    want = _run(linear_cross_entropy_reference, x, w, b, labels, **kw)
+    plain = _run(linear_cross_entropy_reference, x, w, b, labels, reduction="sum")
+    assert (got[0] - plain[0]).abs() > 1.0, "the transforms must change the loss"
+    tol = TOL[dtype]
+    for name, a, ref in zip(("loss", "dhidden", "dweight", "dbias"), got, want):
+        scale = max(1.0, ref.abs().max().item())
+        torch.testing.assert_close(a, ref, atol=tol * scale, rtol=tol,
+                                   msg=lambda m: f"{name} {dtype} {backend}: {m}")
+
+
+def test_softcap_keeps_padded_vocabulary_columns_out_of_the_softmax():
+    # The kernel masks columns past the vocabulary with -inf; capped, -inf must stay -inf
+    # (softcap * tanh(-inf) is -softcap, a real logit). 301 columns in blocks of 64.
+    g = torch.Generator().manual_seed(8)
+    logits = 4 * torch.randn(9, 301, generator=g)
+    labels = torch.randint(0, 301, (9,), generator=g)
+    a, b = logits.clone(), logits.clone()
+    loss_t = ce_grad_triton(a, labels, 1.0, block=64, softcap=3.0, logit_scale=0.5)
+    loss_r = ce_grad_reference(b, labels, 1.0, softcap=3.0, logit_scale=0.5)
+    torch.testing.assert_close(loss_t, loss_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [301, 1000, -3])
+def test_labels_outside_the_vocabulary_are_refused_on_the_host(bad):
+    x, w, b, labels = _problem(torch.float32, seed=9)
+    labels[5] = bad
+    with pytest.raises(ValueError, match=rf"label {bad} is outside lm_head's vocabulary of 301"):
+        fused_linear_cross_entropy(x, w, labels, b)
+
+
+def test_bad_logit_transform_is_refused():
+    x, w, _, labels = _problem(torch.float32, bias=False)
+    for kw in (dict(logit_scale=0.0), dict(softcap=-1.0)):
+        with pytest.raises(ValueError, match="logit_scale must be > 0"):
+            fused_linear_cross_entropy(x, w, labels, **kw)
+
+
+def test_logit_transforms_are_read_from_the_model_config():
+    from transformers import Gemma2Config, GraniteConfig, LlamaConfig
+
+    from baton.kernels.patch import logit_transforms
+
+    assert logit_transforms(Gemma2Config(final_logit_softcapping=30.0)) == {
+        "softcap": 30.0, "logit_scale": 1.0}
+    assert logit_transforms(GraniteConfig(logits_scaling=8.0)) == {
+        "softcap": None, "logit_scale": 0.125}
+    assert logit_transforms(LlamaConfig()) == {"softcap": None, "logit_scale": 1.0}
