@@ -79,7 +79,7 @@ def tiny_family_model(family: str, *, attn: str = "sdpa"):
     return sharpen(model).float()
 
 
-def save_family_model(family: str, out, tokenizer_dir):
+def save_family_model(family: str, out, tokenizer_dir, **overrides):
     """`family`'s tiny sharpened model with the tiny Llama's tokenizer (tests/fixtures_tiny.py),
     saved like a Hub checkpoint for a whole session to load."""
     from pathlib import Path
@@ -92,7 +92,7 @@ def save_family_model(family: str, out, tokenizer_dir):
     class_name, own = FAMILIES[family]
     import transformers
 
-    config = getattr(transformers, class_name)(**{**COMMON, **own, **ids})
+    config = getattr(transformers, class_name)(**{**COMMON, **own, **ids, **overrides})
     torch.manual_seed(0)
     model = sharpen(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
     out = Path(out)

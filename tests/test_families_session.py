@@ -26,18 +26,20 @@ def _session(tmp_path, model_dir, name: str, monkeypatch, kernels: str, *flags: 
     return code, record, store
 
 
-@pytest.mark.parametrize("family,unfused", [
-    ("gemma2", None),  # its final-logit softcap goes to the fused loss
-    ("gpt_oss", "mlp (the experts are not Linear modules)"),  # on the Triton path only
+@pytest.mark.parametrize("family,overrides,unfused", [
+    ("gemma2", {}, None),  # its final-logit softcap goes to the fused loss
+    # The router's auxiliary loss is HF's to add: the loss stays HF's, and says so.
+    ("gpt_oss", {"output_router_logits": True},
+     "fused_linear_cross_entropy (the router's auxiliary loss joins HF's)"),
 ])
 def test_softcap_and_sink_families_train_padding_free_like_plain_hf(
-        family, unfused, tmp_path, tiny_model_dir, monkeypatch, capsys):
+        family, overrides, unfused, tmp_path, tiny_model_dir, monkeypatch, capsys):
     from rich.console import Console
 
     from baton.handoff import open_store
     from baton.session.status import collect_status, render
 
-    model_dir = save_family_model(family, tmp_path / family, tiny_model_dir)
+    model_dir = save_family_model(family, tmp_path / family, tiny_model_dir, **overrides)
     code, plain, _ = _session(tmp_path, model_dir, "plain", monkeypatch, "none",
                               "--no-padding-free")
     assert code == 0 and plain.attention == "eager" and not plain.padding_free
