@@ -48,8 +48,9 @@ def kernel_specs(dt: str) -> list[tuple]:
         (geglu._geglu_bwd_kernel, dict(DGATE=p, DUP=p, DH=p, GATE=p, UP=p, n_elements=i, K=c,
          C=c, BLOCK=c), dict(K=geglu._K, C=geglu._C, BLOCK=1024), {}),
         (cross_entropy._ce_grad_kernel, dict(LOGITS="*fp32", LABELS="*i64", LOSS="*fp32",
-         stride_row=i, n_rows=i, n_cols=i, scale="fp32", ignore_index=i, BLOCK_R=c, BLOCK_V=c),
-         dict(BLOCK_R=1, BLOCK_V=4096), {}),
+         stride_row=i, n_rows=i, n_cols=i, scale="fp32", ignore_index=i, logit_scale="fp32",
+         softcap="fp32", BLOCK_R=c, BLOCK_V=c, SOFTCAP=c),
+         dict(BLOCK_R=1, BLOCK_V=4096, SOFTCAP=False), {}),
         # NF4 with double quantization (uint8 absmax codes), as a QLoRA model is loaded; the
         # launcher's options: 4 warps (the default) and no FMA contraction.
         (nf4._nf4_dequant_kernel, dict(OUT=p, PACKED="*u8", ABSMAX="*u8", CODE="*fp32",

@@ -58,3 +58,64 @@ def test_softcap_and_sink_families_train_padding_free_like_plain_hf(
         assert f"unfused: {unfused}" in console.export_text()
     else:
         assert baton.kernels_unfused is None
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "gemma2", "phi3", "glm4"])
+def test_merge_verifies_each_family_logits(family, tmp_path, tiny_model_dir):
+    """scripts/merge.py's merge, save and reload with plain transformers, on families whose
+    LoRA is not only Linear layers (experts through target_parameters), merged projections
+    (Phi-3's qkv_proj, GLM-4's gate_up_proj) and a softcapped head (Gemma 2): the reloaded
+    merged model's logits equal base + adapter."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from baton.scripts.merge import merge_and_save, verify_saved
+    from baton.state_schema import LoraConfig
+    from baton.training.model import lora_config
+
+    base = AutoModelForCausalLM.from_pretrained(
+        save_family_model(family, tmp_path / "base", tiny_model_dir), dtype=torch.float32)
+    config = lora_config(LoraConfig(r=4, alpha=8), model=base)
+    config.init_lora_weights = False  # a B that moves the logits
+    model = get_peft_model(base, config)
+    reference = merge_and_save(model, AutoTokenizer.from_pretrained(tiny_model_dir),
+                               tmp_path / "merged", "1GB")
+    ok, message = verify_saved(tmp_path / "merged", "float32", reference, None)
+    assert ok, message
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen3_moe"])
+def test_classification_trains_families_with_a_classifier_class(family, tmp_path,
+                                                                tiny_model_dir):
+    """A sequence classifier of Gemma 2 (eager attention, padded rows) and of Qwen3-MoE
+    (experts' LoRA, router frozen, the head in full): Baton's path (reference kernels) trains
+    the same two steps as the plain HF + PEFT modules."""
+    from tests.fixtures_classify import classification_spec, colour_records
+    from tests.fixtures_tiny import make_trainer, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", colour_records(16))
+    model_dir = save_family_model(family, tmp_path / family, tiny_model_dir)
+    spec = classification_spec(model_dir, data, max_steps=2, batch_size=4, eval_=0.25)
+    runs = []
+    for kernels in ("none", "auto"):
+        trainer = make_trainer(spec, data, micro=4, kernels=kernels)
+        runs.append([trainer.train_step().loss for _ in range(2)])
+    assert runs[1] == pytest.approx(runs[0], abs=1e-5)
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trained)
+    assert not [n for n in trained if ".mlp.gate." in n or "router" in n]
+
+
+def test_classification_on_a_family_without_a_classifier_class_is_refused(tmp_path,
+                                                                         tiny_model_dir):
+    from tests.fixtures_classify import classification_spec, colour_records
+    from tests.fixtures_tiny import make_trainer, write_jsonl
+
+    from baton.training.model import ClassifierFamilyError
+
+    data = write_jsonl(tmp_path / "train.jsonl", colour_records(8))
+    model_dir = save_family_model("granite", tmp_path / "granite", tiny_model_dir)
+    spec = classification_spec(model_dir, data, max_steps=1, batch_size=4, eval_=0.25)
+    with pytest.raises(ClassifierFamilyError, match="no sequence-classification class"):
+        make_trainer(spec, data, micro=4)

@@ -19,6 +19,7 @@ import torch
 from baton.state_schema import RunSpec
 
 from .classify import auto_class, head_kwargs, is_classifier, keep_head_unquantized
+from .data import DataError
 from .devices import DeviceInfo
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ def load_base(spec: RunSpec, device_info: DeviceInfo):
     quant = quantization_config(spec, device_info)
     head = {}
     if is_classifier(spec):  # a sequence-classification head (training/classify.py)
+        check_classifier_family(source, revision)
         keep_head_unquantized(quant)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
@@ -163,6 +165,28 @@ def load_base(spec: RunSpec, device_info: DeviceInfo):
             "model.name, model.revision and, for a gated model, HF_TOKEN"
         ) from exc
     return model, tokenizer, quant is not None
+
+
+class ClassifierFamilyError(DataError):
+    """task: classification on a model family with no sequence-classification class: the
+    run's input asks for what this model cannot do (exit 2, nothing written)."""
+
+
+def check_classifier_family(source: str, revision: Optional[str]) -> None:
+    """Refuse, before any weight loads, a classification run on a family transformers has no
+    sequence-classification class for (Granite, for one), naming the fix."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError):
+        return  # load_base's own error says what is wrong with the model
+    if type(config) not in AutoModelForSequenceClassification._model_mapping:
+        raise ClassifierFamilyError(
+            f"model {source!r} ({config.model_type}) has no sequence-classification class in "
+            "transformers, so task: classification cannot train it; pick a model of a family "
+            "that has one (Llama, Qwen, Gemma, Phi-3, ...), or train it as a causal LM on "
+            "prompt/completion pairs")
 
 
 def lora_config(lora, task_type: str = "CAUSAL_LM", model=None):
