@@ -52,6 +52,11 @@ class ProbeJob:
     eps: float = 1e-6
     tokens: int = 16
     ops: list[str] = field(default_factory=list)  # empty: every op in OPS
+    # The family's variants (kernels/architectures.py): Gemma's (1 + w) RMSNorm and the
+    # fp32-then-cast ones, and partial rotary (the rotated width; 0: the whole head).
+    norm_offset: float = 0.0
+    norm_cast_after: bool = False
+    rotary_dim: int = 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -86,8 +91,9 @@ def probe_rmsnorm(job: ProbeJob) -> None:
     # A 4-bit model keeps its norms in fp32 (PEFT's kbit preparation); a 16-bit one in its dtype.
     w = torch.ones(job.hidden, device=job.device, dtype=torch.float32 if job.nf4 else job.dtype,
                    requires_grad=True)
-    y = rmsnorm(x, w, job.eps)
-    _compare(y, rmsnorm_reference(x, w, job.eps), job, "rmsnorm")
+    args = (job.eps, job.norm_offset, job.norm_cast_after)
+    y = rmsnorm(x, w, *args)
+    _compare(y, rmsnorm_reference(x, w, *args), job, "rmsnorm")
     _backward(y)
 
 
@@ -96,7 +102,7 @@ def probe_rope(job: ProbeJob) -> None:
 
     q = _rand(job, 1, job.heads, job.tokens, job.head_dim)
     k = _rand(job, 1, job.kv_heads, job.tokens, job.head_dim)
-    angles = torch.rand(1, job.tokens, job.head_dim, device=job.device)
+    angles = torch.rand(1, job.tokens, job.rotary_dim or job.head_dim, device=job.device)
     cos, sin = angles.cos().to(job.dtype), angles.sin().to(job.dtype)
     got = apply_rope(q, k, cos, sin)
     want = rope_reference(q, k, cos, sin)
@@ -110,6 +116,15 @@ def probe_swiglu(job: ProbeJob) -> None:
     gate, up = (_rand(job, job.tokens, job.intermediate) for _ in range(2))
     h = swiglu(gate, up)
     _compare(h, swiglu_reference(gate, up), job, "swiglu")
+    _backward(h)
+
+
+def probe_geglu(job: ProbeJob) -> None:
+    from baton.kernels.geglu import geglu, geglu_reference
+
+    gate, up = (_rand(job, job.tokens, job.intermediate) for _ in range(2))
+    h = geglu(gate, up)
+    _compare(h, geglu_reference(gate, up), job, "geglu")
     _backward(h)
 
 
@@ -181,7 +196,7 @@ def probe_lora_mlp(job: ProbeJob) -> None:
 
 # In the order a training step first meets them.
 OPS: dict[str, Callable[[ProbeJob], None]] = {
-    "rmsnorm": probe_rmsnorm, "rope": probe_rope, "swiglu": probe_swiglu,
+    "rmsnorm": probe_rmsnorm, "rope": probe_rope, "swiglu": probe_swiglu, "geglu": probe_geglu,
     "lora_qkv": probe_lora_qkv, "lora_linear": probe_lora_linear, "lora_mlp": probe_lora_mlp,
     "cross_entropy": probe_cross_entropy,
 }

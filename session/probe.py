@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from baton.kernels.architectures import ARCHITECTURES, SILU_ACTIVATIONS
 
 log = logging.getLogger("baton.session")
 
@@ -50,21 +49,17 @@ def probe_command() -> list[str]:
 
 def job_for(spec, device, model_config) -> dict[str, Any]:
     """The probe's job: the model's sizes (from its config), the LoRA rank, the dtype."""
-    c = model_config
+    from .family_plan import probe_variants, text_config
+
+    c = text_config(model_config)
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    ops = ["rmsnorm", "rope", "lora_qkv", "lora_linear", "cross_entropy"]
-    if getattr(c, "hidden_act", "silu") in SILU_ACTIVATIONS:
-        ops[2:2] = ["swiglu"]
-        ops.insert(-1, "lora_mlp")
-    if getattr(c, "model_type", "") not in ARCHITECTURES:  # patch_model fuses the LoRA only
-        ops = [op for op in ops if op.startswith("lora_")]
     return {"device": device.device, "precision": device.precision, "hidden": c.hidden_size,
             "intermediate": c.intermediate_size, "heads": heads,
             "kv_heads": getattr(c, "num_key_value_heads", None) or heads, "head_dim": head_dim,
             "vocab": c.vocab_size, "rank": spec.lora.r, "nf4": bool(spec.model.load_in_4bit),
             "eps": float(getattr(c, "rms_norm_eps", 1e-6)), "tokens": PROBE_TOKENS,
-            "ops": ops}
+            **probe_variants(c, head_dim)}
 
 
 def _events(stdout: str) -> list[dict]:

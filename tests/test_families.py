@@ -144,7 +144,7 @@ def test_moe_trains_attention_and_experts_never_the_router(family, family_models
     assert all("lora_" in n for n in trained)  # the base, experts and router stay frozen
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "gemma2", "phi3"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gemma2"])
 def test_plan_counts_what_a_session_trains_with_the_family_layout(family, family_models):
     """`plan` builds the model on the meta device with the session's LoRA targets: its
     trainable count is the session's; its memory uses the family's MLP width (top-k experts)

@@ -95,9 +95,18 @@ def test_the_job_has_the_models_sizes_and_the_runs_dtype():
     assert (job["head_dim"], job["kv_heads"], job["vocab"], job["nf4"], job["device"]) == (
         128, 8, 128256, True, "cuda:1")
     assert job["tokens"] <= 16, "cheap: the compile depends on the sizes, not the rows"
-    other = SimpleNamespace(**{**vars(llama8b), "model_type": "gemma2"})
+    other = SimpleNamespace(**{**vars(llama8b), "model_type": "cohere"})
     assert job_for(spec, SimpleNamespace(device="cuda:0", precision="bf16"), other)["ops"] == [
-        "lora_qkv", "lora_linear", "lora_mlp"], "an unknown architecture gets the fused LoRA only"
+        "lora_qkv", "lora_linear", "cross_entropy"], "outside the table: LoRA and the loss"
+    gemma = SimpleNamespace(**{**vars(llama8b), "model_type": "gemma2", "head_dim": 256,
+                               "hidden_activation": "gelu_pytorch_tanh"})
+    job = job_for(spec, SimpleNamespace(device="cuda:0", precision="bf16"), gemma)
+    assert job["ops"] == ["rmsnorm", "rope", "geglu", "lora_qkv", "lora_linear", "cross_entropy"]
+    assert (job["norm_offset"], job["norm_cast_after"], job["rotary_dim"]) == (1.0, True, 256)
+    phi = SimpleNamespace(**{**vars(llama8b), "model_type": "phi3", "rope_parameters": {
+        "rope_type": "default", "partial_rotary_factor": 0.75}})
+    job = job_for(spec, SimpleNamespace(device="cuda:0", precision="bf16"), phi)
+    assert "lora_mlp" not in job["ops"] and job["rotary_dim"] == 96  # merged gate_up_proj
 
 
 TINY_JOB = dict(device="cpu", hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16,
@@ -114,6 +123,15 @@ def test_every_probe_op_passes_on_the_kernels_it_checks(precision, capsys):
     probe.run(probe.ProbeJob(precision=precision, **TINY_JOB))
     lines = [line for line in capsys.readouterr().out.splitlines() if '"ok": true' in line]
     assert len(lines) == len(probe.OPS)
+
+
+def test_the_family_variants_pass_the_probe(capsys):
+    """Gemma's (1 + w) RMSNorm with its fp32 casts, partial rotary, GeGLU."""
+    from baton.kernels import probe
+
+    probe.run(probe.ProbeJob(precision="bf16", ops=["rmsnorm", "rope", "geglu"],
+                             norm_offset=1.0, norm_cast_after=True, rotary_dim=8, **TINY_JOB))
+    assert capsys.readouterr().out.count('"ok": true') == 3
 
 
 def test_a_kernel_that_computes_garbage_fails_the_probe(monkeypatch):
