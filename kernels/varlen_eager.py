@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from baton.kernels.varlen_attention import Segments, _flat, window_mask
+from baton.kernels.varlen_attention import Segments, window_mask
 
 EAGER_SPANS = "eager_spans"
 
@@ -32,6 +32,12 @@ def span_mask(length: int, window: Optional[int], dtype: torch.dtype,
     allowed = window_mask(length, window if window is not None else length, device)
     mask = torch.zeros((length, length), dtype=dtype, device=device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, D] -> [1, H, B*L, D]: the rows end to end (a view when B is 1)."""
+    b, h, n, d = x.shape
+    return x if b == 1 else x.transpose(0, 1).reshape(h, b * n, d).unsqueeze(0)
 
 
 def family_eager(module: torch.nn.Module) -> Callable:
