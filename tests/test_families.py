@@ -170,3 +170,37 @@ def test_plan_counts_what_a_session_trains_with_the_family_layout(family, family
     rows = 2048 if fused_loss(cfg) else 4096
     assert logits == rows * cfg.vocab_size * 8
     assert fused_loss(cfg)  # Gemma 2's final-logit softcap included
+
+
+@pytest.mark.parametrize("model_type,unfused_loss", [("starcoder2", False), ("cohere", True)])
+def test_an_architecture_outside_the_table_gets_the_family_free_ops(model_type, unfused_loss,
+                                                                    monkeypatch):
+    """Starcoder2 and Cohere are not in the table: on the Triton path they still get the
+    fused LoRA projections, and the chunked loss where the forward passes lm_head's output
+    straight to it (Starcoder2; Cohere scales its logits, so HF's loss stays, named); the
+    report names what stays unfused; the training signal is plain HF + PEFT's."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    from tests.fixtures_families import sharpen
+
+    sharpen(base)
+    want = _train(_with_lora(copy.deepcopy(base)), False, 1)
+    model, report, _ = _baton_model(base, "triton", False, monkeypatch)
+    try:
+        got = _train(model, False, 1)
+    finally:
+        restore_rope()
+    assert got[0] == pytest.approx(want[0], abs=LOSS_TOL)
+    _assert_grads_close(got[1], want[1])
+    assert report.architecture == "" and "fused_lora" in report.patched
+    assert f"model_type {model_type!r} is not in the table" in report.unfused_text()
+    fused = "fused_linear_cross_entropy" in report.patched
+    assert fused is not unfused_loss
+    if unfused_loss:
+        assert "changes the logits" in report.unfused["fused_linear_cross_entropy"]
