@@ -204,3 +204,15 @@ def test_an_architecture_outside_the_table_gets_the_family_free_ops(model_type, 
     assert fused is not unfused_loss
     if unfused_loss:
         assert "changes the logits" in report.unfused["fused_linear_cross_entropy"]
+
+
+def test_moe_targets_follow_the_spec_and_never_the_router(family_models):
+    from baton.training.model import moe_targets
+
+    model = family_models["qwen3_moe"]
+    assert moe_targets(model, "all-linear") == (["k_proj", "o_proj", "q_proj", "v_proj"],
+                                                ["down_proj", "gate_up_proj"])
+    assert moe_targets(model, ["q_proj", "v_proj"]) == (["q_proj", "v_proj"], [])
+    assert moe_targets(model, ["q_proj", "experts", "gate"]) == (
+        ["q_proj"], ["down_proj", "gate_up_proj"])
+    assert moe_targets(family_models["llama"], "all-linear") is None  # dense: PEFT's own

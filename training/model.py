@@ -198,6 +198,7 @@ def lora_config(lora, task_type: str = "CAUSAL_LM", model=None):
 
     targets = moe_targets(model, lora.target_modules) if model is not None else None
     modules, parameters = targets if targets else (lora.target_modules, None)
+    parameters = parameters or None
     return LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=modules,
         target_parameters=parameters, task_type=task_type, bias="none",
@@ -213,8 +214,9 @@ def _expert_parameters(model) -> list[str]:
 
 
 def _is_router_or_head(name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf in ("gate", "router", "lm_head", "score", "classifier") or "router" in name
+    leaf = name.rsplit(".", 1)[-1]  # Qwen2-MoE's shared_expert_gate is a gate too
+    return (leaf in ("gate", "router", "lm_head", "score", "classifier") or "router" in name
+            or leaf.endswith("_gate"))
 
 
 def moe_targets(model, target_modules) -> Optional[tuple[list[str], list[str]]]:
@@ -224,7 +226,8 @@ def moe_targets(model, target_modules) -> Optional[tuple[list[str], list[str]]]:
     `target_parameters`. The router stays frozen: transformers' and PEFT's "all-linear" remap
     for MoE (peft.utils.transformers_weight_conversion) would put LoRA on the router's weight
     too, so "all-linear" is resolved here to the Linear layers other than the router and the
-    head, and a list loses any router name."""
+    head, plus every expert weight; a list loses any router name and trains the experts'
+    weights it names ("experts" for all of them)."""
     experts = _expert_parameters(model)
     if not experts:
         return None
@@ -233,7 +236,11 @@ def moe_targets(model, target_modules) -> Optional[tuple[list[str], list[str]]]:
 
         target_modules = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                           if isinstance(m, nn.Linear)}
-    modules = sorted(n for n in target_modules if not _is_router_or_head(n))
+    else:  # a list trains the experts where it names them ("experts", or their weights)
+        named = set(target_modules)
+        experts = experts if "experts" in named else [e for e in experts if e in named]
+    modules = sorted(n for n in target_modules
+                     if not _is_router_or_head(n) and n != "experts")
     return modules, experts
 
 
