@@ -236,13 +236,14 @@ def _hf_model(spec, device: torch.device, dtype: torch.dtype):
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from baton.training.model import lora_config
+    from baton.training.model import PLAIN_MODULES, lora_config
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    # The plain modules (no Hub kernels): the same ops on both sides of the comparison.
     model = AutoModelForCausalLM.from_pretrained(
         spec.model.name, quantization_config=quant, dtype=dtype, attn_implementation="sdpa",
-        device_map={"": str(device)})
+        device_map={"": str(device)}, **PLAIN_MODULES)
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -213,7 +213,9 @@ def try_merged(out: Path) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out / "merged")
-    model = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    from baton.training.model import PLAIN_MODULES  # works with or without HF's `kernels`
+
+    model = AutoModelForCausalLM.from_pretrained(out / "merged", **PLAIN_MODULES).eval()
     first = json.loads((out / "data" / "train.jsonl").read_text().splitlines()[0])
     ids = tokenizer(first["prompt"], return_tensors="pt").input_ids
     generated = model.generate(ids, max_new_tokens=24, do_sample=False,

@@ -19,13 +19,19 @@ VENV="$WORK/venv"
 TORCH=$(sed -n 's/^torch==//p' requirements-dev.txt)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-rm -rf "$WORK"
-mkdir -p "$WORK"
 started=$(date +%s)
-echo "fresh-install: a new venv in $VENV, torch==$TORCH (CPU) first, then requirements.txt"
-"$PY" -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q "torch==$TORCH"
+if [ "${FRESH_KEEP_VENV:-0}" = 1 ] && [ -x "$VENV/bin/python" ]; then
+    # For re-running the checks after a code change: the same venv, its kernels put back.
+    echo "fresh-install: reusing $VENV (FRESH_KEEP_VENV=1); CI always builds a new one"
+    find "$WORK" -mindepth 1 -maxdepth 1 ! -name venv -exec rm -rf {} +
+else
+    rm -rf "$WORK"
+    mkdir -p "$WORK"
+    echo "fresh-install: a new venv in $VENV, torch==$TORCH (CPU) first, then requirements.txt"
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q "torch==$TORCH"
+fi
 "$VENV/bin/pip" install -q --upgrade --upgrade-strategy eager -r requirements.txt
 echo "fresh-install: resolved in $(( $(date +%s) - started )) s:"
 "$VENV/bin/python" - <<'PY'

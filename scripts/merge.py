@@ -136,7 +136,7 @@ def load_adapted(source: str, revision: Optional[str], adapter_dir: Path, dtype:
     from transformers import AutoTokenizer
 
     from baton.training.classify import auto_class
-    from baton.training.model import loading_bars
+    from baton.training.model import PLAIN_MODULES, loading_bars
 
     began = time.perf_counter()
     try:
@@ -144,7 +144,8 @@ def load_adapted(source: str, revision: Optional[str], adapter_dir: Path, dtype:
         with loading_bars():  # one line below instead of the bar, off a terminal
             base = auto_class(spec).from_pretrained(source, revision=revision,
                                                     dtype=getattr(torch, dtype),
-                                                    **head_of(spec, tokenizer))
+                                                    **head_of(spec, tokenizer),
+                                                    **PLAIN_MODULES)
     except (OSError, ValueError) as exc:
         raise MergeError(f"cannot load the base model {source!r}: {exc}. Pass --base-model with "
                          "a folder or Hub id of the run's base model (HF_TOKEN if gated)") from exc
@@ -198,11 +199,11 @@ def verify_saved(out: Path, dtype: str, reference: list, atol: Optional[float],
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from baton.training.model import loading_bars
+    from baton.training.model import PLAIN_MODULES, loading_bars
 
     auto = auto or AutoModelForCausalLM
     with loading_bars():
-        reloaded = auto.from_pretrained(out, dtype=getattr(torch, dtype)).eval()
+        reloaded = auto.from_pretrained(out, dtype=getattr(torch, dtype), **PLAIN_MODULES).eval()
     logits = probe_logits(reloaded, AutoTokenizer.from_pretrained(out))
     diff, scale = max_abs_diff(reference, logits)
     tolerance = atol if atol is not None else REL_TOLERANCE[dtype] * max(scale, 1.0)

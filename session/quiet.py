@@ -1,11 +1,12 @@
 """One library message silenced at Baton's entry points, and why.
 
-bitsandbytes (0.50) on a CPU with AVX512-BF16 tries `from kernels import get_kernel` to fetch
-a faster 4-bit matmul from the Hub ("kernels-community"). The name `kernels` is Baton's own
-top-level package (the repository's layout keeps it), and it is found first because the
-repository root leads sys.path; it has no `get_kernel`, so bitsandbytes logs "Failed to load
-CPU gemm_4bit_forward from kernels-community ..." on every CPU run and falls back to its own
-CPU path, which is what Baton wants anyway (no Hub download in the middle of a session).
+bitsandbytes (0.50) on a CPU with AVX512-BF16 calls `from kernels import get_kernel` (Hugging
+Face's `kernels`, which transformers 5.25 requires) at import, to fetch a faster 4-bit matmul
+from the Hub ("kernels-community"). Offline, or where the kernel's publisher is not trusted, that
+fails and bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community ..." on
+every CPU run, then uses its own CPU path, which is what Baton wants anyway (no Hub download in
+the middle of a session). (Baton's own `kernels/` folder is imported as `baton.kernels` and never
+stands in for HF's: docs/DESIGN.md, "Import names".)
 The warning says nothing the person can act on, so exactly that record is dropped; every other
 bitsandbytes message still shows.
 """

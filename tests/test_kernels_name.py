@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent_helpers import agent_env, write_config
-from tests.fixtures_tiny import pairs_records, write_jsonl
+from tests.fixtures_tiny import make_trainer, pairs_records, write_jsonl
 from tests.native_device import skip_on_cuda
 
 # About package names, not kernels: CPU entry points.
@@ -113,3 +113,21 @@ def test_no_installed_distribution_claims_our_names():
     clashes = {name: claimed[name] for name in FOLDERS + ("agent", "baton") if name in claimed}
     assert clashes.pop("kernels", None) == ["kernels"]
     assert not clashes, f"top-level names also installed by: {clashes}"
+
+
+def test_models_baton_loads_keep_transformers_plain_modules(tiny_model_dir, tmp_path):
+    """transformers 5.25 kernelizes every loaded model by default (Hub kernels swapped into
+    the layers; no load at all without HF's `kernels`). Baton's load asks for the plain
+    modules, which its own patching replaces: the model it trains is not kernelized."""
+    from transformers import AutoModelForCausalLM
+
+    from baton.training.model import PLAIN_MODULES
+    from tests.fixtures_tiny import make_spec
+
+    default = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert default.use_kernels  # what transformers does unasked, and why PLAIN_MODULES exists
+    trainer = make_trainer(make_spec(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl",
+                                                                 pairs_records(4))),
+                           tmp_path / "d.jsonl")
+    assert PLAIN_MODULES == {"use_kernels": False}
+    assert not trainer.model.get_base_model().use_kernels

@@ -38,6 +38,14 @@ class ModelUnavailableError(RuntimeError):
 # HTTP answers that say "not now" rather than "not there".
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
+# transformers 5.x "kernelizes" every model it loads unless told otherwise (`use_kernels`
+# defaults to True when HF's `kernels` package is enabled): it fetches kernels from the Hub and
+# swaps layer forwards, and with `kernels` uninstalled it refuses to load at all. Baton patches
+# its own, tested ops over HF's plain modules (kernels/patch.py), and a session must not
+# download code mid-run, so every model Baton loads asks for the plain modules. (`use_kernels`
+# exists since transformers 4.54; requirements.txt asks for 4.56 or newer.)
+PLAIN_MODULES = {"use_kernels": False}
+
 
 def is_local(name: str) -> bool:
     return Path(name).expanduser().is_dir()
@@ -158,6 +166,7 @@ def load_base(spec: RunSpec, device_info: DeviceInfo):
             model = auto_class(spec).from_pretrained(
                 source, revision=revision, quantization_config=quant,
                 dtype=device_info.dtype, device_map={"": device_info.device}, **head,
+                **PLAIN_MODULES,
             )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
