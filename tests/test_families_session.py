@@ -51,11 +51,13 @@ def test_softcap_and_sink_families_train_padding_free_like_plain_hf(
     assert (baton.attention, baton.padding_free, baton.end_step) == ("eager_spans", True, 3)
     assert [s for s, _ in baton.losses] == [s for s, _ in plain.losses] == [1, 2, 3]
     assert [v for _, v in baton.losses] == pytest.approx([v for _, v in plain.losses], abs=1e-4)
+    console = Console(record=True, width=300)
+    render(collect_status(open_store(store), "t"), console)
+    status = console.export_text()
+    assert "eager_spans" in status  # status names the attention path
     if unfused:
         assert f"unfused: {unfused}" in out and baton.kernels_unfused.startswith(unfused)
-        console = Console(record=True, width=300)
-        render(collect_status(open_store(store), "t"), console)
-        assert f"unfused: {unfused}" in console.export_text()
+        assert f"unfused: {unfused}" in status
     else:
         assert baton.kernels_unfused is None
 
