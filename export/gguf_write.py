@@ -141,14 +141,20 @@ def _encode(array: np.ndarray, qtype) -> np.ndarray:
 
 def k_quantize(f16_path: Path, dest: Path, kind: str, *, timeout: float = 6 * 3600) -> None:
     """Run llama.cpp's `llama-quantize` on the F16 file; ExportError when it is not on PATH."""
+    binary = require_llama_quantize(kind)
+    done = subprocess.run([binary, str(f16_path), str(dest), K_QUANTS[kind]],
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0 or not dest.is_file():
+        tail = (done.stderr or done.stdout or "").strip()[-800:]
+        raise RuntimeError(f"llama-quantize exited {done.returncode}: {tail}")
+
+
+def require_llama_quantize(kind: str) -> str:
+    """The path of `llama-quantize`; ExportError naming what to install when it is not on PATH."""
     binary = shutil.which("llama-quantize")
     if binary is None:
         raise ExportError(f"--gguf {kind} needs llama.cpp's `llama-quantize` on PATH (install "
                           "llama.cpp: `brew install llama.cpp`, a release from "
                           "github.com/ggml-org/llama.cpp/releases, or your distribution's "
                           "package), or choose --gguf q8_0, which needs nothing else")
-    done = subprocess.run([binary, str(f16_path), str(dest), K_QUANTS[kind]],
-                          capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0 or not dest.is_file():
-        tail = (done.stderr or done.stdout or "").strip()[-800:]
-        raise RuntimeError(f"llama-quantize exited {done.returncode}: {tail}")
+    return binary
