@@ -78,7 +78,8 @@ def permute_qk(weight, n_head: int, n_head_kv: Optional[int] = None):
 
 
 def transform(arch: Arch, config, hf_name: str, tensor):
-    """The tensor as llama.cpp's graph expects it (float32 torch in, float32 torch out)."""
+    """The tensor as llama.cpp's graph expects it (a torch tensor, in its dtype; the norms
+    that get shifted arrive in float32, as they are written F32)."""
     if arch.permute_qk and hf_name.endswith("q_proj.weight"):
         return permute_qk(tensor, config.num_attention_heads)
     if arch.permute_qk and hf_name.endswith("k_proj.weight"):

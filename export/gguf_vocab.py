@@ -115,9 +115,11 @@ def _pre_of_regex(regex) -> str:
 
 def _adds_space_prefix(data: dict) -> bool:
     """Whether the SentencePiece model prepends '▁' to the text (Llama 2, Mistral: yes;
-    Gemma: no), read from the normalizer or the Metaspace pre-tokenizer."""
+    Gemma: no), read from the normalizer (Prepend) or the Metaspace pre-tokenizer ("first":
+    to the text's start, which is what llama.cpp's add_space_prefix does)."""
     text = json.dumps([data.get("normalizer"), data.get("pre_tokenizer")])
-    return '"Prepend"' in text or '"prepend_scheme": "always"' in text
+    return any(mark in text for mark in ('"Prepend"', '"prepend_scheme": "always"',
+                                         '"prepend_scheme": "first"'))
 
 
 class _RankedHfVocab(gguf.LlamaHfVocab):

@@ -2,8 +2,8 @@
 
 Two passes over the safetensors headers and data: the first reads only names and shapes (the
 tensor infos go before any data in a GGUF), the second loads one tensor, transforms and
-quantizes it, writes it and lets it go, so the peak memory is the largest tensor in float32
-plus the writer's buffers, not the model (docs/BENCHMARKS.md, "GGUF export").
+quantizes it, writes it and lets it go, so the peak memory is about the largest tensor (twice,
+in float32, where it must be rounded to another type) and one mapped shard, not the model (docs/BENCHMARKS.md, "GGUF export").
 
 Types follow llama.cpp's converter: 1-D tensors (norms, biases) stay F32; the matrices take the
 file's type, and a Q8_0 matrix whose rows are not a multiple of 32 falls back to F16.
@@ -111,7 +111,9 @@ def tensor_type(shape: tuple, kind: str):
 
 
 def _stream(folder: Path, config, arch, plan: list) -> Iterator[tuple]:
-    """(planned, float32 numpy array) in plan order, one tensor in memory at a time."""
+    """(planned, numpy array) in plan order, one tensor in memory at a time. A float16 matrix
+    headed for F16 stays float16 (no float32 copy of a 7B's largest tensor); bfloat16, which
+    numpy lacks, and anything to be rounded or shifted becomes float32."""
     import torch
     from safetensors import safe_open
 
@@ -126,7 +128,9 @@ def _stream(folder: Path, config, arch, plan: list) -> Iterator[tuple]:
                 for done in list(handles):  # one shard open at a time: its pages can go
                     handles.pop(done).__exit__(None, None, None)
                 handles[item.shard] = safe_open(folder / item.shard, framework="pt").__enter__()
-            tensor = handles[item.shard].get_tensor(item.hf_name).to(torch.float32)
+            tensor = handles[item.shard].get_tensor(item.hf_name)
+            if not (tensor.dtype == torch.float16 and item.qtype == Q.F16):
+                tensor = tensor.to(torch.float32)
             yield item, gguf_arch.transform(arch, config, item.hf_name, tensor).numpy()
     finally:
         for handle in handles.values():
@@ -135,7 +139,8 @@ def _stream(folder: Path, config, arch, plan: list) -> Iterator[tuple]:
 
 def _encode(array: np.ndarray, qtype) -> np.ndarray:
     """The tensor's bytes in the file's type."""
-    data = gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
+    keep = array.dtype == np.float16 and qtype == Q.F16
+    data = gguf.quants.quantize(np.ascontiguousarray(array, None if keep else np.float32), qtype)
     return data.view(np.uint8)
 
 
