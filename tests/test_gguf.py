@@ -247,3 +247,29 @@ def test_llama_cpp_greedy_tokens_match_transformers(real_model_dir, tmp_path):
         if len(got) == len(want):
             break
     assert got == want
+
+
+def test_pre_tokenizer_names_and_refusals():
+    """llama.cpp's pre-tokenizer name comes from the split rule; an unknown rule, an
+    architecture or a task llama.cpp does not serve is refused with a message (exit 2)."""
+    from transformers import GPT2Config, LlamaConfig
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    from baton.export.errors import ExportError
+    from baton.export.gguf_vocab import byte_level_pre
+
+    def split(regex: str) -> dict:
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated"},
+            {"type": "ByteLevel", "use_regex": False}]}}
+
+    assert byte_level_pre(split(GGUF_PRE_TOKENIZER_SPLITS["llama3"])) == "llama-bpe"
+    assert byte_level_pre(split(GGUF_PRE_TOKENIZER_SPLITS["qwen2"])) == "qwen2"
+    assert byte_level_pre({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel"}]}}) == "smollm"
+    with pytest.raises(ExportError, match="no known llama.cpp name"):
+        byte_level_pre(split(r"\w+|\s+"))
+    with pytest.raises(ExportError, match="does not support model type 'gpt2'"):
+        gguf_arch.arch_of(GPT2Config())
+    with pytest.raises(ExportError, match="causal language models"):
+        gguf_arch.arch_of(LlamaConfig(architectures=["LlamaForSequenceClassification"]))
