@@ -85,7 +85,7 @@ def transform(arch: Arch, config, hf_name: str, tensor):
     if arch.permute_qk and hf_name.endswith("k_proj.weight"):
         return permute_qk(tensor, config.num_attention_heads, config.num_key_value_heads)
     if arch.norm_shift and hf_name.endswith("norm.weight"):
-        return tensor + arch.norm_shift
+        return tensor.float() + arch.norm_shift  # in float32: the result is written F32
     return tensor
 
 

@@ -2,8 +2,8 @@
 
 Two passes over the safetensors headers and data: the first reads only names and shapes (the
 tensor infos go before any data in a GGUF), the second loads one tensor, transforms and
-quantizes it, writes it and lets it go, so the peak memory is about the largest tensor (twice,
-in float32, where it must be rounded to another type) and one mapped shard, not the model (docs/BENCHMARKS.md, "GGUF export").
+quantizes it (through float32 a block of rows at a time), writes it and lets it go, so the
+peak memory is about the largest tensor in the file's type and one mapped shard, not the model (docs/BENCHMARKS.md, "GGUF export").
 
 Types follow llama.cpp's converter: 1-D tensors (norms, biases) stay F32; the matrices take the
 file's type, and a Q8_0 matrix whose rows are not a multiple of 32 falls back to F16.
@@ -111,10 +111,8 @@ def tensor_type(shape: tuple, kind: str):
 
 
 def _stream(folder: Path, config, arch, plan: list) -> Iterator[tuple]:
-    """(planned, numpy array) in plan order, one tensor in memory at a time. A float16 matrix
-    headed for F16 stays float16 (no float32 copy of a 7B's largest tensor); bfloat16, which
-    numpy lacks, and anything to be rounded or shifted becomes float32."""
-    import torch
+    """(planned, torch tensor in its stored dtype, transformed) in plan order, one tensor in
+    memory at a time."""
     from safetensors import safe_open
 
     extra = dict(gguf_arch.extra_tensors(config))
@@ -122,26 +120,34 @@ def _stream(folder: Path, config, arch, plan: list) -> Iterator[tuple]:
     try:
         for item in plan:
             if not item.shard:
-                yield item, extra[item.name].numpy()
+                yield item, extra[item.name]
                 continue
             if item.shard not in handles:
                 for done in list(handles):  # one shard open at a time: its pages can go
                     handles.pop(done).__exit__(None, None, None)
                 handles[item.shard] = safe_open(folder / item.shard, framework="pt").__enter__()
             tensor = handles[item.shard].get_tensor(item.hf_name)
-            if not (tensor.dtype == torch.float16 and item.qtype == Q.F16):
-                tensor = tensor.to(torch.float32)
-            yield item, gguf_arch.transform(arch, config, item.hf_name, tensor).numpy()
+            yield item, gguf_arch.transform(arch, config, item.hf_name, tensor)
     finally:
         for handle in handles.values():
             handle.__exit__(None, None, None)
 
 
-def _encode(array: np.ndarray, qtype) -> np.ndarray:
-    """The tensor's bytes in the file's type."""
-    keep = array.dtype == np.float16 and qtype == Q.F16
-    data = gguf.quants.quantize(np.ascontiguousarray(array, None if keep else np.float32), qtype)
-    return data.view(np.uint8)
+def _encode(tensor, qtype, chunk_bytes: int = 64 * 2**20) -> np.ndarray:
+    """The tensor's bytes in the file's type. A float16 tensor headed for F16 is written as it
+    is; anything else goes through float32 a block of rows at a time (about 64 MiB), so a large
+    embedding is never whole in float32 (bfloat16, which numpy lacks, included)."""
+    import torch
+
+    if tensor.dtype == torch.float16 and qtype == Q.F16:
+        return tensor.contiguous().numpy().view(np.uint8)
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    step = max(1, chunk_bytes // (4 * rows.shape[1]))
+    out = np.empty(gguf.quant_shape_to_byte_shape(tuple(rows.shape), qtype), dtype=np.uint8)
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step].to(torch.float32).numpy()
+        out[start:start + step] = gguf.quants.quantize(block, qtype).view(np.uint8)
+    return out
 
 
 def k_quantize(f16_path: Path, dest: Path, kind: str, *, timeout: float = 6 * 3600) -> None:
