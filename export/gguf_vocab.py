@@ -34,13 +34,7 @@ def write_vocab(writer, folder: Path, n_vocab: int) -> dict:
     # the tokenizer as transformers runs it: a tokenizer class (Qwen2's, Gemma's) rebuilds its
     # own normalizer and pre-tokenizer over tokenizer.json's vocabulary
     data = json.loads(tokenizer.backend_tokenizer.to_str())
-    if _is_byte_level(data):
-        vocab, model, pre = gguf.BpeVocab(folder), "gpt2", byte_level_pre(data)
-    elif data["model"].get("byte_fallback"):
-        vocab, model, pre = _RankedHfVocab(folder), "llama", "default"
-    else:
-        raise ExportError("the tokenizer is neither byte-level BPE nor byte-fallback BPE; the "
-                          "GGUF export does not support it, drop --gguf")
+    vocab, model, pre = _vocab_of(folder, data)
     tokens, scores, types = _token_table(vocab, data, n_vocab)
     writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre(pre)
@@ -49,15 +43,44 @@ def write_vocab(writer, folder: Path, n_vocab: int) -> dict:
     writer.add_token_types(types)
     if model == "llama":
         writer.add_add_space_prefix(_adds_space_prefix(data))
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
-    # whether BOS/EOS are added is what the tokenizer does, not what a config may leave unsaid
-    # (runtimes default differently per tokenizer type)
-    ids = tokenizer("x").input_ids
-    special.add_special_token["bos"] = bool(ids) and ids[0] == tokenizer.bos_token_id
-    special.add_special_token["eos"] = bool(ids) and ids[-1] == tokenizer.eos_token_id
+    special = _special_vocab(folder, tokenizer, len(tokens))
     special.add_to_gguf(writer, quiet=True)
     return {"model": model, "pre": pre, "tokens": len(tokens), "merges": len(special.merges),
             "chat_template": special.chat_template is not None}
+
+
+def check_tokenizer(tokenizer) -> None:
+    """ExportError now, before any work, for a tokenizer the export would refuse later."""
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    if _is_byte_level(data):
+        byte_level_pre(data)
+    elif not data["model"].get("byte_fallback"):
+        raise ExportError("the tokenizer is neither byte-level BPE nor byte-fallback BPE; the "
+                          "GGUF export does not support it, drop --gguf")
+
+
+def _vocab_of(folder: Path, data: dict):
+    """(the gguf vocab reader, tokenizer.ggml.model, tokenizer.ggml.pre) for this tokenizer."""
+    try:
+        if _is_byte_level(data):
+            return gguf.BpeVocab(folder), "gpt2", byte_level_pre(data)
+        if data["model"].get("byte_fallback"):
+            return _RankedHfVocab(folder), "llama", "default"
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        raise ExportError(f"the tokenizer cannot be read for GGUF ({exc}); drop --gguf") from exc
+    raise ExportError("the tokenizer is neither byte-level BPE nor byte-fallback BPE; the GGUF "
+                      "export does not support it, drop --gguf")
+
+
+def _special_vocab(folder: Path, tokenizer, n_tokens: int):
+    """gguf's SpecialVocab (merges, special ids, chat template), with the add-BOS/EOS flags
+    set from what the tokenizer does, not from what a config may leave unsaid (runtimes
+    default differently per tokenizer type)."""
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=n_tokens)
+    ids = tokenizer("x").input_ids
+    special.add_special_token["bos"] = bool(ids) and ids[0] == tokenizer.bos_token_id
+    special.add_special_token["eos"] = bool(ids) and ids[-1] == tokenizer.eos_token_id
+    return special
 
 
 def _is_byte_level(data: dict) -> bool:

@@ -4,8 +4,8 @@ After the merged folder is saved and verified, write `<run>-<TYPE>.gguf` into th
 folder with an Ollama `Modelfile` and a model card (README.md), then load the file back and
 check it (baton.export.gguf_verify). With `--gguf-only` the merged safetensors go to a hidden
 folder inside the output and are removed once the GGUF is written and checked. The request is
-validated before anything is merged or written (a classifier, an architecture llama.cpp does
-not run, a k-quant without `llama-quantize`): ExportError, exit 2.
+validated before anything is merged or written (a classifier, an architecture or a tokenizer
+the export does not cover, a k-quant without `llama-quantize`): ExportError, exit 2.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_request(args: argparse.Namespace, spec, source: str, revision: Optional[str]) -> None:
     """Refuse, before any work, what cannot end in a GGUF."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     from baton.export.gguf_arch import arch_of
+    from baton.export.gguf_vocab import check_tokenizer
     from baton.training.classify import is_classifier
 
     if args.gguf_only and not args.gguf:
@@ -47,9 +48,11 @@ def check_request(args: argparse.Namespace, spec, source: str, revision: Optiona
         gguf_write.require_llama_quantize(args.gguf)
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError):
         return  # loading the base reports this with its own message
     arch_of(config)
+    check_tokenizer(tokenizer)
 
 
 def merged_folder(args: argparse.Namespace) -> Path:
