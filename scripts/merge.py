@@ -4,13 +4,16 @@
     python scripts/merge.py --store URI --run NAME --out DIR [--checkpoint ID]
                             [--dtype float16|bfloat16|float32] [--base-model PATH_OR_ID]
                             [--max-shard-size 2GB] [--push-to-hub REPO]
+                            [--gguf f16|bf16|q8_0|q4_k_m] [--gguf-only]
 
 The checkpoint (HEAD's, or the one named) is pulled and every file checked against its
 manifest. The base model is loaded in 16 (or 32) bits, never 4: merging into NF4 weights would
 round the update away. The merged model is saved as sharded safetensors with the tokenizer,
 then loaded back from disk and its logits compared with base + adapter on a few inputs; a
-difference over the tolerance exits 1. Exit codes: 0 merged and verified, 1 verification
-failed or an unexpected error, 2 invalid input (run, checkpoint, base model, output folder).
+difference over the tolerance exits 1. `--gguf` also writes a GGUF file for llama.cpp and
+Ollama with its Modelfile, checked the same way (scripts/merge_gguf.py). Exit codes: 0 merged
+and verified, 1 verification failed or an unexpected error, 2 invalid input (run, checkpoint,
+base model, output folder, a GGUF request the model cannot meet).
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         "(default: a dtype-relative one, see REL_TOLERANCE)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the merged model to this "
                         "private Hub repo (needs HF_TOKEN with write access)")
+    _ensure_importable()
+    from baton.scripts.merge_gguf import add_arguments
+
+    add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -242,6 +249,8 @@ def merge(args: argparse.Namespace) -> int:
     from baton.handoff.runstore import RunStore
     from baton.session.codes import FAILED, OK
 
+    from baton.scripts import merge_gguf
+
     check_out_dir(args.out)
     store = open_store(args.store)
     try:
@@ -250,25 +259,31 @@ def merge(args: argparse.Namespace) -> int:
         if spec is None:
             raise MergeError(f"no run {args.run!r} in store {args.store}; check --run and --store")
         source, revision = base_source(spec, args.base_model)
+        merge_gguf.check_request(args, spec, source, revision)
+        target = merge_gguf.merged_folder(args)
         with tempfile.TemporaryDirectory(prefix="baton-merge-") as tmp:
             cid, folder = pull(runstore, args.checkpoint, Path(tmp) / "checkpoint")
             print(describe_progress(runstore, cid, folder))
             model, tokenizer = load_adapted(source, revision, folder, args.dtype, spec)
-            reference = merge_and_save(model, tokenizer, args.out, args.max_shard_size)
+            reference = merge_and_save(model, tokenizer, target, args.max_shard_size)
     finally:
         store.close()
     del model
     gc.collect()  # the reload below should not hold two copies of a 7B model
     from baton.training.classify import auto_class
 
-    ok, message = verify_saved(args.out, args.dtype, reference, args.atol, auto_class(spec))
+    ok, message = verify_saved(target, args.dtype, reference, args.atol, auto_class(spec))
     print(message)
+    if ok and args.gguf:
+        ok, gguf_message = merge_gguf.export(args, target, probe_logits)
+        print(gguf_message)
+        message += "\n" + gguf_message
     write_provenance(args.out, args.run, args.store, cid, source, args.dtype, message)
     if not ok:
-        print(f"error: the merged model in {args.out} does not reproduce base + adapter; do not "
-              "use it (try --dtype float32, or report the difference)", file=sys.stderr)
+        print(f"error: the model in {args.out} does not reproduce base + adapter; do not use it "
+              "(try --dtype float32, or report the difference)", file=sys.stderr)
         return FAILED
-    print(f"merged model saved to {args.out}")
+    print(f"{'GGUF' if args.gguf_only else 'merged model'} saved to {args.out}")
     if args.push_to_hub:
         print(f"pushed to {push(args.out, args.push_to_hub)} (private)")
     return OK
@@ -281,6 +296,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from baton.handoff.errors import StoreError, StoreUnavailableError
     from baton.session.codes import FAILED, INVALID
     from baton.session.quiet import silence_bnb_kernel_notice
+    from baton.export.errors import ExportError
 
     silence_bnb_kernel_notice()
     try:
@@ -288,7 +304,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except StoreUnavailableError as exc:
         print(scrub(f"error: the store stayed unreachable: {exc}; try again"), file=sys.stderr)
         return FAILED
-    except (MergeError, StoreError) as exc:
+    except (MergeError, StoreError, ExportError) as exc:
         print(scrub(f"error: {exc}"), file=sys.stderr)
         return INVALID
 

@@ -96,3 +96,83 @@ def make_trainer(spec, data_path: Path, *, micro: int = 2, kernels: str = "none"
 
     with kernel_path(kernels):
         return Trainer(spec, data_path=data_path, micro_batch_size=micro, device="cpu", **kw)
+
+
+# -- tiny models of the other families (GGUF export tests) -------------------------------------
+
+GEMMA_CHAT = ("{{ bos_token }}{% for m in messages %}<start_of_turn>"
+              "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}"
+              "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
+              "{% endif %}")
+
+
+MISTRAL_CHAT = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+                "{{ m['content'] }} [/INST]{% elif m['role'] == 'assistant' %}{{ m['content'] }}"
+                "{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def _spm_tokenizer(arch: str, corpus: list[str]):
+    """A byte-fallback BPE with the family's own pipeline (transformers' GemmaTokenizer or
+    LlamaTokenizer, as Mistral's, trained on the tiny corpus): the SentencePiece-style path."""
+    from transformers import GemmaTokenizer, LlamaTokenizer
+
+    if arch == "gemma3":
+        seed = GemmaTokenizer(vocab={"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}, merges=[])
+    else:
+        seed = LlamaTokenizer(vocab={"<unk>": 0, "<s>": 1, "</s>": 2}, merges=[])
+    tok = seed.train_new_from_iterator(corpus, vocab_size=512)
+    if arch == "gemma3":
+        tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = GEMMA_CHAT if arch == "gemma3" else MISTRAL_CHAT
+    return tok
+
+
+def build_family(out_dir: Path, arch: str) -> Path:
+    """A tiny Qwen3, Gemma 3 or Mistral (with a SentencePiece-style tokenizer, as the real
+    one) from transformers' own config classes, with norms moved off their init so that
+    Gemma's (1 + w) shows in the logits."""
+    import torch
+    import transformers
+    from tiny_model import default_corpus, train_tokenizer
+
+    corpus = default_corpus()
+    tok = train_tokenizer(corpus, 512) if arch == "qwen3" else _spm_tokenizer(arch, corpus)
+    common = dict(vocab_size=-(-len(tok) // 64) * 64, hidden_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                  head_dim=32, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if arch == "qwen3":
+        model_cls, config = transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**common)
+    elif arch == "mistral":
+        model_cls, config = transformers.MistralForCausalLM, transformers.MistralConfig(**common)
+    else:
+        model_cls = transformers.Gemma3ForCausalLM
+        config = transformers.Gemma3TextConfig(query_pre_attn_scalar=32, sliding_window=16,
+                                               tie_word_embeddings=True, **common)
+    torch.manual_seed(0)
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_arch_dir(tmp_path_factory, tiny_model_dir):
+    """arch -> a tiny model folder of that family (llama, mistral, qwen2, qwen3, gemma3), each
+    built once per session; mistral, qwen3 and gemma3 by build_family."""
+    from tiny_model import build_tiny
+
+    built = {"llama": tiny_model_dir}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            out = tmp_path_factory.mktemp("tiny-" + arch) / arch
+            built[arch] = (build_family(out, arch) if arch in ("mistral", "qwen3", "gemma3")
+                           else build_tiny(out, arch))
+        return built[arch]
+
+    return get

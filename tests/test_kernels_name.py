@@ -31,7 +31,8 @@ pytestmark = skip_on_cuda("the package names are checked on the CPU")
 
 ROOT = Path(__file__).resolve().parent.parent
 # Our folders, as a user's checkout has them at the top of sys.path.
-FOLDERS = ("kernels", "training", "session", "handoff", "state_schema", "scripts", "tests")
+FOLDERS = ("kernels", "training", "session", "handoff", "state_schema", "export", "scripts",
+           "tests")
 NOTICE = ("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
           "already `pip install kernels` and the kernels >= 0.11.1")  # bitsandbytes' own words
 
