@@ -115,6 +115,10 @@ class TrainConfig(Strict):
     # micro-batch, it may change between sessions (a T4 session, then an A100 one): it is
     # not part of the spec.
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    # More than one GPU: ddp holds the whole NF4 base on each, fsdp shards it over them
+    # (training/sharding.py); auto takes ddp when plan's estimate fits one GPU. Not part of
+    # the spec either: a sharded session may follow a DDP or single-GPU one, and the reverse.
+    sharding: Literal["auto", "ddp", "fsdp"] = "auto"
 
     @model_validator(mode="after")
     def _length(self):
