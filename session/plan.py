@@ -294,10 +294,18 @@ def plan(config: RunConfig, *, tokens_per_s: Optional[float] = None) -> dict[str
         "samples": samples, "steps_total": steps,
         "tokens_per_step_guess": step_tokens, "tokens_total_guess": total_tokens,
         "session_limit_s": limit,
-        "gpus": gpu_table(params, vram["total"], total_tokens, limit),
+        "gpus": _with_sharded(gpu_table(params, vram["total"], total_tokens, limit), cfg,
+                              params, config),
         "budget": plan_budget(config, steps, step_tokens, tokens_per_s, limit),
         "notes": notes,
     }
+
+
+def _with_sharded(table: dict, cfg, params: dict[str, int], config: RunConfig) -> dict:
+    """The table plus its FSDP rows ("2×T4 sharded": per-rank memory, session/sharding_plan)."""
+    from .sharding_plan import sharded_rows
+
+    return {**table, **sharded_rows(cfg, params, config, table)}
 
 
 def plan_labels(config: RunConfig) -> list[str]:
