@@ -32,7 +32,9 @@ from baton.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference
 
 
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(tensor.detach().reshape(-1).clone(), requires_grad=False)
+    # A view of bitsandbytes' own storage, not a copy: converting a 9 GiB base must not need
+    # 18 (FSDP2 then copies each rank's shard and the whole tensor is freed).
+    return nn.Parameter(tensor.detach().reshape(-1), requires_grad=False)
 
 
 class NF4Linear(nn.Module):
@@ -109,10 +111,10 @@ def is_bnb_nf4(module: nn.Module) -> bool:
 def replace_bnb_layers(model: nn.Module) -> int:
     """Swap every bitsandbytes NF4 layer of `model` for an NF4Linear of the same bytes, in
     place (PEFT's LoRA layers keep theirs as `base_layer`); returns how many were swapped."""
-    swaps = [(parent, name, child) for parent in model.modules()
+    swaps = [(parent, name) for parent in model.modules()
              for name, child in parent.named_children() if is_bnb_nf4(child)]
-    for parent, name, child in swaps:
-        setattr(parent, name, NF4Linear.from_bnb(child))
+    for parent, name in swaps:  # no list holds the bitsandbytes layers once swapped
+        setattr(parent, name, NF4Linear.from_bnb(getattr(parent, name)))
     return len(swaps)
 
 
