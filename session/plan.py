@@ -413,22 +413,24 @@ def plan_main(config: RunConfig, *, as_json: bool, tokens_per_s: Optional[float]
 #     per rank = (base weights / N  +  gathered groups  +  LoRA and optimizer (replicated)
 #                 + activations + logits) * 1.10 + 0.75 GiB CUDA context
 #
-# The gathered groups are the largest unit FSDP2 gathers (a decoder layer's NF4 bytes, or the
-# 16-bit input or output embedding when they are untied) plus one decoder layer: FSDP2
-# prefetches the next layer's gather while the current group computes. The activations and
+# The gathered groups: the root's (the 16-bit lm_head, gathered for the whole forward and
+# backward: the fused loss reads its weight) plus the larger of the untied input embedding
+# (gathered for its lookup) and two decoder layers (the one computing and the one FSDP2
+# prefetches). The activations and
 # logits are estimate_vram's (per micro-batch, the same on every rank).
 
 SHARDED_ROWS = {"2×T4 sharded": ("T4-16GB", 2)}  # the fits table's sharded rows: GPU, count
 
 
 def gathered_group_bytes(cfg, params: dict[str, int], config: RunConfig) -> int:
-    """What FSDP2 holds gathered at once: the largest group (a decoder layer, or an untied
-    embedding) and the decoder layer it prefetches meanwhile."""
+    """What FSDP2 holds gathered at once: the root's lm_head and the larger of the untied
+    input embedding and two decoder layers."""
     H, L, V = _hidden(cfg), cfg.num_hidden_layers, cfg.vocab_size
     per_weight = NF4_BYTES_PER_PARAM if config.model.load_in_4bit else HALF
     layer = params["quantized"] / max(L, 1) * per_weight
-    embedding = 0 if getattr(cfg, "tie_word_embeddings", False) else V * H * HALF
-    return int(max(layer, embedding) + layer)
+    head = V * H * HALF
+    embedding = 0 if getattr(cfg, "tie_word_embeddings", False) else head
+    return int(head + max(embedding, 2 * layer))
 
 
 def estimate_sharded(cfg, params: dict[str, int], config: RunConfig, world: int) -> dict[str, int]:

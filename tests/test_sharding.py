@@ -148,11 +148,11 @@ def test_sharded_single_sharded_sessions_continue_exactly(runs):
     assert worst <= 1e-4, f"the handed-off adapter drifted by {worst}"
 
 
-def run_config(model: str, **train):
+def run_config(model: str, seq_len: int = 2048, **train):
     from baton.state_schema import RunConfig
 
     return RunConfig.model_validate({"run": "r", "store": "/tmp/unused", "model": {"name": model},
-                                     "data": {"train": "t.jsonl", "max_seq_len": 2048},
+                                     "data": {"train": "t.jsonl", "max_seq_len": seq_len},
                                      "train": train})
 
 
@@ -169,8 +169,8 @@ def test_auto_takes_ddp_when_one_gpu_fits_and_fsdp_otherwise(tiny_model_dir):
 
 
 def test_plan_shows_a_14b_fitting_two_t4s_sharded_but_not_one():
-    """Qwen3-14B's shapes (config only, nothing downloaded) at 2048 tokens: the issue's 17.88
-    GiB on one GPU, about 14.6 GiB a rank sharded over two."""
+    """Qwen3-14B's shapes (config only, nothing downloaded): at 2048 tokens the issue's 17.88
+    GiB on one GPU; at 1024, 16.00 GiB on one and 14.10 GiB a rank sharded over two."""
     from transformers import Qwen3Config
 
     from baton.session.plan import (GIB, _with_sharded, count_params, estimate_sharded,
@@ -179,13 +179,46 @@ def test_plan_shows_a_14b_fitting_two_t4s_sharded_but_not_one():
     cfg = Qwen3Config(hidden_size=5120, num_hidden_layers=40, intermediate_size=17408,
                       vocab_size=151936, num_attention_heads=40, num_key_value_heads=8,
                       head_dim=128, tie_word_embeddings=False)
-    config = run_config("Qwen/Qwen3-14B")
+    config = run_config("Qwen/Qwen3-14B", seq_len=1024)
     params = count_params(meta_lora_model(cfg, config.lora))
+    assert round(estimate_vram(cfg, params, run_config("q"))["total"] / GIB, 2) == 17.88
     one = estimate_vram(cfg, params, config)
     sharded = estimate_sharded(cfg, params, config, 2)
-    assert round(one["total"] / GIB, 2) == 17.88
     assert sharded["weights_shard"] == one["weights"] // 2
     assert sharded["lora_and_optimizer"] == one["lora_and_optimizer"]  # replicated
     table = _with_sharded(gpu_table(params, one["total"], None, 3600), cfg, params, config)
     assert not table["T4-16GB"]["fits"] and table["2×T4 sharded"]["fits"]
     assert table["2×T4 sharded"]["per_rank_bytes"] == sharded["total"] < 15 * GIB
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_a_sharded_session_within_a_minute(tmp_path, tiny_model_dir):
+    """`agent.py run` on two gloo ranks with the base sharded; rank 1 SIGKILLs itself at its
+    2nd step: exit 1 within a minute, the lease released, HEAD on a complete checkpoint."""
+    from tests.agent_helpers import open_run, write_config, write_data
+    from tests.faults import ANNOUNCE
+    from tests.test_ranks import (DEAD_RANK_BOUND_S, TwoRankAgent,
+                                  assert_head_is_complete_or_absent, assert_lease_released)
+
+    uri = str(tmp_path / "store")
+    config = write_config(tmp_path, model_dir=tiny_model_dir, store=uri,
+                          train_file=write_data(tmp_path / "train.jsonl"),
+                          model={"load_in_4bit": True},  # fsdp shards the NF4 base
+                          train={"max_steps": 40, "batch_size": 2, "micro_batch_size": 1,
+                                 "sharding": "fsdp"})
+    agent = TwoRankAgent(config, tmp_path / "work", BATON_KILLPOINT="step:2",
+                         BATON_KILLPOINT_RANK="1")
+    try:
+        killed_at = agent.wait_for(ANNOUNCE)
+        head_before = open_run(uri).read_head()
+        code, ended = agent.finish(timeout=DEAD_RANK_BOUND_S + 30)
+    finally:
+        agent.kill()
+    print(agent.timed(killed_at))
+    assert "x2 ranks (FSDP)" in agent.text()
+    assert code == 1 and ended - killed_at < DEAD_RANK_BOUND_S, agent.text()
+    assert "rank 1 of the session ended (killed by SIGKILL)" in agent.text()
+    assert_lease_released(uri)
+    assert_head_is_complete_or_absent(uri, tmp_path)
+    if head_before is not None:
+        assert open_run(uri).read_head()[0].step >= head_before[0].step

@@ -4,7 +4,9 @@ In a DDP session (training/dist.py) every rank holds the whole 4-bit base, so a 
 one GPU. In a sharded one (`train.sharding: fsdp`) the base's bitsandbytes layers become
 NF4Linear modules (training/nf4_params.py) whose packed bytes and scales are parameters, and
 `torch.distributed.fsdp.fully_shard` shards them: each decoder layer is a group of its own, the
-untied input and output embeddings too, the rest (final norm) goes with the root. Between layers
+untied input embedding too; the rest (final norm, lm_head) goes with the root, since Baton's
+fused loss (kernels/patch.py) reads lm_head's weight outside lm_head's own forward, where a
+group of its own would still be sharded. Between layers
 a rank holds 1/world of every layer; a layer's forward (and its recompute under activation
 checkpointing) gathers that layer's 4-bit bytes, dequantizes them after the gather, and frees
 them again (`reshard_after_forward`).
@@ -71,7 +73,7 @@ def _groups(model: nn.Module) -> list[nn.Module]:
     groups = decoder_layers(model)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is not None and head.weight is not embed.weight:  # tied: one tensor, the root's
-        groups += [embed, head]
+        groups.append(embed)
     return groups
 
 
