@@ -79,17 +79,13 @@ def run_gather(task: dict, out: Path, rank: int) -> None:
     torch.save({"want": want, "got": got, "local": local, "dequant": dq}, out / f"{task['name']}.{rank}.pt")
 
 
-def resident_bytes(model) -> int:
-    """Parameter bytes FSDP2 holds on this rank now: every local shard, plus the unsharded
-    copy of each group that is gathered at this moment."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState  # noqa: F401
+def resident_bytes(modules) -> int:
+    """Parameter bytes FSDP2 holds on this rank now for the groups `modules`: every local
+    shard, plus the unsharded copy of each group gathered at this moment."""
     from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
 
     total = 0
-    for module in model.modules():
-        if not isinstance(module, FSDPModule):
-            continue
+    for module in modules:
         group = module._get_fsdp_state()._fsdp_param_group
         for fp in group.fsdp_params if group else []:
             local = fp.sharded_param.to_local()
@@ -97,6 +93,12 @@ def resident_bytes(model) -> int:
             if fp.sharded_state == ShardedState.UNSHARDED:
                 total += fp._orig_size.numel() * local.element_size()
     return total
+
+
+def full_bytes(modules) -> list[int]:
+    """Each group's unsharded parameter bytes."""
+    return [sum(fp._orig_size.numel() * fp.sharded_param.element_size()
+                for fp in m._get_fsdp_state()._fsdp_param_group.fsdp_params) for m in modules]
 
 
 def run_train(task: dict, out: Path, rank: int) -> None:
@@ -116,10 +118,16 @@ def run_train(task: dict, out: Path, rank: int) -> None:
     trainer.optimizer.register_step_pre_hook(lambda *_: grads.append(
         {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
          if p.requires_grad and p.grad is not None}))
+    sizes = {}
     if trainer.ddp is not None and hasattr(trainer.ddp, "sums_gradients"):
-        for layer in decoder_layers(trainer.model):
-            layer.register_forward_pre_hook(
-                lambda *_: resident.append(resident_bytes(trainer.model)))
+        from torch.distributed.fsdp import FSDPModule
+
+        layers = decoder_layers(trainer.model)
+        groups = [m for m in trainer.model.modules() if isinstance(m, FSDPModule)]
+        sizes = {"layers": full_bytes(layers), "all": sum(full_bytes(groups))}
+        for layer in layers:  # (the decoder layers' bytes, every group's bytes) at each forward
+            layer.register_forward_pre_hook(lambda *_: resident.append(
+                (resident_bytes(layers), resident_bytes(groups))))
     steps = []
     while trainer.cursor.step < task["until"]:
         result = trainer.train_step()
@@ -129,33 +137,9 @@ def run_train(task: dict, out: Path, rank: int) -> None:
     evaluation = trainer.cursor.base_eval_loss  # the eval every first step measures
     if task.get("final"):
         trainer.save(Path(task["final"]))
-    full = sum(p.numel() * p.element_size() for p in _full_params(trainer))
     torch.save({"steps": steps, "grads": grads, "resident": resident, "eval": evaluation,
-                "base_bytes": full, "layer_bytes": _layer_bytes(trainer),
-                "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
+                "sizes": sizes, "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
                out / f"{task['name']}.{rank}.pt")
-
-
-def _full_params(trainer):
-    """The FSDP-managed (frozen base) parameters at their unsharded sizes, as tensors."""
-    import torch
-
-    for p in trainer.model.parameters():
-        if not p.requires_grad:
-            yield torch.empty(p.shape, dtype=p.dtype, device="meta")
-
-
-def _layer_bytes(trainer) -> int:
-    """The largest FSDP group's unsharded parameter bytes (one gathered layer)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    sizes = [0]
-    for module in trainer.model.modules():
-        if isinstance(module, FSDPModule) and module is not trainer.model:
-            group = module._get_fsdp_state()._fsdp_param_group
-            sizes.append(sum(fp._orig_size.numel() * fp.sharded_param.element_size()
-                             for fp in group.fsdp_params))
-    return max(sizes)
 
 
 def run_tasks(job: dict, rank: int) -> None:

@@ -63,7 +63,8 @@ def runs(tmp_path_factory, tiny_model_dir, real_model_dir):
     for arch in ("qwen2", "mistral"):
         models[arch] = build_tiny(tmp / arch, arch)
     # batch 3 on 2 ranks: rank 1 trains one micro-batch fewer and joins rank 0's gathers.
-    specs = {name: make_spec(path, data, max_steps=MIX_STEPS, batch_size=3)
+    specs = {name: make_spec(path, data, max_steps=MIX_STEPS, batch_size=3,
+                             eval_=0.0 if name == "smollm2" else 0.125)  # SmolLM2: no eval
              for name, path in models.items()}
     steps = {name: 1 if name == "smollm2" else 2 for name in models}
     sharded = [{"kind": "gather", "name": "gather"}]
@@ -111,21 +112,26 @@ def test_two_sharded_ranks_match_one_process(runs, name):
         assert got.keys() == want.keys()
         worst = max((got[k] - want[k]).abs().max().item() for k in want)
         assert worst <= TOL, f"{name}: LoRA gradients differ by {worst}"
-    assert sharded["eval"] == pytest.approx(one["eval"], abs=TOL)
+    if name != "smollm2":
+        assert sharded["eval"] == pytest.approx(one["eval"], abs=TOL)
 
 
 def test_a_rank_holds_its_shard_plus_one_gathered_layer(runs):
-    """Counted at each decoder layer's forward (its own gather done): every local shard plus
-    the groups gathered then, at most 1/world of the base plus one gathered group."""
+    """Counted at each decoder layer's forward (its gather done): of the decoder layers, every
+    local shard plus the one layer gathered, at most half of them plus one layer. Over every
+    group the root's lm_head is gathered too (docs/DESIGN.md, "Sharded sessions")."""
     for rank in (0, 1):
         out = result(runs, "llama", rank)
-        base, layer = out["base_bytes"], out["layer_bytes"]
-        slack = 64 * 8  # FSDP2 pads each parameter's dim 0 to a multiple of the world
+        layers, everything = out["sizes"]["layers"], out["sizes"]["all"]
+        slack = 32 * 8  # FSDP2 pads each parameter's dim 0 to a multiple of the world
         assert out["resident"], "the layer hooks counted nothing"
-        assert max(out["resident"]) <= math.ceil(base / 2) + layer + slack
-        assert max(out["resident"]) < base
-        print(f"rank {rank}: resident {max(out['resident'])} B of a {base} B base "
-              f"(largest group {layer} B); peak RSS {out['peak_rss_kib'] / 1024:.0f} MiB")
+        held = max(r[0] for r in out["resident"])
+        # never more than one layer gathered on top of the shards, and the shards are there
+        half = sum(layers) / 2
+        assert half + max(layers) - slack <= held <= math.ceil(half) + max(layers) + slack
+        print(f"rank {rank}: decoder layers resident {held} B of {sum(layers)} B (a layer "
+              f"{max(layers)} B); all groups {max(r[1] for r in out['resident'])} of "
+              f"{everything} B; peak RSS {out['peak_rss_kib'] / 1024:.0f} MiB")
 
 
 def test_sharded_single_sharded_sessions_continue_exactly(runs):
