@@ -23,8 +23,8 @@ def choose_sharding(config: RunConfig, world: int, gpu_memory: Optional[int]) ->
     mode = config.train.sharding
     if world == 1 or mode != "auto":
         return "ddp" if world == 1 else mode
-    if gpu_memory is None:
-        return "ddp"
+    if gpu_memory is None or not config.model.load_in_4bit or config.task != "causal_lm":
+        return "ddp"  # the CPU; or a run fsdp cannot shard (a 16-bit base, a classifier)
     need = one_gpu_estimate(config)
     choice = "ddp" if need is None or need <= gpu_memory else "fsdp"
     log.info("train.sharding auto: %s (estimate %.2f GiB a GPU without sharding, %.2f GiB "

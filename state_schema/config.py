@@ -225,6 +225,18 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _sharding(self):
+        # fsdp shards the 4-bit base of a causal LM (training/sharding.py): refused before
+        # anything is written, rather than after the model has loaded
+        if self.train.sharding == "fsdp" and not self.model.load_in_4bit:
+            raise ValueError("train.sharding fsdp shards the 4-bit base: set model.load_in_4bit "
+                             "true, or train.sharding ddp (or auto)")
+        if self.train.sharding == "fsdp" and self.task == "classification":
+            raise ValueError("train.sharding fsdp trains causal LMs: set train.sharding ddp (or "
+                             "auto) for task: classification")
+        return self
+
+    @model_validator(mode="after")
     def _columns(self):
         check_column_keys(self.data.columns, self.data.format, task_of(self))
         return self

@@ -197,3 +197,19 @@ def test_plan_shows_a_14b_fitting_two_t4s_sharded_but_not_one():
     table = _with_sharded(gpu_table(params, one["total"], None, 3600), cfg, params, config)
     assert not table["T4-16GB"]["fits"] and table["2×T4 sharded"]["fits"]
     assert table["2×T4 sharded"]["per_rank_bytes"] == sharded["total"] < 15 * GIB
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"model": {"name": "m", "load_in_4bit": False}}, "model.load_in_4bit"),
+    ({"model": {"name": "m"}, "task": "classification"}, "task: classification"),
+])
+def test_fsdp_without_a_4bit_causal_lm_is_refused_at_the_config(settings, words):
+    from pydantic import ValidationError
+
+    from baton.state_schema import RunConfig
+
+    with pytest.raises(ValidationError, match=words):
+        RunConfig.model_validate({"run": "r", "store": "/tmp/unused", "data": {"train": "t.jsonl"},
+                                  "train": {"sharding": "fsdp"}, **settings})
+    RunConfig.model_validate({"run": "r", "store": "/tmp/unused", "data": {"train": "t.jsonl"},
+                              "train": {"sharding": "auto"}, **settings})  # auto may take ddp
