@@ -91,12 +91,30 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
-        x = x.to(self.compute_dtype)
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return nn.functional.linear(x, self.dequantized(), bias).to(in_dtype)
+        out = _NF4Matmul.apply(x.to(self.compute_dtype), self)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.to(in_dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x @ W.T with W dequantized in the forward and again in the backward, never saved: the
+    autograd graph keeps the 4-bit bytes (the module), not a dense copy of every weight of the
+    layer (bitsandbytes' MatMul4Bit does the same). Under FSDP2 the backward runs while the
+    layer is gathered (its recompute gathered it), so the module's bytes are whole there."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: "NF4Linear") -> torch.Tensor:
+        ctx.module = module
+        return nn.functional.linear(x, module.dequantized(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.module.dequantized(grad.dtype)
+        return grad @ weight, None
 
 
 def is_bnb_nf4(module: nn.Module) -> bool:
