@@ -3,15 +3,16 @@
 
     python scripts/autopilot.py --kaggle OWNER/KERNEL --store URI --run NAME
                                 [--every 10m] [--max-sessions N] [--reserve 2h]
-                                [--accelerator NvidiaTeslaT4|NvidiaTeslaT4Highmem|NvidiaL4]
+                                [--accelerator NvidiaTeslaT4|NvidiaL4]
                                 [--repo GIT_URL] [--config run.yaml]
 
 Run it on any always-on machine (or a scheduled job). Each look it reads the run's state as
 `agent.py status` does; when the run is paused, no lease is live and the weekly GPU quota left
 (less `--reserve`) covers a model load plus one checkpoint interval (kaggle_quota.py), it
-pushes a new version of the Kaggle notebook in scripts/kaggle/ (on `--accelerator`: one T4 by
-default, `NvidiaTeslaT4Highmem` for the free 2xT4 the agent trains on data-parallel; internet
-on, private), which runs one session of `agent.py run`, and then polls it. While the quota is
+pushes a new version of the Kaggle notebook in scripts/kaggle/ (on `--accelerator`: by default
+`NvidiaTeslaT4`, which since September 2026 is Kaggle's free "GPU T4 x2" (kaggle-cli #1198; a
+single T4 is no longer offered), where the agent trains on both GPUs, data-parallel or with the
+4-bit base sharded (train.sharding); internet on, private), which runs one session of `agent.py run`, and then polls it. While the quota is
 short it says when the quota refreshes. It stops when the run is finished (0), after two
 sessions in a row failed (1), or after --max-sessions (0). It never pushes while a lease is live
 or a version is running: there are never two sessions on one run. One line per decision.
@@ -50,8 +51,10 @@ LIVE = {"QUEUED", "RUNNING", "NEW_SCRIPT", "CANCEL_REQUESTED"}  # a version stil
 FAILED_STATES = {"ERROR", "CANCEL_ACKNOWLEDGED"}
 FAILURES_TO_STOP = 2
 # kernel-metadata.json's machine_shape: the GPU names of kaggle-cli's docs/kernels.md
-# (`kaggle kernels push --accelerator`); the free tier has the first three.
-ACCELERATORS = {"NvidiaTeslaT4": "GPU T4", "NvidiaTeslaT4Highmem": "GPU T4 x2",
+# (`kaggle kernels push --accelerator`); the free tier has the first two. NvidiaTeslaT4 is two
+# T4s since September 2026 (kaggle-cli #1198); NvidiaTeslaT4Highmem is an internal pool, not
+# offered to users, and is refused here.
+ACCELERATORS = {"NvidiaTeslaT4": "GPU T4 x2",
                 "NvidiaL4": "GPU L4", "NvidiaL4X1": "GPU L4 x1",
                 "NvidiaTeslaA100": "GPU A100", "NvidiaH100": "GPU H100",
                 "NvidiaRtxPro6000": "GPU RTX Pro 6000"}
@@ -259,9 +262,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--config", default="run.yaml", help="run.yaml's path in that repo "
                         "(read here too, when it exists, for checkpoint.every)")
     parser.add_argument("--accelerator", default="NvidiaTeslaT4", choices=list(ACCELERATORS),
-                        metavar="NAME", help="the notebook's machine_shape: NvidiaTeslaT4 (one "
-                        "T4, default), NvidiaTeslaT4Highmem (two T4), NvidiaL4, or another name "
-                        "of `kaggle kernels push --accelerator`")
+                        metavar="NAME", help="the notebook's machine_shape: NvidiaTeslaT4 (two "
+                        "T4s, the free default), NvidiaL4, or another name of `kaggle kernels "
+                        "push --accelerator`")
     parser.add_argument("--reserve", default="0", help="GPU quota to hold back for other use, "
                         "e.g. 2h (default none)")
     args = parser.parse_args(argv)

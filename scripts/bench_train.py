@@ -149,7 +149,7 @@ def _default_train_spec(seed: int):
     only `spec.train`."""
     from baton.state_schema.config import TrainConfig, TrainSpec
 
-    train = TrainConfig(seed=seed).model_dump(exclude={"micro_batch_size", "precision"})
+    train = TrainConfig(seed=seed).model_dump(exclude={"micro_batch_size", "precision", "sharding"})
     return types.SimpleNamespace(train=TrainSpec(**train))
 
 

@@ -14,6 +14,9 @@ downloaded) and 8-bit AdamW, and checks what the store then holds:
 - `run_single`: one session to the end under an environment (`BATON_WORLD_SIZE=2`: two
   ranks on one GPU through the elastic launcher; `BATON_KERNELS=reference`: the plain-PyTorch
   path a P100 takes); exit 0, every step done, finite losses, the expected kernel path.
+- `run_sharded`: two ranks on one GPU with the NF4 base sharded (`train.sharding: fsdp`), and
+  one rank, both fp32 from the same fresh run; every step's logged loss within
+  SHARDED_LOSS_TOL of the other's, the same learning rates.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ RUN = "gpu-check"
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss (\S+) lr (\S+)")
 PAUSED, FINISHED = 75, 0
 BATCH = 4
+# fp32, two ranks against one: the sums differ in order only (1e-5 measured on the CPU); the
+# logged loss has 4 decimals.
+SHARDED_LOSS_TOL = 1e-3
 
 
 class HandoffFailed(Exception):
@@ -260,3 +266,41 @@ def run_single(work: Path, logs: Path, deadline: float, *, name: str, env: dict,
             "tokens_per_s": record.get("tokens_per_s"), "first_loss": first, "last_loss": last,
             "summary": f"{steps} steps, kernels {record.get('kernels')}, {record.get('precision')}, "
                        f"loss {first:.3f} -> {last:.3f}"}
+
+
+def run_sharded(work: Path, logs: Path, deadline: float, *, dry_run: bool) -> dict:
+    """Two ranks on one GPU with the NF4 base sharded (`train.sharding: fsdp`, gloo) against
+    one rank, both fp32 from the same fresh run: every logged loss and LR compared."""
+    import yaml
+
+    steps = 2 if dry_run else 4
+    logged = {}
+    for name, env in (("sharded", {"BATON_WORLD_SIZE": "2"}), ("one_rank", {})):
+        config = _fresh(work / name, logs, steps)
+        settings = yaml.safe_load(config.read_text())
+        settings["train"]["sharding"] = "fsdp"  # one rank: nothing to shard, the plain base
+        config.write_text(yaml.safe_dump(settings, sort_keys=False))
+        code, lines, text = run_session(config, work / name / "machine", "fp32",
+                                        logs / f"sharded_{name}.log", deadline, env=env)
+        if code != FINISHED or len(lines) != steps:
+            raise HandoffFailed(f"the {name} session exited {code} after {len(lines)} logged "
+                                f"steps of {steps}; see logs/sharded_{name}.log")
+        if env and "x2 ranks (FSDP)" not in text:
+            raise HandoffFailed("the two-rank session never said 'x2 ranks (FSDP)'")
+        logged[name] = lines
+    return _compare_sharded(logged["sharded"], logged["one_rank"], steps)
+
+
+def _compare_sharded(two: list, one: list, steps: int) -> dict:
+    _check_losses(two)
+    diffs = [abs(float(a[1]) - float(b[1])) for a, b in zip(two, one)]
+    if [s for s, _, lr in two] != [s for s, _, lr in one] or \
+            [lr for _, _, lr in two] != [lr for _, _, lr in one]:
+        raise HandoffFailed(f"steps or learning rates differ: {two} against {one}")
+    worst = max(diffs)
+    if not worst <= SHARDED_LOSS_TOL:
+        raise HandoffFailed(f"sharded losses differ from one rank's by {worst} "
+                            f"(over {SHARDED_LOSS_TOL}): {two} against {one}")
+    return {"steps": steps, "max_loss_diff": worst, "tolerance": SHARDED_LOSS_TOL,
+            "losses": [float(loss) for _, loss, _ in two],
+            "summary": f"{steps} steps, 2 sharded ranks vs 1: max loss diff {worst:.2g}"}

@@ -265,6 +265,13 @@ def two_ranks(check: Check, allowed: float) -> dict:
                        dry_run=check.dry_run)
 
 
+def sharded(check: Check, allowed: float) -> dict:
+    from baton.scripts.gpu_handoff import run_sharded
+
+    return _agent_part(run_sharded, work=check.out / "sharded", logs=check.logs,
+                       deadline=time.monotonic() + allowed, dry_run=check.dry_run)
+
+
 def reference_path(check: Check, allowed: float) -> dict:
     from baton.scripts.gpu_handoff import run_single
 

@@ -295,7 +295,11 @@ class Session:
         with self.timings.phase("first_step"):  # the probe compiles what the first step runs
             probe = decide_kernels(self.spec, device, self.say)  # a child: an abort can't kill us
         self.record.kernels_probe = probe.note
-        self.ranks.plan(self.spec, data_path, eval_path, ref.path if ref else None, probe.path)
+        from .sharding_plan import choose_sharding, gpu_memory
+
+        self.ranks.mode = choose_sharding(self.config, self.ranks.world, gpu_memory())
+        self.ranks.plan(self.spec, data_path, eval_path, ref.path if ref else None, probe.path,
+                        self.ranks.mode)
         trainer = self._trainer(device, ref, data_path, eval_path, probe.path)
         checkpoints = self._checkpointer(ref)
         try:
@@ -330,7 +334,8 @@ class Session:
                           micro_batch_size=self.config.train.micro_batch_size,
                           device=device.device, precision=device.precision, kernels=kernels,
                           padding_free=self.config.data.padding_free, phase=self.timings.phase,
-                          data_cache=StoreEncodedCache(self.runstore, self.workdir, self.say))
+                          data_cache=StoreEncodedCache(self.runstore, self.workdir, self.say),
+                          sharding_mode=self.ranks.mode)
         self.say(f"model loaded in {self.timings.seconds['model_load']:.1f} s: "
                  f"{model_summary(self.spec, trainer.model)}")
         if ref is not None:

@@ -297,7 +297,8 @@ def plan(config: RunConfig, *, tokens_per_s: Optional[float] = None) -> dict[str
         "samples": samples, "steps_total": steps,
         "tokens_per_step_guess": step_tokens, "tokens_total_guess": total_tokens,
         "session_limit_s": limit,
-        "gpus": gpu_table(params, vram["total"], total_tokens, limit),
+        "gpus": _with_sharded(gpu_table(params, vram["total"], total_tokens, limit), cfg,
+                              params, config),
         "budget": plan_budget(config, steps, step_tokens, tokens_per_s, limit),
         "notes": notes,
     }
@@ -408,3 +409,66 @@ def plan_main(config: RunConfig, *, as_json: bool, tokens_per_s: Optional[float]
     else:
         render(result)
     return OK
+
+
+# -- a sharded session's per-rank memory (train.sharding fsdp, training/sharding.py) ----------
+#
+#     per rank = (base weights / N  +  gathered groups  +  LoRA and optimizer (replicated)
+#                 + activations + logits) * 1.10 + 0.75 GiB CUDA context
+#
+# The gathered groups: the root's (the 16-bit lm_head, gathered for the whole forward and
+# backward: the fused loss reads its weight) plus the larger of the untied input embedding
+# (gathered for its lookup) and two decoder layers (the one computing and the one FSDP2
+# prefetches). The activations and
+# logits are estimate_vram's (per micro-batch, the same on every rank).
+
+SHARDED_ROWS = {"2×T4 sharded": ("T4-16GB", 2)}  # the fits table's sharded rows: GPU, count
+
+
+def gathered_group_bytes(cfg, params: dict[str, int], config: RunConfig) -> int:
+    """What FSDP2 holds gathered at once: the root's lm_head and the larger of the untied
+    input embedding and two decoder layers."""
+    H, L, V = _hidden(cfg), cfg.num_hidden_layers, cfg.vocab_size
+    per_weight = NF4_BYTES_PER_PARAM if config.model.load_in_4bit else HALF
+    layer = params["quantized"] / max(L, 1) * per_weight
+    head = V * H * HALF
+    embedding = 0 if getattr(cfg, "tie_word_embeddings", False) else head
+    return int(head + max(embedding, 2 * layer))
+
+
+def estimate_sharded(cfg, params: dict[str, int], config: RunConfig, world: int) -> dict[str, int]:
+    """Peak memory of one rank of a sharded session over `world` GPUs, by part (bytes)."""
+    one = estimate_vram(cfg, params, config)
+    parts = {
+        "weights_shard": one["weights"] // world,
+        "gathered": gathered_group_bytes(cfg, params, config),
+        "lora_and_optimizer": one["lora_and_optimizer"],  # replicated on every rank
+        "activations": one["activations"],
+        "logits": one["logits"],
+    }
+    parts["total"] = int(sum(parts.values()) * FRAGMENTATION) + CUDA_OVERHEAD_BYTES
+    return parts
+
+
+def sharded_rows(cfg, params: dict[str, int], config: RunConfig,
+                 table: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The fits table's sharded rows: the per-rank estimate against one GPU's memory. The
+    throughput guess is the single GPU's row times the GPUs (each trains its share of a step;
+    the gathers are not counted: a guess, as the rest of the table)."""
+    rows = {}
+    for name, (gpu, count) in SHARDED_ROWS.items():
+        per_rank = estimate_sharded(cfg, params, config, count)["total"]
+        one = table[gpu]
+        row: dict[str, Any] = {"memory_bytes": one["memory_bytes"], "fits": per_rank <= one[
+            "memory_bytes"], "per_rank_bytes": per_rank, "gpus": count,
+            "tokens_per_s_guess": round(one["tokens_per_s_guess"] * count, 1)}
+        if "train_hours_guess" in one:
+            row["train_hours_guess"] = round(one["train_hours_guess"] / count, 2)
+            row["sessions_guess"] = max(1, -(-one["sessions_guess"] // count))
+        rows[name] = row
+    return rows
+
+
+def _with_sharded(table: dict, cfg, params: dict[str, int], config: RunConfig) -> dict:
+    """The table plus its FSDP rows ("2×T4 sharded": the per-rank estimate)."""
+    return {**table, **sharded_rows(cfg, params, config, table)}

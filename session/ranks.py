@@ -58,13 +58,14 @@ class Ranks:
         # The launcher's holder id, so that it can release the lease if rank 0 is killed.
         self.holder: Optional[str] = os.environ.get(HOLDER_ENV) if self.world > 1 else None
         self.words = None  # the process group of rank 0's words, once started
+        self.mode = "ddp"  # or "fsdp": how the ranks split the model (session/sharding_plan.py)
 
     @property
     def leader(self) -> bool:
         return self.rank == 0
 
     def describe(self) -> str:
-        return f" x{self.world} ranks (DDP)" if self.world > 1 else ""
+        return f" x{self.world} ranks ({self.mode.upper()})" if self.world > 1 else ""
 
     def start(self, word_timeout_s: float = DEFAULT_SESSION_LIMIT_S + WORD_SLACK_S) -> None:
         if self.world == 1:
@@ -100,11 +101,14 @@ class Ranks:
         return box[0]
 
     def plan(self, spec: RunSpec, data: Path, evaluation: Optional[Path],
-             checkpoint: Optional[Path], kernels: Optional[str] = None) -> None:
-        """`kernels`: the path rank 0's probe chose; every rank trains on the same one."""
+             checkpoint: Optional[Path], kernels: Optional[str] = None,
+             sharding: str = "ddp") -> None:
+        """`kernels`: the path rank 0's probe chose; every rank trains on the same one, and
+        splits the model as rank 0 decided (`sharding`: ddp or fsdp)."""
         self.tell({"spec": spec.model_dump_json(), "data": str(data), "checkpoint":
                    str(checkpoint) if checkpoint else None,
-                   "eval": str(evaluation) if evaluation else None, "kernels": kernels})
+                   "eval": str(evaluation) if evaluation else None, "kernels": kernels,
+                   "sharding": sharding})
 
     def close(self, code: int) -> None:
         """Rank 0 releases the followers. After a rank died the word cannot reach it: that is
@@ -151,7 +155,8 @@ def planned_trainer(plan: dict, micro_batch_size: int, precision: str = "auto",
     trainer = Trainer(RunSpec.from_json(plan["spec"]), data_path=Path(plan["data"]),
                       eval_path=Path(plan["eval"]) if plan["eval"] else None,
                       micro_batch_size=micro_batch_size, precision=precision,
-                      padding_free=padding_free, kernels=plan.get("kernels"))
+                      padding_free=padding_free, kernels=plan.get("kernels"),
+                      sharding_mode=plan.get("sharding", "ddp"))
     if plan["checkpoint"]:
         trainer.load(Path(plan["checkpoint"]))
     return trainer

@@ -68,7 +68,7 @@ def spec_of(config: RunConfig, revision: str, fields: dict[str, Any],
         eval_records=config.eval.max_records,
         data={"source": data.train, "eval": data.eval, "eval_key": eval_key,
               "max_seq_len": data.max_seq_len, "packing": data.packing, **fields},
-        train=t.model_dump(exclude={"micro_batch_size", "precision"}),
+        train=t.model_dump(exclude={"micro_batch_size", "precision", "sharding"}),
         task=config.task, labels=labels or [])
 
 

@@ -115,6 +115,10 @@ class TrainConfig(Strict):
     # micro-batch, it may change between sessions (a T4 session, then an A100 one): it is
     # not part of the spec.
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    # More than one GPU: ddp holds the whole NF4 base on each, fsdp shards it over them
+    # (training/sharding.py); auto takes ddp when plan's estimate fits one GPU. Not part of
+    # the spec either: a sharded session may follow a DDP or single-GPU one, and the reverse.
+    sharding: Literal["auto", "ddp", "fsdp"] = "auto"
 
     @model_validator(mode="after")
     def _length(self):
@@ -218,6 +222,18 @@ class RunConfig(Strict):
         if self.task == "classification" and self.data.packing:
             raise ValueError("data.packing cannot be used with task: classification (each "
                              "sample is pooled on its own last token); set data.packing: false")
+        return self
+
+    @model_validator(mode="after")
+    def _sharding(self):
+        # fsdp shards the 4-bit base of a causal LM (training/sharding.py): refused before
+        # anything is written, rather than after the model has loaded
+        if self.train.sharding == "fsdp" and not self.model.load_in_4bit:
+            raise ValueError("train.sharding fsdp shards the 4-bit base: set model.load_in_4bit "
+                             "true, or train.sharding ddp (or auto)")
+        if self.train.sharding == "fsdp" and self.task == "classification":
+            raise ValueError("train.sharding fsdp trains causal LMs: set train.sharding ddp (or "
+                             "auto) for task: classification")
         return self
 
     @model_validator(mode="after")

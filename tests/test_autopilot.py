@@ -116,7 +116,7 @@ def test_waits_for_the_quota_says_when_it_refreshes_then_pushes_on_two_t4(kaggle
     state.on_push = session_standin(store, tmp_path, pause=0.2)
     state.quota_used_s = 27.5 * 3600
     proc = autopilot(kaggle_server, tmp_path, store, "--max-sessions", "1", "--reserve", "2h",
-                     "--accelerator", "NvidiaTeslaT4Highmem")
+                     "--accelerator", "NvidiaL4")
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
@@ -136,8 +136,8 @@ def test_waits_for_the_quota_says_when_it_refreshes_then_pushes_on_two_t4(kaggle
     assert f"the quota refreshes {state.quota_refresh:%Y-%m-%d %H:%M} UTC (in 2 d 23 h" \
         in waiting or "(in 3 d 0 h" in waiting, waiting
     versions = kaggle_server.versions(KERNEL)
-    assert len(versions) == 1 and versions[0].request["machineShape"] == "NvidiaTeslaT4Highmem"
-    assert "on GPU T4 x2 (NvidiaTeslaT4Highmem)" in out, out
+    assert len(versions) == 1 and versions[0].request["machineShape"] == "NvidiaL4"
+    assert "on GPU L4 (NvidiaL4)" in out, out
 
 
 def test_the_quota_a_session_needs_comes_from_measured_model_loads():
@@ -166,7 +166,9 @@ def test_the_quota_a_session_needs_comes_from_measured_model_loads():
     (["--kaggle", "no-owner"], "write OWNER/KERNEL"),
     (["--kaggle", KERNEL, "--every", "often"], "--every"),
     (["--kaggle", KERNEL, "--reserve", "lots"], "--reserve"),
-    (["--kaggle", KERNEL, "--accelerator", "T4x2"], "NvidiaTeslaT4Highmem"),
+    (["--kaggle", KERNEL, "--accelerator", "T4x2"], "NvidiaTeslaT4"),
+    # an internal pool since 2026 (kaggle-cli #1196): refused before anything is pushed
+    (["--kaggle", KERNEL, "--accelerator", "NvidiaTeslaT4Highmem"], "NvidiaTeslaT4"),
 ])
 def test_bad_input_exits_2(tmp_path, flags, message):
     done = subprocess.run([sys.executable, str(SCRIPT), "--store", str(tmp_path), "--run", "t",

@@ -84,7 +84,8 @@ def test_dry_run_in_an_image_venv_installs_the_wheels_offline_and_passes(tmp_pat
     report = json.loads((out / "gpu_check.json").read_text())
     parts = {p["name"]: p for p in report["parts"]}
     assert list(parts) == ["wheels", "kernel_tests", "bench_tiny_fp16", "bench_tiny_bf16",
-                           "nf4_fp16", "nf4_bf16", "handoff", "ranks", "reference"]
+                           "nf4_fp16", "nf4_bf16", "handoff", "ranks", "sharded",
+                           "reference"]
     assert report["ok"] and report["environment"]["dry_run"] is True
     assert all(p["verdict"] == "pass" for p in parts.values()), parts
     installed = " ".join(parts["wheels"]["details"]["installed"])
@@ -103,6 +104,8 @@ def test_dry_run_in_an_image_venv_installs_the_wheels_offline_and_passes(tmp_pat
         assert bench["precision"] == precision and set(bench["runs"]) == {"hf", "baton"}
         assert bench["max_loss_diff"] <= bench["tolerance"]
     assert parts["reference"]["details"]["kernels"] == "reference"
+    shard = parts["sharded"]["details"]
+    assert shard["max_loss_diff"] <= shard["tolerance"] and shard["steps"] >= 2
     table = (out / "gpu_check.md").read_text()
     assert "| handoff | pass |" in table and "dry run on the CPU" in table
     assert report["seconds"] <= seconds

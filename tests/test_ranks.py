@@ -84,9 +84,9 @@ class TwoRankAgent:
             self.proc.wait(timeout=30)
 
 
-def config_for(tiny, tmp_path: Path, **train) -> Path:
+def config_for(tiny, tmp_path: Path, model: dict | None = None, **train) -> Path:
     return write_config(tmp_path, model_dir=tiny["model"], train_file=tiny["data"],
-                        store=str(tmp_path / "store"),
+                        store=str(tmp_path / "store"), model=model or {},
                         train={"max_steps": 40, "batch_size": 2, "micro_batch_size": 1, **train})
 
 
@@ -110,14 +110,20 @@ def assert_lease_released(uri: str) -> None:
 
 # -- a rank that dies ends the session -----------------------------------------------------
 
+# fsdp: the NF4 base sharded over the two ranks (training/sharding.py, tests/test_sharding.py)
+SHARDED = {"model": {"load_in_4bit": True}, "sharding": "fsdp"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["step:2", "load"])
-def test_a_dead_rank_ends_the_session_within_a_minute(tiny, tmp_path, where):
+@pytest.mark.parametrize("where, settings", [("step:2", {}), ("load", {}),
+                                             ("step:2", SHARDED)], ids=["step", "load", "fsdp"])
+def test_a_dead_rank_ends_the_session_within_a_minute(tiny, tmp_path, where, settings):
     """Rank 1 SIGKILLs itself (at its 2nd step, or while loading the model, as an OOM kill
-    would): exit 1, lease released, HEAD intact, well before any collective's timeout."""
+    would; or at its 2nd step of a sharded session): exit 1, lease released, HEAD intact, well
+    before any collective's timeout."""
     uri = str(tmp_path / "store")
     head_before = None
-    agent = TwoRankAgent(config_for(tiny, tmp_path), tmp_path / "work",
+    agent = TwoRankAgent(config_for(tiny, tmp_path, **settings), tmp_path / "work",
                          BATON_KILLPOINT=where, BATON_KILLPOINT_RANK="1")
     try:
         killed_at = agent.wait_for(ANNOUNCE)
@@ -131,6 +137,7 @@ def test_a_dead_rank_ends_the_session_within_a_minute(tiny, tmp_path, where):
     assert code == 1, agent.text()
     assert seconds < DEAD_RANK_BOUND_S, agent.text()
     assert "rank 1 of the session ended (killed by SIGKILL)" in agent.text()
+    assert ("x2 ranks (FSDP)" in agent.text()) == bool(settings)
     assert_lease_released(uri)
     assert_head_is_complete_or_absent(uri, tmp_path)
     head_after = open_run(uri).read_head()

@@ -66,9 +66,12 @@ def loss_factor() -> int:
 
 
 def sync_unless(ddp: Optional[DistributedDataParallel], last: bool):
-    """DDP's `no_sync` for every micro-batch of a step but the last: one all-reduce a step."""
-    if ddp is None or last:
+    """DDP's `no_sync` for every micro-batch of a step but the last: one all-reduce a step.
+    A wrapper with `synced()` (sharding.ShardedModel) reduces on leaving the last one."""
+    if ddp is None:
         return contextlib.nullcontext()
+    if last:
+        return getattr(ddp, "synced", contextlib.nullcontext)()
     return ddp.no_sync()
 
 

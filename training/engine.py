@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 from baton.state_schema import Cursor, RunSpec
 
-from . import classify, dist, rng
+from . import classify, dist, rng, sharding
 from .classify_data import LabelledData
 from .dataset import RunData
 from .devices import DeviceInfo, detect_device
@@ -64,10 +64,11 @@ class Trainer:
                  micro_batch_size: int, device: Optional[str] = None,
                  precision: str = "auto", padding_free: bool = True,
                  kernels: Optional[str] = None, phase: Optional[Callable[[str], Any]] = None,
-                 data_cache: Optional[EncodedCache] = None):
+                 data_cache: Optional[EncodedCache] = None, sharding_mode: str = "ddp"):
         """`phase(name)`, a context manager, times the parts of building the trainer ("data",
         "model_load") for the session's timings (session/timings.py); none by default.
-        `data_cache` keeps the encoded data between sessions (training/encoded.py)."""
+        `data_cache` keeps the encoded data between sessions (training/encoded.py).
+        `sharding_mode`: ddp, or fsdp to shard the NF4 base over the ranks (sharding.py)."""
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
         phase = phase or (lambda _name: contextlib.nullcontext())
@@ -97,7 +98,8 @@ class Trainer:
             self.params = [p for _, p in trainable_parameters(self.model)]
             # More than one rank: DDP reduces the LoRA gradients (None on one rank). self.model
             # stays the PEFT model for eval, save and load; only the training forward uses DDP.
-            self.ddp = dist.wrap(self.model, self.device)
+            # fsdp: a sharding.ShardedModel in the same slot (the base sharded, LoRA not).
+            self.ddp = sharding.wrap(self.model, self.device, sharding_mode, self.classifier)
             self.optimizer = make_optimizer(spec, self.params, self.device_info.type)
         self.cursor = Cursor(total_steps=total_steps(spec, self.data.n_train))
         self.scheduler = make_scheduler(spec, self.optimizer, self.cursor.total_steps, 0)
@@ -200,7 +202,8 @@ class Trainer:
 
     def _backward(self, loss: torch.Tensor) -> None:
         # DDP averages gradients over ranks; the global-token loss needs their sum.
-        loss = loss * dist.loss_factor() if self.ddp is not None else loss
+        scaled = self.ddp is not None and not getattr(self.ddp, "sums_gradients", False)
+        loss = loss * dist.loss_factor() if scaled else loss
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def _accumulate(self, samples: list[Encoded]) -> tuple[float, int]:
@@ -208,23 +211,29 @@ class Trainer:
         label_total = torch.tensor(max(self._count_label_tokens(samples), 1.0),
                                    device=self.device)
         loss_sum, tokens = torch.zeros((), device=self.device), 0
-        starts = range(0, len(samples), self.micro_batch_size)
-        for start in starts:
+        chunks = self._chunks(samples)
+        fill = sharding.fillers(self.ddp, len(chunks))  # collectives every rank must join
+        for i, chunk in enumerate(chunks + [None] * fill):
             # One all-reduce a step: every micro-batch but the last accumulates locally.
-            with dist.sync_unless(self.ddp, last=start == starts[-1]):
-                loss, n = self._forward(samples[start: start + self.micro_batch_size],
-                                        label_total, self.ddp)
+            with dist.sync_unless(self.ddp, last=i == len(chunks) + fill - 1):
+                if chunk is None:
+                    self._join_reduce(label_total)
+                    continue
+                loss, n = self._forward(chunk, label_total, self.ddp)
                 self._backward(loss)
             loss_sum += loss.detach().float()
             tokens += n
-        if not samples and self.ddp is not None:
-            self._join_reduce(label_total)
         total_loss = dist.sum_scalar(float(loss_sum), self.device)
         return total_loss, int(dist.sum_scalar(float(tokens), self.device))
 
+    def _chunks(self, samples: list) -> list[list]:
+        m = self.micro_batch_size
+        return [samples[start: start + m] for start in range(0, len(samples), m)]
+
     def _join_reduce(self, label_total: torch.Tensor) -> None:
         """A rank with no sample this step (batch_size below the rank count) still joins DDP's
-        all-reduce, or the others would wait for it: one of the step's samples at weight zero."""
+        all-reduce, or the others would wait for it: one of the step's samples at weight zero.
+        Sharded, a rank with fewer micro-batches joins the others' layer gathers the same way."""
         loss, _ = self._forward([self.data.sample(self.last_indices[0])], label_total, self.ddp)
         self._backward(loss * 0.0)
 
@@ -291,9 +300,13 @@ class Trainer:
         loss_sum = 0.0
         self.model.eval()
         with torch.no_grad():
-            for start in range(0, len(mine), self.micro_batch_size):
-                loss, _ = self._forward(mine[start: start + self.micro_batch_size], label_total)
+            chunks = self._chunks(mine)
+            fill = sharding.fillers(self.ddp, len(chunks), training=False)  # before any gather
+            for chunk in chunks:
+                loss, _ = self._forward(chunk, label_total)
                 loss_sum += float(loss)
+            for _ in range(fill):
+                self._forward(samples[:1], label_total)  # joins the gathers; not counted
         self.model.train()
         self.cursor.eval_loss = dist.sum_scalar(loss_sum, self.device)
         return self.cursor.eval_loss
