@@ -192,8 +192,9 @@ class _BucketedSDPA(torch.autograd.Function):
         q_shape, kv_shape = ctx.shapes
         heads = _heads(q_shape[1], grad.device)
         grads = [grad.new_zeros(shape) for shape in (q_shape, kv_shape, kv_shape)]
+        saved = ctx.saved_tensors  # once: under checkpointing each unpack is a recompute's
         for n, bucket in enumerate(ctx.plan):
-            q, k, v, out, lse = ctx.saved_tensors[5 * n: 5 * n + 5]
+            q, k, v, out, lse = saved[5 * n: 5 * n + 5]
             g = grad[bucket.rows, bucket.pos, heads] * bucket.valid  # padded outputs: dropped
             mask = _band(bucket.rows.shape[-1], ctx.window, q)
             parts = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

@@ -222,3 +222,19 @@ def test_gpu_paths_in_fp16_match_reference(path):
     torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
     for name, a, b in zip("qkv", got_grads, want_grads):
         torch.testing.assert_close(a.float(), b, atol=5e-3, rtol=5e-3, msg=f"d{name}")
+
+
+def test_several_buckets_under_non_reentrant_checkpointing():
+    # The training setup: the attention inside torch.utils.checkpoint (non-reentrant), whose
+    # saved tensors may be unpacked once only; three buckets here.
+    from torch.utils.checkpoint import checkpoint
+
+    pos = _positions([[40, 2, 3, 17]])
+    q, k, v = _qkv(1, pos.shape[1])
+    seg = segments_of(pos, 1)
+    got, got_grads = _grads(lambda *a, **kw: checkpoint(sdpa_spans, *a, use_reentrant=False,
+                                                        **kw), q, k, v, seg, scale=0.3)
+    want, want_grads = _grads(varlen_attention_reference, q, k, v, seg, scale=0.3)
+    torch.testing.assert_close(got, want, **TOL)
+    for name, a, b in zip("qkv", got_grads, want_grads):
+        torch.testing.assert_close(a, b, **TOL, msg=f"d{name}")
