@@ -162,25 +162,32 @@ def record_launches():
             del kernel.run  # the class's own again
 
 
-def compile_recorded(archs=ARCHS, path: Path = SIGNATURES) -> list[dict]:
-    """Compile every recorded signature for each architecture; one row a compile."""
+def _compile_one(job: tuple) -> dict:
+    """One recorded launch for one architecture (a worker process's task)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernels, rows = _kernels(), []
-    for record in json.loads(Path(path).read_text())["launches"]:
-        fn = kernels[record["kernel"]]
-        for cap in archs:
-            started = time.perf_counter()
-            compiled = triton.compile(
-                ASTSource(fn, record["signature"], record["constexprs"]),
-                target=GPUTarget("cuda", cap, 32), options=record["options"])
-            if not compiled.asm.get("cubin"):
-                raise RuntimeError(f"{record['kernel']} produced no cubin for sm_{cap}")
-            rows.append({"kernel": record["kernel"], "sm": cap,
-                         "seconds": time.perf_counter() - started})
-    return rows
+    record, cap = job
+    fn = _kernels()[record["kernel"]]
+    started = time.perf_counter()
+    compiled = triton.compile(ASTSource(fn, record["signature"], record["constexprs"]),
+                              target=GPUTarget("cuda", cap, 32), options=record["options"])
+    if not compiled.asm.get("cubin"):
+        raise RuntimeError(f"{record['kernel']} produced no cubin for sm_{cap}")
+    return {"kernel": record["kernel"], "sm": cap, "seconds": time.perf_counter() - started}
+
+
+def compile_recorded(archs=ARCHS, path: Path = SIGNATURES, workers: int = 0) -> list[dict]:
+    """Compile every recorded launch for each architecture, in `workers` processes (default:
+    the CPUs); one row a compile. Raises on the first kernel that does not compile."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(record, cap) for record in json.loads(Path(path).read_text())["launches"]
+            for cap in archs]
+    with ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        return list(pool.map(_compile_one, jobs))
 
 
 if __name__ == "__main__":

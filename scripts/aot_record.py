@@ -55,7 +55,27 @@ def record(model_dir: Path, work: Path) -> list[dict]:
         with record_launches() as seen:
             step()
         launches.update(seen)
+    with record_launches() as seen:
+        _rmsnorm_launches(576, rows=2 * 96)
+    launches.update(seen)
     return [launches[key] for key in sorted(launches)]
+
+
+def _rmsnorm_launches(hidden: int, rows: int) -> None:
+    """RMSNorm through its launchers, forward and backward, in the dtypes a session gives it:
+    fp32 in and out (fp32 runs; fp16 and bf16 runs' residual stream, weights upcast by PEFT's
+    kbit preparation), and 16-bit activations with 16-bit weights. The engine's step under
+    the interpreter did not reach the Triton RMSNorm here (it ran the reference), so these
+    launches are made directly, with the session's own row count and width."""
+    import torch
+
+    from baton.kernels.rmsnorm import rmsnorm
+
+    for x_dtype, w_dtype in ((torch.float32, torch.float32), (torch.float16, torch.float16),
+                             (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)):
+        x = torch.randn(rows, hidden, dtype=x_dtype, requires_grad=True)
+        w = torch.ones(hidden, dtype=w_dtype, requires_grad=True)
+        rmsnorm(x, w, 1e-5).float().sum().backward()
 
 
 def main(argv=None) -> int:
