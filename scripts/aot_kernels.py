@@ -8,7 +8,7 @@ Two sets of signatures:
   `tests/test_patch.py` compiles them for sm_75 and sm_90, and `scripts/bench_startup.py` times
   a cold compile against one served from TRITON_CACHE_DIR;
 - `kernel_signatures.json` (beside this file): the launches a real session makes, recorded
-  under the interpreter by `python scripts/aot_kernels.py record` (`record_launches`: every
+  under the interpreter by `python scripts/aot_record.py` (`record_launches`: every
   Baton kernel's launch, its argument types, constexprs and warps), from a training step of
   SmolLM2's shapes in fp32, fp16 and bf16 autocast: fp32 RMSNorm on an fp16 run's fp32
   residual stream, fp16 q with fp32 cos/sin in RoPE, multi-row CE and RMSNorm tiles, 4-warp
@@ -191,9 +191,6 @@ def compile_recorded(archs=ARCHS, path: Path = SIGNATURES, workers: int = 0) -> 
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["record"]:
-        from baton.scripts.aot_record import main as record_main
-
-        sys.exit(record_main(sys.argv[2:]))
+    # `python scripts/aot_kernels.py recorded`: the recorded launches for the four GPUs.
     done = compile_recorded() if sys.argv[1:2] == ["recorded"] else compile_all()
     print("compiled", len(done), f"in {sum(r['seconds'] for r in done):.2f} s")

@@ -1,6 +1,6 @@
 """Record the Triton launches a real training session makes, for ahead-of-time compiles.
 
-    python scripts/aot_kernels.py record [--model DIR] [--out scripts/kernel_signatures.json]
+    TRITON_INTERPRET=1 BATON_KERNELS=triton python scripts/aot_record.py [--model DIR] [--out F]
 
 Runs Baton's engine (`training.engine.Trainer`, through the bench's data setup) under Triton's
 interpreter with the Triton kernels forced, one optimizer step in each precision a session
@@ -19,6 +19,10 @@ import os
 import sys
 import types
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -101,3 +105,7 @@ def main(argv=None) -> int:
                                     "launches": launches}, indent=1) + "\n")
     print(f"{len(launches)} launches written to {args.out}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,7 +3,7 @@
 No GPU here: Triton's real compiler (down to ptxas, the pinned Triton) takes each launch a
 training step of SmolLM2's shapes made under the interpreter, in fp32, fp16 and bf16, and
 compiles it for sm_75 (T4), sm_80 (A100), sm_89 (L4) and sm_90 (H100). The file is written by
-`TRITON_INTERPRET=1 BATON_KERNELS=triton python scripts/aot_kernels.py record`.
+`TRITON_INTERPRET=1 BATON_KERNELS=triton python scripts/aot_record.py`.
 """
 
 from __future__ import annotations
