@@ -299,11 +299,16 @@ def _fallback(query, key, value, segments, **kw) -> torch.Tensor:
     return VARLEN_FUNCTIONS[path](query, key, value, segments, **kw)
 
 
-def _as_16bit(query, key, value):
+def _flash_inputs(query, key, value, segments: Segments, window: Optional[int]):
+    """(q, k, v as [tokens, H, D] in one 16-bit dtype, cu_seqlens, the window's left size or
+    -1), the arguments both FlashAttention paths take; None for fp32 tensors."""
     dtype = _flash_dtype(query, key, value)
     if dtype is None:
         return None
-    return tuple(t if t.dtype == dtype else t.to(dtype) for t in (query, key, value))
+    q, k, v = (_tokens(t if t.dtype == dtype else t.to(dtype)) for t in (query, key, value))
+    # FlashAttention's window counts the tokens before the query: HF's window minus itself.
+    left = window - 1 if window is not None and segments.max_len > window else -1
+    return q, k, v, segments.cu_seqlens.to(query.device), left
 
 
 def flash_varlen(query, key, value, segments: Segments, *, scale: Optional[float] = None,
@@ -311,20 +316,16 @@ def flash_varlen(query, key, value, segments: Segments, *, scale: Optional[float
     """FlashAttention-2's varlen kernel over the whole row: one launch, GQA native."""
     from flash_attn import flash_attn_varlen_func
 
-    tensors = _as_16bit(query, key, value)
-    if tensors is None:
+    inputs = _flash_inputs(query, key, value, segments, window)
+    if inputs is None:
         return _fallback(query, key, value, segments, scale=scale, dropout=dropout,
                          window=window)
-    batch, heads, length, dim = query.shape
-    q, k, v = (_tokens(t) for t in tensors)
-    cu = segments.cu_seqlens.to(query.device)
-    # FlashAttention's window counts the tokens before the query: HF's window minus itself.
-    left = window - 1 if window is not None and segments.max_len > window else -1
+    q, k, v, cu, left = inputs
     out = flash_attn_varlen_func(
         q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=segments.max_len,
         max_seqlen_k=segments.max_len, dropout_p=dropout, softmax_scale=scale, causal=True,
         window_size=(left, -1 if left < 0 else 0))
-    return out.reshape(batch, length, heads, dim)
+    return out.reshape(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
 
 
 def torch_varlen(query, key, value, segments: Segments, *, scale: Optional[float] = None,
@@ -332,17 +333,14 @@ def torch_varlen(query, key, value, segments: Segments, *, scale: Optional[float
     """PyTorch's `varlen_attn` (FlashAttention-2 inside torch) over the whole row."""
     from torch.nn.attention.varlen import varlen_attn
 
-    tensors = _as_16bit(query, key, value)
-    if tensors is None or dropout:  # varlen_attn has no dropout
+    inputs = None if dropout else _flash_inputs(query, key, value, segments, window)
+    if inputs is None:  # fp32, or dropout (varlen_attn has none)
         return _fallback(query, key, value, segments, scale=scale, dropout=dropout,
                          window=window)
-    batch, heads, length, dim = query.shape
-    q, k, v = (_tokens(t) for t in tensors)
-    cu = segments.cu_seqlens.to(query.device)
-    left = window - 1 if window is not None and segments.max_len > window else -1
+    q, k, v, cu, left = inputs
     out = varlen_attn(q, k, v, cu, cu, segments.max_len, segments.max_len, scale=scale,
-                      window_size=(left, 0), enable_gqa=heads != key.shape[1])
-    return out.reshape(batch, length, heads, dim)
+                      window_size=(left, 0), enable_gqa=q.shape[1] != k.shape[1])
+    return out.reshape(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
 
 
 def efficient_varlen(query, key, value, segments: Segments, *, scale: Optional[float] = None,
