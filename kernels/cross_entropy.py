@@ -4,16 +4,24 @@ The hidden states are multiplied by the lm_head weight one chunk of rows at a ti
 chunk's fp32 logits live only while its loss (forward) or its gradient (backward) is taken.
 So a 128k-vocabulary model never holds [tokens, vocab] fp32 logits: the peak is one chunk.
 
-The backward recomputes each chunk's logits (one more lm_head matmul, about 2% of an 8B
-step) instead of building the gradients in the forward as Liger-Kernel does, because only
-the backward knows the incoming gradient, which carries the fp16 loss scale. The logits'
-gradient (softmax - onehot) is multiplied by it in fp32 *before* it is cast to the compute
-dtype for the matmuls: with a 128k vocabulary most probabilities are about 1e-5, subnormal in
-fp16 (below 6.1e-5), where a cast keeps a few bits or none; scaled by the loss scale (2^16 at
-the start, over the step's tokens) they are normal numbers that keep fp16's 11 bits, as in
-HF's unfused path, which casts the same scaled gradient. A factor below 1 (a mean without a
-loss scale: bf16, fp32, a test) is applied after the matmuls instead, in fp32, where it
-cannot push the values down into fp16's subnormals.
+Chunks are sized by the bytes of their fp32 logits (`LOGIT_CHUNK_BYTES`, with a floor of
+`MIN_CHUNK_ROWS`), not by the hidden/vocabulary ratio: every chunk reads the whole lm_head
+weight once a pass (1 GB for a 128k x 4k bf16 head), so a chunk of 8 rows made the loss
+bandwidth-bound, reading the weight some 180 times a step where HF reads it 2 or 3 times.
+
+Where no loss scaler is in play (fp32, bf16) the gradient is built in the forward, chunk by
+chunk (Liger-Kernel's way): the logits' gradient exists right after the loss, so dx and dW
+come from the same chunk's logits and the backward only multiplies them by the incoming
+gradient. Two passes over lm_head (logits, dx), not three. fp16 recomputes each chunk's
+logits in the backward instead, because only the backward knows the incoming gradient, which
+carries the fp16 loss scale: the logits' gradient (softmax - onehot) is multiplied by it in
+fp32 *before* it is cast to the compute dtype for the matmuls: with a 128k vocabulary most
+probabilities are about 1e-5, subnormal in fp16 (below 6.1e-5), where a cast keeps a few bits
+or none; scaled by the loss scale (2^16 at the start, over the step's tokens) they are normal
+numbers that keep fp16's 11 bits, as in HF's unfused path, which casts the same scaled
+gradient. A factor below 1 (a mean without a loss scale: a test) is applied after the matmuls
+instead, in fp32, where it cannot push the values down into fp16's subnormals. bf16 has
+fp32's exponent range: its gradient, scaled by 1/n of a mean, loses nothing to the cast.
 
 The Triton part is the per-row softmax / cross-entropy-gradient kernel over a chunk's logits,
 written in place. `backend="reference"` does the same chunking with plain torch ops, which
@@ -46,6 +54,11 @@ from baton.kernels.guard import on_tensor_device
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum")
 _TILE = 4096  # logits a program holds at once
+# One chunk's fp32 logits: 256 MiB is 1,365 rows of SmolLM2's 49,152-token vocabulary, 523 of
+# Llama 3's 128,256, 441 of Qwen2.5's 152,064 (rounded down to 64-row tiles); its 16-bit
+# copy adds half as much. HF's full logits of 2,048 tokens at 128k are 1 GiB in fp32.
+LOGIT_CHUNK_BYTES = 256 * 2**20
+MIN_CHUNK_ROWS = 256  # a floor for huge vocabularies: the weight's reads stay few
 
 
 def linear_cross_entropy_reference(
@@ -175,10 +188,21 @@ def ce_grad_reference(logits: torch.Tensor, labels: torch.Tensor, scale: float,
     return loss
 
 
-def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int) -> int:
-    # Liger's rule: a chunk's logits about as large as the hidden states themselves.
-    ratio = -(-vocab_size // hidden_size)
-    return max(1, min(next_power_of_2(-(-n_rows // ratio)), n_rows))
+def default_chunk_size(n_rows: int, vocab_size: int,
+                       budget: int = LOGIT_CHUNK_BYTES) -> int:
+    """Rows a chunk: as many as fit `budget` bytes of fp32 logits, in whole 64-row tiles,
+    at least MIN_CHUNK_ROWS, at most `n_rows` (a small batch is one chunk)."""
+    rows = max(MIN_CHUNK_ROWS, budget // (4 * vocab_size) // 64 * 64)
+    return max(1, min(rows, n_rows))
+
+
+def lm_head_passes(n_rows: int, vocab_size: int, dtype: torch.dtype,
+                   chunk_size: int | None = None) -> int:
+    """Times a training step's loss reads the whole lm_head weight: once a chunk for the
+    logits and once for dx, plus once a chunk for the fp16 recompute."""
+    chunk = chunk_size or default_chunk_size(n_rows, vocab_size)
+    chunks = -(-n_rows // chunk)
+    return chunks * (3 if dtype == torch.float16 else 2)
 
 
 # weight -> ((version, data_ptr, dtype), the weight cast to that dtype). Weak keys compared
@@ -220,7 +244,7 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def _chunks(hidden, weight, chunk_size):
-    chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
     return [slice(start, start + chunk) for start in range(0, hidden.shape[0], chunk)]
 
 
@@ -230,48 +254,37 @@ def _ce_grad_fn(backend: str, softcap: float | None, logit_scale: float):
     return functools.partial(ce_grad, softcap=softcap, logit_scale=logit_scale)
 
 
-def _chunked_loss(hidden, weight, bias, labels, ignore_index, chunk_size, ce_grad, dtype):
-    """Sum of the token losses, chunk by chunk, the logits in `dtype` (autocast's or the
-    weight's): the weight is cast once (`cast_weight`: not once a chunk, nor once a forward
-    while it is unchanged), and the chunks then run with autocast off in that dtype."""
-    w = cast_weight(weight, dtype)
-    b = None if bias is None else bias.to(dtype)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    with torch.autocast(weight.device.type, enabled=False):
-        for rows in _chunks(hidden, weight, chunk_size):
-            logits = F.linear(hidden[rows].to(dtype), w, b).float()
-            total += ce_grad(logits, labels[rows], 1.0, ignore_index).sum()
-            del logits
-    return total
-
-
 def _split(factor: float) -> tuple[float, float]:
     """(before the cast, after the matmuls): a factor of 1 or more (a loss scale) goes before,
     where it lifts the gradient out of fp16's subnormals; one below 1 after, in fp32."""
     return (factor, 1.0) if abs(factor) >= 1.0 else (1.0, factor)
 
 
-def _chunked_grads(ctx, hidden, weight, bias, labels, factor: float):
-    """(dx, dw, db) of `factor` x the summed loss; each chunk's logits recomputed.
+def _chunked_grads(hidden, weight, bias, labels, needs, ce_grad, dtype, chunk_size,
+                   ignore_index, factor: float):
+    """(summed loss, dx, dw, db) of `factor` x the summed loss, chunk by chunk, the logits in
+    `dtype` (autocast's or the weight's): the weight is cast once (`cast_weight`: not once a
+    chunk, nor once a forward while it is unchanged), and the chunks run with autocast off.
 
-    The gradient of the logits is made in fp32, multiplied by `factor` (the incoming gradient,
-    loss scale included, times 1/n of a mean) when that is at least 1, and only then cast to
-    the compute dtype: see the module's docstring. Weight and bias gradients sum in fp32.
+    The gradient of the logits is made in fp32, multiplied by `factor` when that is at least
+    1 (a loss scale), and only then cast to the compute dtype: see the module's docstring.
+    Weight and bias gradients sum in fp32. `needs` is (dx, dw, db) wanted.
     """
     pre, post = _split(factor)
-    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.need_bias
-    ce_grad = ctx.ce_grad
-    w = cast_weight(weight, ctx.dtype)
-    b = None if bias is None else bias.to(ctx.dtype)
-    dx = torch.empty_like(hidden) if need_x else None
-    dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-    db = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+    w = cast_weight(weight, dtype)
+    b = None if bias is None else bias.to(dtype)
+    dx = torch.empty_like(hidden) if needs[0] else None
+    dw = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
+    db = torch.zeros_like(bias, dtype=torch.float32) if needs[2] else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     with torch.autocast(weight.device.type, enabled=False):
-        for rows in _chunks(hidden, weight, ctx.chunk_size):
-            x_chunk = hidden[rows].to(ctx.dtype)
+        for rows in _chunks(hidden, weight, chunk_size):
+            x_chunk = hidden[rows].to(dtype)
             logits = F.linear(x_chunk, w, b).float()
-            ce_grad(logits, labels[rows], pre, ctx.ignore_index)  # in place: the gradient
-            g = logits.to(ctx.dtype)
+            total += ce_grad(logits, labels[rows], pre, ignore_index).sum()  # in place
+            if not any(needs):  # the loss alone (evaluation, the fp16 forward)
+                continue
+            g = logits.to(dtype)
             if dx is not None:
                 dx[rows] = ((g @ w).float() * post).to(dx.dtype)
             if dw is not None:
@@ -279,7 +292,7 @@ def _chunked_grads(ctx, hidden, weight, bias, labels, factor: float):
             if db is not None:
                 db.add_(logits.sum(0), alpha=post)
             del logits, g
-    return dx, dw, db
+    return total, dx, dw, db
 
 
 def _mean_scale(labels: torch.Tensor, ignore_index: int, reduction: str) -> float:
@@ -291,24 +304,39 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, ignore_index, reduction, chunk_size, backend,
                 softcap=None, logit_scale=1.0):
-        ctx.dtype = _compute_dtype(weight)  # the backward runs outside autocast: keep it
-        ctx.ce_grad = _ce_grad_fn(backend, softcap, logit_scale)
-        total = _chunked_loss(hidden, weight, bias, labels, ignore_index, chunk_size,
-                              ctx.ce_grad, ctx.dtype)
-        ctx.save_for_backward(hidden, weight, labels, bias)
-        ctx.scale = _mean_scale(labels, ignore_index, reduction)
-        ctx.ignore_index, ctx.chunk_size, ctx.backend = ignore_index, chunk_size, backend
-        ctx.need_bias = bias is not None and ctx.needs_input_grad[3]
-        return total * ctx.scale
+        dtype = _compute_dtype(weight)  # the backward runs outside autocast: keep it
+        ce_grad = _ce_grad_fn(backend, softcap, logit_scale)
+        scale = _mean_scale(labels, ignore_index, reduction)
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                 bias is not None and ctx.needs_input_grad[3])
+        ctx.recompute = dtype == torch.float16  # the loss scale must reach the gradient
+        if ctx.recompute:
+            total = _chunked_grads(hidden, weight, bias, labels, (False,) * 3, ce_grad, dtype,
+                                   chunk_size, ignore_index, 1.0)[0]
+            ctx.save_for_backward(hidden, weight, labels, bias)
+            ctx.args = (needs, ce_grad, dtype, chunk_size, ignore_index, scale)
+        else:  # fp32, bf16: the gradient now, of the loss times 1/n of a mean
+            total, dx, dw, db = _chunked_grads(hidden, weight, bias, labels, needs, ce_grad,
+                                               dtype, chunk_size, ignore_index, scale)
+            ctx.save_for_backward(dx, dw, db)
+            ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total * scale
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, labels, bias = ctx.saved_tensors
-        # One host sync a backward: the factor is a launch argument of the gradient kernel.
-        factor = float(grad_out) * ctx.scale
-        dx, dw, db = _chunked_grads(ctx, hidden, weight, bias, labels, factor)
-        dw = None if dw is None else dw.to(weight.dtype)
-        db = None if db is None else db.to(bias.dtype)
+        if ctx.recompute:
+            hidden, weight, labels, bias = ctx.saved_tensors
+            needs, ce_grad, dtype, chunk_size, ignore_index, scale = ctx.args
+            # One host sync a backward: the factor is a launch argument of the gradient kernel.
+            factor = float(grad_out) * scale
+            _, dx, dw, db = _chunked_grads(hidden, weight, bias, labels, needs, ce_grad, dtype,
+                                           chunk_size, ignore_index, factor)
+            w_dtype, b_dtype = weight.dtype, None if bias is None else bias.dtype
+        else:
+            dx, dw, db = (None if t is None else t * grad_out for t in ctx.saved_tensors)
+            w_dtype, b_dtype = ctx.dtypes
+        dw = None if dw is None else dw.to(w_dtype)
+        db = None if db is None else db.to(b_dtype)
         return dx, dw, None, db, None, None, None, None, None, None
 
 
@@ -337,9 +365,9 @@ def fused_linear_cross_entropy(
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         # Evaluation: the loss alone, no gradient buffers, no autograd graph.
         with torch.no_grad():
-            total = _chunked_loss(hidden, weight, bias, labels, ignore_index, chunk_size,
-                                  _ce_grad_fn(backend, softcap, logit_scale),
-                                  _compute_dtype(weight))
+            total = _chunked_grads(hidden, weight, bias, labels, (False,) * 3,
+                                   _ce_grad_fn(backend, softcap, logit_scale),
+                                   _compute_dtype(weight), chunk_size, ignore_index, 1.0)[0]
         return total * _mean_scale(labels, ignore_index, reduction)
     return FusedLinearCrossEntropyFunction.apply(
         hidden, weight, labels, bias, ignore_index, reduction, chunk_size, backend,

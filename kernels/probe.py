@@ -8,7 +8,8 @@ child process before it loads the model:
 
 The job names the device, the compute dtype and the model's sizes (hidden, intermediate,
 heads, head_dim, vocabulary, LoRA rank, NF4 or dense base). Each op runs forward and backward
-on `tokens` rows (a handful: the compile depends on the sizes, not on the row count), and its
+on `tokens` rows, the session's first micro-batch (the loss on one chunk of it), so that its
+tile sizes, warps and Triton's row-count specialisations are the first step's own; and its
 forward is held to its plain-PyTorch reference loosely (a kernel that compiles but computes
 garbage fails too). Before each op the child prints `{"op": name}`, after it `{"op": name,
 "ok": true, "seconds": s}`, so the parent can name the op that was running when the child
@@ -131,10 +132,11 @@ def probe_geglu(job: ProbeJob) -> None:
 def probe_cross_entropy(job: ProbeJob) -> None:
     """The fused loss's Triton part: softmax gradient rows over the whole vocabulary (the
     logits matmul around it is torch's)."""
-    from baton.kernels.cross_entropy import ce_grad_reference, ce_grad_triton
+    from baton.kernels.cross_entropy import ce_grad_reference, ce_grad_triton, default_chunk_size
 
-    logits = torch.randn(job.tokens, job.vocab, device=job.device) * 2
-    labels = torch.randint(0, job.vocab, (job.tokens,), device=job.device)
+    rows = default_chunk_size(job.tokens, job.vocab)  # one chunk of the session's loss
+    logits = torch.randn(rows, job.vocab, device=job.device) * 2
+    labels = torch.randint(0, job.vocab, (rows,), device=job.device)
     mine, theirs = logits.clone(), logits.clone()
     loss = ce_grad_triton(mine, labels, 1.0)
     _compare(loss, ce_grad_reference(theirs, labels, 1.0), job, "cross-entropy loss")

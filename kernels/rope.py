@@ -49,10 +49,12 @@ def _rope_kernel(
     seq_len, n_heads, HALF: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr,
 ):
-    # One program per (batch, band of BLOCK_S positions), all heads at once: every head of a
-    # token shares its cos/sin row, which is loaded once.
-    b = tl.program_id(0).to(tl.int64)
-    pos = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[:, None, None]
+    # One program per (band of BLOCK_S positions, batch), all heads at once: every head of a
+    # token shares its cos/sin row, which is loaded once. Bands on grid axis 0 (up to 2^31 - 1;
+    # axis 1 stops at 65,535, which a padding-free row of 131k tokens passes); positions in
+    # int64, since pos * stride passes 2^31 near 524k tokens of an 8B model's q.
+    b = tl.program_id(1).to(tl.int64)
+    pos = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)[:, None, None]
     heads = tl.arange(0, BLOCK_H)[None, :, None]
     dims = tl.arange(0, BLOCK_D)[None, None, :]
     cs_mask = (pos < seq_len) & (dims < HALF)
@@ -75,6 +77,11 @@ def _rope_kernel(
     o_ptr = OUT + b * so_b + pos * so_s + heads * so_h + dims
     tl.store(o_ptr, o1.to(OUT.dtype.element_ty), mask=mask)
     tl.store(o_ptr + HALF, o2.to(OUT.dtype.element_ty), mask=mask)
+
+
+def rope_grid(batch: int, seq_len: int, block_s: int) -> tuple[int, int]:
+    """(bands of block_s positions, batch): the long axis first, where CUDA allows 2^31 - 1."""
+    return (-(-seq_len // block_s), batch)
 
 
 def _expand_cs(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -100,7 +107,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     # About 4k elements a program: one or two positions for an 8B model, a whole short
     # sequence for a tiny one (which keeps the CPU interpreter's launch count low).
     block_s = max(1, min(_TILE // (block_h * block_d), next_power_of_2(seq_len)))
-    _rope_kernel[(bsz, triton.cdiv(seq_len, block_s))](
+    _rope_kernel[rope_grid(bsz, seq_len, block_s)](
         out, x, cos, sin,
         out.stride(0), out.stride(1), out.stride(2), x.stride(0), x.stride(1), x.stride(2),
         cos.stride(0), cos.stride(1), seq_len, n_heads, HALF=head_dim // 2,

@@ -1,17 +1,30 @@
 """Baton's Triton kernels compiled ahead of time for a GPU that is not here (down to ptxas).
 
 No GPU is needed: Triton's real compiler turns each kernel into a cubin for a target
-(`GPUTarget("cuda", 75, 32)`: a T4) with the signatures and tile sizes the launchers use. Two
-callers: `tests/test_patch.py` checks that every kernel compiles for sm_75 and sm_90, and
-`scripts/bench_startup.py` times a cold compile against one served from TRITON_CACHE_DIR, which
-is what a session's first step pays for kernel compilation with and without the cache.
-Run it with TRITON_INTERPRET unset (the interpreter compiles nothing).
+(`GPUTarget("cuda", 75, 32)`: a T4) with the signatures and tile sizes the launchers use.
+
+Two sets of signatures:
+- `kernel_specs(dt)`: written by hand, an 8B model's tiles in one compute dtype;
+  `tests/test_patch.py` compiles them for sm_75 and sm_90, and `scripts/bench_startup.py` times
+  a cold compile against one served from TRITON_CACHE_DIR;
+- `kernel_signatures.json` (beside this file): the launches a real session makes, recorded
+  under the interpreter by `python scripts/aot_record.py` (`record_launches`: every
+  Baton kernel's launch, its argument types, constexprs and warps), from a training step of
+  SmolLM2's shapes in fp32, fp16 and bf16 autocast: fp32 RMSNorm on an fp16 run's fp32
+  residual stream, fp16 q with fp32 cos/sin in RoPE, multi-row CE and RMSNorm tiles, 4-warp
+  launches. `compile_recorded` compiles exactly those for sm_75, sm_80, sm_89 and sm_90
+  (`tests/test_aot_signatures.py`, and `scripts/aot_platforms.py` with the Triton versions of
+  Kaggle's and Colab's images). The JIT also specialises integer arguments (equal to 1,
+  divisible by 16); compiled here without those hints, each kernel is the general variant.
+Run it with TRITON_INTERPRET unset to compile (the interpreter compiles nothing).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,6 +32,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 TARGETS = ((75, "fp16"), (90, "bf16"))  # T4 trains in fp16, sm_80 and newer in bf16
+ARCHS = (75, 80, 89, 90)  # T4; A100; L4; H100
+SIGNATURES = Path(__file__).resolve().parent / "kernel_signatures.json"
+KERNEL_MODULES = ("cross_entropy", "nf4", "rmsnorm", "rope", "swiglu")
+_TYPES = {"float16": "fp16", "float32": "fp32", "bfloat16": "bf16", "int64": "i64",
+          "int32": "i32", "uint8": "u8", "int8": "i8", "bool": "i1"}
 
 
 def kernel_specs(dt: str) -> list[tuple]:
@@ -83,6 +101,100 @@ def compile_all(targets=TARGETS) -> list[dict]:
     return rows
 
 
+# --- signatures recorded from a real session ---------------------------------------------
+
+
+def _kernels() -> dict:
+    """name -> the @triton.jit objects of Baton's kernel modules."""
+    import importlib
+
+    found = {}
+    for module in KERNEL_MODULES:
+        mod = importlib.import_module(f"baton.kernels.{module}")
+        for name, obj in vars(mod).items():
+            if name.endswith("_kernel") and hasattr(obj, "run") and hasattr(obj, "fn"):
+                found[f"{module}.{name}"] = obj
+    return found
+
+
+def _arg_type(value) -> str:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return "*" + _TYPES[str(value.dtype).removeprefix("torch.")]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for a launch argument {value!r}")
+
+
+def _launch_record(name: str, fn, args, kwargs) -> dict:
+    """One launch as (kernel, signature, constexprs, options), JSON-ready."""
+    import inspect
+
+    params = list(inspect.signature(fn).parameters.values())
+    bound = dict(zip([p.name for p in params], args))
+    bound.update({k: v for k, v in kwargs.items() if k in {p.name for p in params}})
+    constexprs = {p.name for p in params if "constexpr" in str(p.annotation)}
+    signature = {p.name: "constexpr" if p.name in constexprs else _arg_type(bound[p.name])
+                 for p in params}
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "enable_fp_fusion")
+               if k in kwargs}
+    return {"kernel": name, "signature": signature,
+            "constexprs": {k: bound[k] for k in sorted(constexprs)}, "options": options}
+
+
+@contextmanager
+def record_launches():
+    """Record every launch of a Baton kernel inside the block (the kernels still run)."""
+    seen: dict[str, dict] = {}
+    kernels = _kernels()
+    for name, kernel in kernels.items():
+        def run(*args, _name=name, _kernel=kernel, _run=kernel.run, **kwargs):
+            launch = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+            record = _launch_record(_name, _kernel.fn, args, launch)
+            seen.setdefault(json.dumps(record, sort_keys=True), record)
+            return _run(*args, **kwargs)
+        kernel.run = run
+    try:
+        yield seen
+    finally:
+        for kernel in kernels.values():
+            del kernel.run  # the class's own again
+
+
+def _compile_one(job: tuple) -> dict:
+    """One recorded launch for one architecture (a worker process's task)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    record, cap = job
+    fn = _kernels()[record["kernel"]]
+    started = time.perf_counter()
+    compiled = triton.compile(ASTSource(fn, record["signature"], record["constexprs"]),
+                              target=GPUTarget("cuda", cap, 32), options=record["options"])
+    if not compiled.asm.get("cubin"):
+        raise RuntimeError(f"{record['kernel']} produced no cubin for sm_{cap}")
+    return {"kernel": record["kernel"], "sm": cap, "seconds": time.perf_counter() - started}
+
+
+def compile_recorded(archs=ARCHS, path: Path = SIGNATURES, workers: int = 0) -> list[dict]:
+    """Compile every recorded launch for each architecture, in `workers` processes (default:
+    the CPUs); one row a compile. Raises on the first kernel that does not compile."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(record, cap) for record in json.loads(Path(path).read_text())["launches"]
+            for cap in archs]
+    with ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        return list(pool.map(_compile_one, jobs))
+
+
 if __name__ == "__main__":
-    done = compile_all()
+    # `python scripts/aot_kernels.py recorded`: the recorded launches for the four GPUs.
+    done = compile_recorded() if sys.argv[1:2] == ["recorded"] else compile_all()
     print("compiled", len(done), f"in {sum(r['seconds'] for r in done):.2f} s")

@@ -16,7 +16,11 @@ built and trained as the agent does (the engine's loader, batching, optimizer, k
 JSON holds, per implementation under `runs` and at the top as `hf` and `baton`:
 `tokens_per_s` (real tokens only), `token_efficiency`, `matmul_flops_per_token`, peak memory
 and `oom`; and `max_loss_diff` between the two. `--repeats R` runs the pair R times in one
-process, alternating which goes first, and reports the median tokens/s.
+process, alternating which goes first (3 pairs by default), and reports the median tokens/s;
+on the CPU with torch's threads set to the free cores (`--threads`), the load average before
+and after each pair, the median Baton/HF ratio and its spread, and a warning where the load
+exceeded the cores (`bench_load.py`). The first step of each run also counts its ATen ops and
+the bytes of lm_head its matmuls read (`bench_ops.py`).
 
 Precision follows the agent's policy (`training.devices.precision_for`): bf16 autocast on
 compute capability 8.0 and newer, fp16 autocast with a loss scaler on 6.x and 7.x (T4, P100),
@@ -48,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from baton.scripts.bench_load import free_cores, load_average, pair_summary, summary_text  # noqa: E402
 from baton.scripts.bench_kernels import bench_lora_mlp, bench_nf4, check_kernel_device  # noqa: E402,F401
 from baton.scripts.bench_presets import PRESETS, preset_config  # noqa: E402,F401
 from baton.scripts.bench_train import compute_dtype, run_impl  # noqa: E402
@@ -59,7 +64,8 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 # allocator. 14 GiB is what a T4 session can give PyTorch, with a margin.
 T4_MEMORY_CAP_GB = 14.0
 # The figures every implementation reports (bench_train.py), copied to the top-level entries.
-FIELDS = ("tokens_per_s", "token_efficiency", "matmul_flops_per_token", "oom")
+FIELDS = ("tokens_per_s", "token_efficiency", "matmul_flops_per_token", "ops_first_step",
+          "lm_head_bytes_first_step", "oom")
 _PEAK_KEYS = ("peak_memory_bytes", "peak_reserved_bytes", "peak_rss_bytes")
 
 
@@ -152,21 +158,27 @@ def run_training(args, device: torch.device) -> dict:
     impls = sorted(impls, key=lambda impl: impl != args.first)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
-    rounds = []
+    rounds, loads = [], []
     with Progress(*columns, console=console) as progress:
         for i in range(args.repeats):
             order = impls if i % 2 == 0 else impls[::-1]  # neither always pays the warm-up
             rounds.append({})
+            before = load_average()
             for impl in order:
                 rounds[-1][impl] = run_impl(impl, args, device, progress)
                 _save_partial(args, rounds)
+            loads.append((before, load_average()))
     runs = _merge_repeats(rounds)
     _print_table(runs)
-    out = {"runs": runs, "max_loss_diff": max_loss_diff(runs)}
+    out = {"runs": runs, "max_loss_diff": max_loss_diff(runs),
+           "rounds": [{impl: r.get("tokens_per_s") for impl, r in rnd.items()}
+                      for rnd in rounds]}
+    if len(impls) == 2:
+        out["pairs"] = pair_summary(rounds, loads, torch.get_num_threads())
+        console.print(summary_text(out["pairs"]))
     out.update({impl: {k: r.get(k) for k in FIELDS + _PEAK_KEYS if k in r}
                 for impl, r in runs.items()})
     return out
-
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -183,7 +195,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, help="a preset with this many decoder layers")
     p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int, default=1,
                    help="samples a micro-batch (one micro-batch an optimizer step)")
-    p.add_argument("--repeats", type=int, default=1, help="runs of the pair; tokens/s: median")
+    p.add_argument("--repeats", type=int,
+                   help="runs of the pair, alternating which goes first; tokens/s: median "
+                        "(default 3 with --impl both, else 1)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads on the CPU (default 0: the cores the load leaves free)")
     p.add_argument("--first", choices=["hf", "baton"], default="hf",
                    help="which implementation of the pair runs first (in the first round)")
     p.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=True,
@@ -197,6 +213,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per --kernel timing")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 3 if args.impl == "both" else 1
     if args.steps < 1 or args.seq_len < 2 or args.batch_size < 1 or args.repeats < 1:
         p.error("--steps, --batch-size and --repeats must be >= 1 and --seq-len >= 2")
     if (args.model is None) != (args.data is None):
@@ -237,11 +255,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     args.precision = resolve_precision(args.precision, device_capability(device))
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or free_cores())
     _apply_memory_cap(args.memory_cap_gb, device)
     result = {"preset": args.preset, "num_layers": args.num_layers,
               "model": _text(args.model), "data": _text(args.data),
               "seq_len": args.seq_len, "steps": args.steps, "batch_size": args.batch_size,
               "repeats": args.repeats, "seed": args.seed, "precision": args.precision,
+              "threads": torch.get_num_threads() if device.type == "cpu" else None,
               "padding_free": args.padding_free if args.data else None,
               "memory_cap_gb": args.memory_cap_gb if device.type == "cuda" else None,
               **_environment(device)}

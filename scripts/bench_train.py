@@ -11,6 +11,8 @@ what a TRL user runs) or `baton` (built and trained as the agent does). Every ru
   forward, whatever their layout);
 - `matmul_flops_per_token`: matmul FLOPs of the first step (`scripts/bench_flops.py`: forward,
   checkpoint recompute and backward) over its real tokens;
+- `ops_first_step`, `lm_head_bytes_first_step`: the first step's ATen ops and the bytes of
+  lm_head its matmuls read (`scripts/bench_ops.py`);
 - peak memory of training, weights resident, build transients excluded: allocated and reserved
   bytes on a GPU, the process's peak RSS on the CPU (its high-water mark, reset after the build);
 - `oom`: true when it ran out of memory (the run stops there; the other implementation runs).
@@ -30,6 +32,7 @@ from typing import Callable
 import torch
 
 from baton.scripts.bench_flops import count_flops
+from baton.scripts.bench_ops import count_ops, lm_head_shape
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -113,7 +116,7 @@ def measure(model, step: Callable[[], tuple[float, int]], steps: int, device, ad
             _sync(device)
             start = time.perf_counter()
             if i == 0:
-                with count_flops() as flops:
+                with count_flops() as flops, count_ops(lm_head_shape(model)) as ops:
                     loss, tokens = step()
             else:
                 loss, tokens = step()
@@ -137,6 +140,9 @@ def measure(model, step: Callable[[], tuple[float, int]], steps: int, device, ad
         "token_efficiency": sum(real) / max(meter.computed, 1),
         "matmul_flops_first_step": flops.total,
         "matmul_flops_per_token": flops.total / max(real[0], 1),
+        # Counts of the first step (forward, recompute, backward, optimizer): ATen ops, and
+        # the bytes of every matmul operand shaped like lm_head (its weight read a pass).
+        "ops_first_step": ops.total, "lm_head_bytes_first_step": ops.lm_head_bytes,
     }
 
 

@@ -293,7 +293,8 @@ class Session:
             data_path, eval_path = local_inputs(self.runstore, self.spec, self.config,
                                                 self.workdir)
         with self.timings.phase("first_step"):  # the probe compiles what the first step runs
-            probe = decide_kernels(self.spec, device, self.say)  # a child: an abort can't kill us
+            rows = self.config.train.micro_batch_size * self.config.data.max_seq_len
+            probe = decide_kernels(self.spec, device, self.say, rows)  # a child: an abort can't kill us
         self.record.kernels_probe = probe.note
         from .sharding_plan import choose_sharding, gpu_memory
 

@@ -30,7 +30,7 @@ log = logging.getLogger("baton.session")
 
 ROOT = Path(__file__).resolve().parent.parent  # `-m baton.kernels.probe` must find our `kernels`
 PROBE_TIMEOUT_S = 600.0  # a cold Triton cache compiles ~10 kernels: a minute or two on a T4
-PROBE_TOKENS = 16  # few rows, divisible by 16 as most runs' token counts are
+PROBE_TOKENS = 16  # rows when the session's micro-batch is not known (a test, a tool)
 
 
 @dataclass
@@ -47,8 +47,11 @@ def probe_command() -> list[str]:
     return [sys.executable, "-m", "baton.kernels.probe"]
 
 
-def job_for(spec, device, model_config) -> dict[str, Any]:
-    """The probe's job: the model's sizes (from its config), the LoRA rank, the dtype."""
+def job_for(spec, device, model_config, tokens: int = PROBE_TOKENS) -> dict[str, Any]:
+    """The probe's job: the model's sizes (from its config), the LoRA rank, the dtype, the
+    family's op variants, and `tokens` rows: the session's first micro-batch (micro_batch_size
+    x max_seq_len at most, what a padding-free row or a padded batch hands the kernels), so that
+    the tiles, warps and row-count specialisations the probe compiles are the first step's own."""
     from .family_plan import probe_variants, text_config
 
     c = text_config(model_config)
@@ -58,7 +61,7 @@ def job_for(spec, device, model_config) -> dict[str, Any]:
             "intermediate": c.intermediate_size, "heads": heads,
             "kv_heads": getattr(c, "num_key_value_heads", None) or heads, "head_dim": head_dim,
             "vocab": c.vocab_size, "rank": spec.lora.r, "nf4": bool(spec.model.load_in_4bit),
-            "eps": float(getattr(c, "rms_norm_eps", 1e-6)), "tokens": PROBE_TOKENS,
+            "eps": float(getattr(c, "rms_norm_eps", 1e-6)), "tokens": int(tokens),
             **probe_variants(c, head_dim)}
 
 
@@ -117,8 +120,9 @@ def _model_config(spec):
     return AutoConfig.from_pretrained(name, revision=None if local else revision)
 
 
-def decide(spec, device, say) -> ProbeOutcome:
-    """The kernel path this session trains on, probed where Triton would run."""
+def decide(spec, device, say, tokens: int = PROBE_TOKENS) -> ProbeOutcome:
+    """The kernel path this session trains on, probed where Triton would run, on `tokens`
+    rows (the first micro-batch's)."""
     from baton.kernels.dispatch import NO_PATCHING, patching_enabled, select_backend
 
     if not patching_enabled():
@@ -130,7 +134,7 @@ def decide(spec, device, say) -> ProbeOutcome:
     except (OSError, ValueError) as exc:  # the trainer's load then says what is wrong
         log.warning("kernel probe skipped: the model's config did not load (%s)", exc)
         return ProbeOutcome("triton", "skipped: the model's config did not load")
-    passed, note = run_probe(job_for(spec, device, config))
+    passed, note = run_probe(job_for(spec, device, config, tokens))
     if passed:
         say(f"kernel probe {note}")
         return ProbeOutcome("triton", note)

@@ -40,6 +40,21 @@ def skip_on_cuda(why: str):
     return pytest.mark.skipif(ON_CUDA, reason=f"CPU only: {why}")
 
 
+def ulp(dtype: torch.dtype) -> float:
+    """The spacing of `dtype` at 1 (fp32 2^-23, bf16 2^-7, fp16 2^-10): a rounding to it moves
+    a value by at most half this, relatively."""
+    return torch.finfo(dtype).eps
+
+
+# Tolerances of fp32 comparisons that hold on a GPU too, derived rather than tuned on the
+# interpreter's exact exp/log. Triton's tl.exp is ex2.approx (about 2 ulp) of an argument
+# rounded after the multiplication by log2(e): for a result r <= 1 the error is at most
+# r * (2 + 1.44 |ln r|) ulp, below 3 ulp for every r (at r = 1/e: 2 + 1.44). Softmax
+# gradients in [-1, 1] then differ by a few ulp of 1: 16 ulp (1.9e-6) covers a sum and a
+# scale. On the CPU the interpreter calls numpy's exp: the tight 1e-6 stays.
+FP32_GRAD_ATOL = 16 * ulp(torch.float32) if ON_CUDA else 1e-6
+
+
 def bf16_runs_here() -> bool:
     return not ON_CUDA or torch.cuda.get_device_capability(DEVICE) >= (8, 0)
 
@@ -83,6 +98,13 @@ def pytest_configure(config) -> None:
             raise RuntimeError(f"BATON_TEST_DEVICE={device} but torch sees no CUDA GPU")
         _MODE = OnDevice(device)
         _MODE.__enter__()
+        if device.startswith("cuda"):
+            # fp32 comparisons in fp32: TF32 keeps 10 mantissa bits in matmuls and convolutions
+            # (on by default for cuDNN, and by some libraries for matmuls) and would need
+            # bf16-like tolerances where the tests state fp32 ones.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            torch.set_float32_matmul_precision("highest")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

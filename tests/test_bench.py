@@ -29,7 +29,8 @@ def _run_bench(tmp_path: Path, *args: str, **env: str) -> dict:
 
 def test_tiny_both_impls_report_throughput_and_matching_losses(tmp_path):
     result = _run_bench(tmp_path, "--preset", "tiny", "--impl", "both", "--steps", "2",
-                        "--seq-len", "32", BATON_KERNELS="triton", TRITON_INTERPRET="1")
+                        "--seq-len", "32", "--repeats", "1", BATON_KERNELS="triton",
+                        TRITON_INTERPRET="1")
     assert result["preset"] == "tiny" and result["device"] == "cpu" and result["steps"] == 2
     assert result["precision"] == "fp32"  # the agent's policy on the CPU
     hf, baton = result["runs"]["hf"], result["runs"]["baton"]
@@ -144,9 +145,20 @@ def test_real_data_reports_the_four_fields_for_both_impls(tmp_path, tiny_model_d
     out = tmp_path / "bench.json"
     code = bench.main(["--model", str(tiny_model_dir), "--data", str(pairs_file),
                        "--micro-batch-size", "4", "--seq-len", "64", "--steps", "2",
-                       "--impl", "both", "--device", "cpu", "--json", str(out)])
+                       "--impl", "both", "--device", "cpu", "--repeats", "2",
+                       "--threads", "1", "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
+    # Two pairs, alternating, each with the load before and after; threads as asked.
+    pairs = result["pairs"]
+    assert result["threads"] == pairs["threads"] == 1 and pairs["pairs"] == 2
+    assert len(pairs["load_before_after"]) == 2 and len(pairs["ratios"]) == 2
+    assert pairs["spread"][0] <= pairs["median_ratio"] <= pairs["spread"][1]
+    # Counts of the first step: ops, and lm_head read twice (logits, dx) on each side.
+    for impl in ("hf", "baton"):
+        assert result[impl]["ops_first_step"] > 0
+        assert result[impl]["lm_head_bytes_first_step"] > 0
+    assert result["baton"]["ops_first_step"] <= result["hf"]["ops_first_step"]
     hf, baton = result["hf"], result["baton"]
     for top in (hf, baton):
         assert set(FIELDS) <= set(top) and top["oom"] is False
@@ -160,6 +172,24 @@ def test_real_data_reports_the_four_fields_for_both_impls(tmp_path, tiny_model_d
     assert runs["hf"]["computed_tokens"] > runs["hf"]["real_tokens"]
     assert hf["token_efficiency"] == runs["hf"]["real_tokens"] / runs["hf"]["computed_tokens"]
     assert 0 < baton["matmul_flops_per_token"] < hf["matmul_flops_per_token"]
+
+
+def test_pair_summary_warns_when_the_load_exceeds_the_cores(monkeypatch):
+    from baton.scripts import bench_load
+
+    monkeypatch.setattr(bench_load, "cores", lambda: 2)
+    pairs = [{"hf": {"tokens_per_s": 100.0}, "baton": {"tokens_per_s": r}}
+             for r in (150.0, 180.0, 170.0)]
+    quiet = bench_load.pair_summary(pairs, [(0.5, 1.2), (1.0, 1.9), (0.3, 0.8)], 2)
+    assert quiet["median_ratio"] == pytest.approx(1.7) and quiet["spread"] == [1.5, 1.8]
+    assert "warning" not in quiet and "WARNING" not in bench_load.summary_text(quiet)
+    busy = bench_load.pair_summary(pairs, [(0.5, 1.2), (3.1, 4.0), (0.3, 0.8)], 2)
+    assert busy["loaded_pairs"] == [1]
+    assert "WARNING: load average above the 2 cores" in bench_load.summary_text(busy)
+    monkeypatch.setattr(bench_load, "load_average", lambda: 1.4)
+    assert bench_load.free_cores() == 1
+    monkeypatch.setattr(bench_load, "load_average", lambda: 7.0)
+    assert bench_load.free_cores() == 1  # never fewer than one
 
 
 def test_a_model_folder_that_is_not_there_exits_2(tmp_path, pairs_file, capsys):

@@ -24,7 +24,7 @@ from bitsandbytes.backends.default import ops as bnb_default_ops  # noqa: E402
 from bitsandbytes.backends.utils import _get_4bit_code  # noqa: E402
 
 from baton.kernels.nf4 import NF4FormatError, dequantize_nf4, dequantize_nf4_reference  # noqa: E402
-from tests.native_device import DEVICE  # noqa: E402
+from tests.native_device import DEVICE, ON_CUDA, ulp  # noqa: E402
 
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -66,7 +66,14 @@ def _assert_bit_exact(packed, state, out_dtype, oracle: str = "public") -> None:
     got = dequantize_nf4(packed, state, out_dtype)
     ref = dequantize_nf4_reference(packed, state, out_dtype)
     assert got.dtype == out_dtype and got.shape == expected.shape == tuple(state.shape)
-    assert torch.equal(got, expected), f"max diff {(got.float() - expected.float()).abs().max()}"
+    if ON_CUDA and oracle == "public":
+        # bitsandbytes' CUDA kernel may contract absmax2 * code2 + offset into an FMA where
+        # ours (enable_fp_fusion=False) rounds twice: one rounding of the fp32 scale apart,
+        # which the cast to out_dtype keeps within 1 ulp of it.
+        diff = (got.float() - expected.float()).abs()
+        assert (diff <= ulp(out_dtype) * expected.float().abs()).all(), f"max diff {diff.max()}"
+    else:  # the CPU, and the portable oracle on any device: the same arithmetic, bit for bit
+        assert torch.equal(got, expected), f"max diff {(got.float() - expected.float()).abs().max()}"
     ref_diff = (ref.float() - expected.float()).abs().max()
     assert torch.equal(ref, expected), f"reference max diff {ref_diff}"
 

@@ -96,3 +96,20 @@ def test_odd_head_dim_is_refused():
     cos, sin = torch.ones(1, 2, 7), torch.zeros(1, 2, 7)
     with pytest.raises(ValueError, match="even head_dim"):
         rope_fwd(x, cos, sin)
+
+
+def test_launch_grid_fits_cuda_limits_for_long_padding_free_rows():
+    # Plain Python, the launcher's own arithmetic: an 8B model (32 heads of 128: block_s 1)
+    # on one padding-free row of a million tokens. CUDA allows 2^31 - 1 programs on grid axis
+    # 0 and 65,535 on axes 1 and 2; the positions' offsets pass int32 past ~524k tokens.
+    from baton.kernels.dispatch import next_power_of_2
+    from baton.kernels.rope import _TILE, rope_grid
+
+    heads, head_dim, tokens = 32, 128, 1_000_000
+    block_s = max(1, min(_TILE // (next_power_of_2(heads) * head_dim // 2), tokens))
+    bands, batch = rope_grid(1, tokens, block_s)
+    assert block_s == 2 and bands == 500_000 and batch == 1
+    assert bands <= 2**31 - 1 and batch <= 65_535
+    assert rope_grid(3, 10, 4) == (3, 3)
+    last_offset = (tokens - 1) * heads * head_dim  # pos * stride of q's [b, s, h, d] storage
+    assert last_offset > 2**31 - 1  # why the kernel computes positions in int64

@@ -94,7 +94,10 @@ def test_the_job_has_the_models_sizes_and_the_runs_dtype():
                           "cross_entropy"]
     assert (job["head_dim"], job["kv_heads"], job["vocab"], job["nf4"], job["device"]) == (
         128, 8, 128256, True, "cuda:1")
-    assert job["tokens"] <= 16, "cheap: the compile depends on the sizes, not the rows"
+    assert job["tokens"] == 16  # a caller that does not know the micro-batch
+    # A session's first micro-batch: 4 samples of up to 2,048 tokens, one padding-free row.
+    assert job_for(spec, SimpleNamespace(device="cuda:0", precision="fp16"), llama8b,
+                   tokens=4 * 2048)["tokens"] == 8192
     other = SimpleNamespace(**{**vars(llama8b), "model_type": "cohere"})
     assert job_for(spec, SimpleNamespace(device="cuda:0", precision="bf16"), other)["ops"] == [
         "lora_qkv", "lora_linear", "cross_entropy"], "outside the table: LoRA and the loss"

@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 
 from baton.kernels.varlen_attention import (
-    VARLEN_FUNCTIONS, VARLEN_PATHS, flash_available, segments_of, varlen_path_for,
+    VARLEN_FUNCTIONS, VARLEN_PATHS, flash_available, segments_of, torch_varlen_available,
+    varlen_path_for,
 )
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ def register() -> None:
 def choose_path(device: torch.device, dtype: torch.dtype) -> str:
     """The varlen path this device runs (FlashAttention only where it can)."""
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return varlen_path_for(device.type, capability, flash_available(), dtype)
+    return varlen_path_for(device.type, capability, flash_available(), dtype,
+                           torch_varlen_available())
 
 
 def use_varlen_attention(model, device: torch.device, dtype: torch.dtype) -> str:
