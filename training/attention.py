@@ -60,6 +60,17 @@ def varlen_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
                      **kwargs)
 
 
+def row_segments(module, position_ids, batch: int):
+    """The samples of a padding-free row, from the positions the model passes its attention
+    (each sample restarts at 0); a model that passes none cannot train padding-free."""
+    if position_ids is None:
+        raise AttentionLayoutError(
+            f"{type(module).__name__} does not pass position_ids to its attention, so the "
+            "samples of a padding-free row cannot be told apart; set data.padding_free: "
+            "false (or --no-padding-free) and data.packing: false for this model")
+    return segments_of(position_ids, batch)
+
+
 def _make_attention(path: str):
     varlen = VARLEN_FUNCTIONS[path]
 
@@ -69,13 +80,7 @@ def _make_attention(path: str):
         if attention_mask is not None or query.shape[2] != key.shape[2]:
             return _sdpa()(module, query, key, value, attention_mask, dropout=dropout,
                            scaling=scaling, sliding_window=sliding_window, **kwargs)
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            raise AttentionLayoutError(
-                f"{type(module).__name__} does not pass position_ids to its attention, so the "
-                "samples of a padding-free row cannot be told apart; set data.padding_free: "
-                "false (or --no-padding-free) and data.packing: false for this model")
-        segments = segments_of(position_ids, query.shape[0])
+        segments = row_segments(module, kwargs.get("position_ids"), query.shape[0])
         out = varlen(query, key, value, segments, scale=scaling, dropout=dropout,
                      window=sliding_window)
         return out, None

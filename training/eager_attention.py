@@ -24,10 +24,9 @@ from typing import Optional
 
 import torch
 
-from baton.kernels.varlen_attention import segments_of
 from baton.kernels.varlen_eager import EAGER_SPANS, eager_spans, family_eager
 
-from .attention import (AttentionLayoutError, current_attention, implementation_name,
+from .attention import (current_attention, implementation_name, row_segments,
                         use_varlen_attention)
 
 log = logging.getLogger(__name__)
@@ -67,12 +66,7 @@ def eager_spans_attention(module, query, key, value, attention_mask, sliding_win
     position_ids = kwargs.pop("position_ids", None)
     if attention_mask is not None or query.shape[2] != key.shape[2]:
         return eager(module, query, key, value, attention_mask, **kwargs)
-    if position_ids is None:
-        raise AttentionLayoutError(
-            f"{type(module).__name__} does not pass position_ids to its attention, so the "
-            "samples of a padding-free row cannot be told apart; set data.padding_free: "
-            "false (or --no-padding-free) and data.packing: false for this model")
-    segments = segments_of(position_ids, query.shape[0])
+    segments = row_segments(module, position_ids, query.shape[0])
     out = eager_spans(module, query, key, value, segments, window=sliding_window, eager=eager,
                       **kwargs)
     return out, None
