@@ -68,6 +68,8 @@ end_to_end with-kernels
 end_to_end without-kernels
 
 echo "fresh-install: the GPU check's dry run in an image-shaped venv, newest transformers/peft/accelerate"
+# Its own --basetemp: pytest prunes all but the newest three numbered temp folders, which
+# would pull the files from under a test run going on beside this one.
 BATON_IMAGE_NEWEST=1 "${TEST_PY:-.venv/bin/python}" -m pytest -q -p no:cacheprovider \
-    tests/test_gpu_check.py -k "dry_run and newest"
+    --basetemp "$WORK/pytest" tests/test_gpu_check.py -k "dry_run and newest"
 echo "fresh-install: all passed in $(( $(date +%s) - started )) s"
