@@ -31,8 +31,10 @@ def _one_layer_model(source: Path, folder: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from baton.training.model import PLAIN_MODULES
+
     model = AutoModelForCausalLM.from_pretrained(source, num_hidden_layers=1,
-                                                 dtype=torch.float32, use_kernels=False)
+                                                 dtype=torch.float32, **PLAIN_MODULES)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(source).save_pretrained(folder)
     return folder

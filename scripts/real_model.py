@@ -83,10 +83,12 @@ def convert(gguf: Path, out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from baton.training.model import PLAIN_MODULES
+
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
-                                                  use_kernels=False)  # plain modules, no Hub
+                                                  **PLAIN_MODULES)
     # The weights are dequantized now, but the model still carries the GGUF quantizer, which
     # refuses to save: move the weights into a plain model of the same config.
     config = loaded.config

@@ -41,6 +41,21 @@ def chat_records(n: int = 12) -> list[dict]:
     ]} for i in range(n)]
 
 
+def random_samples(lengths, seed: int, vocab: int, *, low: int = 0, masked: int = 2) -> list:
+    """Encoded samples of random ids in [low, vocab), one per length, each with its first
+    `masked` labels ignored (a prompt), from a generator seeded with `seed`."""
+    import torch
+
+    from baton.training.encode import IGNORE, Encoded
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(low, vocab, (n,), generator=g).tolist()
+        out.append(Encoded(ids, [IGNORE] * masked + ids[masked:]))
+    return out
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

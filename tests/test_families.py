@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from tests.fixtures_families import FAMILIES, VOCAB, WINDOW, tiny_family_model
+from tests.fixtures_tiny import random_samples
 from baton.kernels.patch import patch_model, restore_rope
-from baton.training.encode import IGNORE, Encoded, collate
+from baton.training.encode import collate
 from baton.training.layout import collate_padding_free
 
 LENGTHS = ((13, 6, 17), (9, 15, 5), (11, 4, 12))  # one micro-batch a step; windows of 8 matter
@@ -29,16 +30,8 @@ LORA_TOL, LOSS_TOL = 1e-5, 1e-4
 PATHS = [("reference", True), ("reference", False), ("triton", True), ("triton", False)]
 
 
-def _samples(lengths, seed: int) -> list[Encoded]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
-        out.append(Encoded(ids, [IGNORE] * 2 + ids[2:]))  # a masked prompt
-    return out
-
-
-STEPS = [_samples(lengths, seed) for seed, lengths in enumerate(LENGTHS)]
+STEPS = [random_samples(lengths, seed, VOCAB, low=3, masked=2)
+         for seed, lengths in enumerate(LENGTHS)]
 
 
 def _with_lora(model):

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.fixtures_tiny import make_spec, make_trainer, pairs_records, write_jsonl
+from tests.fixtures_tiny import (make_spec, make_trainer, pairs_records, random_samples,
+                                 write_jsonl)
 from baton.training.attention import use_varlen_attention
 from baton.training.encode import IGNORE, Encoded, collate
 from baton.training.layout import collate_padding_free, computed_tokens, token_efficiency
@@ -54,12 +55,7 @@ def _with_lora(model):
 
 
 def _samples(lengths=LENGTHS, seed: int = 3) -> list[Encoded]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
-        out.append(Encoded(ids, [IGNORE] * 3 + ids[3:]))  # a masked prompt
-    return out
+    return random_samples(lengths, seed, VOCAB, masked=3)
 
 
 def _token_losses(model, batch) -> torch.Tensor:
